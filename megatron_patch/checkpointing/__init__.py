@@ -1,0 +1,1 @@
+"""Weight tables, transforms, rank placement and checkpoint formats (HF safetensors, Megatron torch / torch_dist)."""

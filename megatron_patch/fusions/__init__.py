@@ -1,0 +1,1 @@
+"""Fused kernels plugged into megatron-core (RoPE backends)."""

@@ -1,0 +1,156 @@
+"""Build upstream megatron-core ``GPTModel``s from ``ModelArgs`` for the current TP/PP rank.
+
+Everything here is a direct use of megatron-core's public pieces: ``TransformerConfig``, the GPT
+layer specs (Transformer Engine or local), ``GPTModel``. Two things are added on top:
+- the rotary inverse frequencies of the HF config (``models/rope.py``) replace megatron's own, which
+  cannot express every llama3 parameter;
+- the RoPE kernel is chosen by ``fusions.rope`` (TE / apex / Triton / torch).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_patch.models import rope as rope_math
+from megatron_patch.models.family import ModelArgs
+
+log = logging.getLogger(__name__)
+
+TRANSFORMER_IMPLS = ("auto", "transformer_engine", "local")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def te_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def resolve_transformer_impl(impl: str) -> str:
+    if impl not in TRANSFORMER_IMPLS:
+        raise ValueError(f"transformer_impl must be one of {TRANSFORMER_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "transformer_engine" if te_available() else "local"
+    if impl == "transformer_engine" and not te_available():
+        raise ValueError("transformer_impl='transformer_engine' but Transformer Engine is not usable here")
+    return impl
+
+
+def transformer_config(
+    args: ModelArgs,
+    tp: int = 1,
+    pp: int = 1,
+    vpp: Optional[int] = None,
+    params_dtype: torch.dtype = torch.float32,
+    sequence_parallel: bool = False,
+    first_stage_layers: Optional[int] = None,
+    last_stage_layers: Optional[int] = None,
+    **overrides,
+):
+    """A megatron-core ``TransformerConfig`` for Llama/Qwen-style decoders."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    on_gpu = torch.cuda.is_available()
+    kw = dict(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        kv_channels=args.kv_channels,
+        layernorm_epsilon=args.norm_epsilon,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=args.add_qkv_bias,
+        qk_layernorm=args.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        num_layers_in_first_pipeline_stage=first_stage_layers,
+        num_layers_in_last_pipeline_stage=last_stage_layers,
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        pipeline_dtype=params_dtype,
+        use_cpu_initialization=not on_gpu,
+        # Fused kernels need CUDA; the math is the same either way.
+        bias_activation_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+    )
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def layer_spec(args: ModelArgs, transformer_impl: str):
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if resolve_transformer_impl(transformer_impl) == "transformer_engine":
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=args.qk_layernorm)
+    return get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization="RMSNorm")
+
+
+def build_model(
+    args: ModelArgs,
+    config,
+    transformer_impl: str = "auto",
+    rope_impl: str = "auto",
+    make_vocab_size_divisible_by: int = 128,
+    vp_stage: Optional[int] = None,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+):
+    """One ``GPTModel`` chunk for this rank (and virtual stage ``vp_stage`` when interleaving)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_patch.fusions import rope as fused_rope
+
+    ignore_virtual = vp_stage is None
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=ignore_virtual, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=ignore_virtual, vp_stage=vp_stage)
+    config.apply_rope_fusion = fused_rope.configure(rope_impl)
+    tp = config.tensor_model_parallel_size
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(args, transformer_impl),
+        vocab_size=args.padded_vocab_size(make_vocab_size_divisible_by, tp),
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type="rope",
+        rotary_base=args.rope.theta,
+        vp_stage=vp_stage,
+    )
+    install_rope_frequencies(model, args)
+    return model
+
+
+def install_rope_frequencies(model, args: ModelArgs) -> None:
+    """Replace megatron's ``inv_freq`` with the one the HF config defines (all scaling fields honored)."""
+    rot = getattr(model, "rotary_pos_emb", None)
+    if rot is None:
+        return
+    freq = rope_math.inv_freq(args.rope, args.kv_channels)
+    rot.inv_freq = freq.to(rot.inv_freq.device)

@@ -1,0 +1,105 @@
+"""HF rope configurations -> rotary inverse frequencies, computed exactly as HF does.
+
+Why not megatron-core's own ``rope_scaling``: upstream hard-codes Llama-3's low/high frequency factors
+(1, 4) and original context (8192) and only lets the factor vary. A config with other values would
+silently get different frequencies. We compute ``inv_freq`` here from every field of the HF config and
+install it on megatron's ``RotaryEmbedding`` after construction (see ``family.build_model``).
+
+Accepts both config shapes: transformers 4.x (``rope_theta`` and ``rope_scaling`` at top level) and
+5.x (``rope_parameters`` holding ``rope_type``, ``rope_theta`` and the scaling fields).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class RopeConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: Optional[float] = None
+    low_freq_factor: Optional[float] = None
+    high_freq_factor: Optional[float] = None
+    original_max_position_embeddings: Optional[int] = None
+
+    def to_hf(self) -> dict:
+        """The transformers 4.x-style pair (``rope_theta``, ``rope_scaling``) for this spec."""
+        scaling = None
+        if self.rope_type == "linear":
+            scaling = {"rope_type": "linear", "factor": self.factor}
+        elif self.rope_type == "llama3":
+            scaling = {
+                "rope_type": "llama3",
+                "factor": self.factor,
+                "low_freq_factor": self.low_freq_factor,
+                "high_freq_factor": self.high_freq_factor,
+                "original_max_position_embeddings": self.original_max_position_embeddings,
+            }
+        return {"rope_theta": self.theta, "rope_scaling": scaling}
+
+
+def parse_rope(hf_config: dict) -> RopeSpec:
+    """Read the rope settings of a HF ``config.json`` dict (4.x or 5.x shape)."""
+    params = hf_config.get("rope_parameters")
+    if isinstance(params, dict):
+        scaling = params
+        theta = params.get("rope_theta", hf_config.get("rope_theta", 10000.0))
+    else:
+        scaling = hf_config.get("rope_scaling") or {}
+        theta = hf_config.get("rope_theta", 10000.0)
+    rope_type = scaling.get("rope_type", scaling.get("type", "default")) or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise RopeConfigError(
+            f"unsupported rope type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    if rope_type == "default":
+        return RopeSpec(theta=float(theta))
+
+    def need(key):
+        if scaling.get(key) is None:
+            raise RopeConfigError(f"rope type {rope_type!r} needs {key!r} in the rope scaling config")
+        return scaling[key]
+
+    if rope_type == "linear":
+        return RopeSpec(theta=float(theta), rope_type="linear", factor=float(need("factor")))
+    return RopeSpec(
+        theta=float(theta),
+        rope_type="llama3",
+        factor=float(need("factor")),
+        low_freq_factor=float(need("low_freq_factor")),
+        high_freq_factor=float(need("high_freq_factor")),
+        original_max_position_embeddings=int(need("original_max_position_embeddings")),
+    )
+
+
+def inv_freq(spec: RopeSpec, rotary_dim: int) -> torch.Tensor:
+    """fp32 inverse frequencies ``[rotary_dim // 2]``, bit-identical to transformers' computation."""
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(dtype=torch.float) / rotary_dim
+    freq = 1.0 / (spec.theta**exponents)
+    if spec.rope_type == "linear":
+        return freq / spec.factor
+    if spec.rope_type == "llama3":
+        factor, lo, hi = spec.factor, spec.low_freq_factor, spec.high_freq_factor
+        old_len = spec.original_max_position_embeddings
+        low_freq_wavelen = old_len / lo
+        high_freq_wavelen = old_len / hi
+        wavelen = 2 * math.pi / freq
+        # Long wavelengths (low frequencies) are divided by the factor, short ones kept, and the band
+        # between them interpolated smoothly.
+        scaled = torch.where(wavelen > low_freq_wavelen, freq / factor, freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    return freq

@@ -1,0 +1,105 @@
+"""Process groups, megatron's parallel state and seeds: one entry to start and one to stop.
+
+``initialize`` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), picks
+NCCL when CUDA is present and gloo otherwise, enables the CPU adaptations for megatron-core when
+there is no GPU (see ``runtime/cpu.py``), then sets up ``parallel_state`` and the RNG trackers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_patch.runtime import cpu
+
+__all__ = ["initialize", "teardown", "device", "on_gpu"]
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available() and not cpu.is_enabled()
+
+
+def device() -> torch.device:
+    """The device this rank computes on."""
+    if on_gpu():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy, torch and megatron's model-parallel RNG tracker (TP ranks differ where they must)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    # Pipeline stages get different seeds, as Megatron-LM does, so their initializations differ.
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    # model_parallel_cuda_manual_seed leaves the default generator in the data-parallel state; on CPU
+    # that generator is the one torch.manual_seed set, so reseed it to keep runs reproducible.
+    torch.manual_seed(seed)
+
+
+def initialize(
+    tp: int = 1,
+    pp: int = 1,
+    vpp: Optional[int] = None,
+    cp: int = 1,
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+) -> None:
+    """Initialize torch.distributed from torchrun's environment and megatron's parallel state.
+
+    A single process without torchrun variables is treated as world size 1 (rank 0 on localhost).
+    """
+    from megatron.core import parallel_state
+
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        cpu.enable()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        rank = int(os.environ.get("RANK", "0"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    world = dist.get_world_size()
+    if world % (tp * pp * cp) != 0:
+        raise ValueError(
+            f"world size {world} is not divisible by tensor ({tp}) x pipeline ({pp}) x context ({cp}) parallel sizes"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=cp,
+    )
+    set_seed(seed)
+
+
+def teardown() -> None:
+    """Destroy megatron's parallel state and the default process group."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

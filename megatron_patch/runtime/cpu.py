@@ -1,0 +1,158 @@
+"""Run unmodified upstream megatron-core on a CPU-only machine (gloo).
+
+megatron-core assumes CUDA in many small ways. None of them matter for the math: they move tensors
+to "the current CUDA device", seed or swap the CUDA RNG, synchronize streams, or check a tensor's
+type string. This module adapts exactly those touch points, in one place, and only when CUDA is
+absent (``enable()`` is a no-op on a GPU machine). It never edits megatron-core's files.
+
+Each adaptation, and why it is needed:
+
+1. ``torch.cuda.current_device()`` (~80 call sites: buffers, RotaryEmbedding's ``inv_freq`` move on
+   first forward, DDP buckets) -> returns the CPU device, so ``device=torch.cuda.current_device()``
+   and ``.to(torch.cuda.current_device())`` land on CPU.
+2. Tensor factories called with ``device="cuda"`` (the default causal mask, ``total_num_tokens`` in
+   the pipeline schedules) -> a ``TorchFunctionMode`` rewrites any CUDA ``device=`` argument to CPU.
+3. ``Tensor.cuda()`` / ``Module.cuda()`` -> stay on CPU.
+4. CUDA RNG (``get_rng_state``, ``set_rng_state``, ``manual_seed``, megatron's
+   ``_set_cuda_rng_state`` used by ``CudaRNGStatesTracker.fork``) -> the CPU generator, so the
+   tensor-parallel RNG tracker forks and restores the CPU generator's state (dropout regions stay
+   reproducible and distinct per TP rank exactly as on GPU).
+5. ``param.type() == 'torch.cuda.FloatTensor'`` checks in the optimizers and gradient clipping ->
+   ``Tensor.type()`` with no argument reports CPU float tensors under their CUDA names. Only the
+   no-argument form is changed, and the patch is applied once (never wrapped twice).
+6. Stream and synchronization calls (``synchronize``, ``current_stream``, ``Stream``, ``Event``,
+   ``empty_cache``, ``nvtx``) -> no-ops or inert stand-ins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger(__name__)
+
+_ENABLED = False
+_MODE: "_CudaToCpuMode | None" = None
+_CPU = torch.device("cpu")
+
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+}
+
+
+def _is_cuda_device(dev) -> bool:
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    return False
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites ``device="cuda"`` (or ``torch.device("cuda", i)``) keyword arguments to CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        dev = kwargs.get("device")
+        if dev is not None and _is_cuda_device(dev):
+            kwargs = dict(kwargs, device=_CPU)
+        # Tensor.to("cuda") / Tensor.to(torch.device("cuda")) passes the device positionally.
+        if args and len(args) > 1 and _is_cuda_device(args[1]) and getattr(func, "__name__", "") == "to":
+            args = (args[0], _CPU) + tuple(args[2:])
+        return func(*args, **kwargs)
+
+
+class _InertStream:
+    """Stand-in for ``torch.cuda.Stream``/``Event``: every method is a no-op."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _tensor_type(orig):
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu" and self.dtype in _CUDA_TYPE_NAMES:
+            return _CUDA_TYPE_NAMES[self.dtype]
+        if dtype is None:
+            return orig(self)
+        return orig(self, dtype, non_blocking, **kwargs)
+
+    type_._megatron_patch_orig = orig  # marks the patch so it is never applied twice
+    return type_
+
+
+def enable() -> bool:
+    """Install the CPU adaptations if CUDA is unavailable. Idempotent. Returns True when active."""
+    global _ENABLED, _MODE
+    if _ENABLED:
+        return True
+    if torch.cuda.is_available():
+        return False
+
+    # 1. current device -> CPU
+    torch.cuda.current_device = lambda: _CPU
+    torch.cuda.set_device = lambda *a, **k: None
+    torch.cuda.device_count = lambda: 0
+
+    # 3. .cuda() stays on CPU
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.nn.Module.cuda = lambda self, *a, **k: self
+
+    # 4. CUDA RNG -> CPU RNG
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    torch.cuda.manual_seed_all = lambda seed: None
+    torch.cuda.random.get_rng_state = torch.cuda.get_rng_state
+    torch.cuda.random.set_rng_state = torch.cuda.set_rng_state
+    from megatron.core.tensor_parallel import random as mc_random
+
+    mc_random._set_cuda_rng_state = lambda new_state, *a, **k: torch.set_rng_state(new_state)
+    # CudaRNGStatesTracker.add seeds the "CUDA" generator per tracker name; on CPU that is the
+    # CPU generator, seeded through torch.manual_seed so each tracker state is distinct.
+    torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
+
+    # 5. type strings seen by the optimizers
+    if not hasattr(torch.Tensor.type, "_megatron_patch_orig"):
+        torch.Tensor.type = _tensor_type(torch.Tensor.type)
+
+    # 6. streams, events, sync
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.empty_cache = lambda: None
+    torch.cuda.Stream = _InertStream
+    torch.cuda.Event = _InertStream
+    torch.cuda.current_stream = lambda *a, **k: _InertStream()
+    torch.cuda.default_stream = lambda *a, **k: _InertStream()
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    torch.cuda.nvtx.range_push = lambda *a, **k: None
+    torch.cuda.nvtx.range_pop = lambda *a, **k: None
+    torch.cuda.memory_allocated = lambda *a, **k: 0
+    torch.cuda.max_memory_allocated = lambda *a, **k: 0
+    torch.cuda.memory_reserved = lambda *a, **k: 0
+
+    # 2. device="cuda" in tensor factories
+    _MODE = _CudaToCpuMode()
+    _MODE.__enter__()
+
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    _ENABLED = True
+    log.debug("megatron-core CPU adaptations enabled")
+    return True
+
+
+def is_enabled() -> bool:
+    return _ENABLED

@@ -1,0 +1,92 @@
+"""Tiny random HF models built in-process from shrunk real configs (no hub, no downloads).
+
+Each entry keeps what makes its family distinct (rope scaling, tied embeddings, QKV bias, q/k norm,
+head_dim != hidden/heads, GQA) and shrinks only the sizes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+VOCAB = 250  # deliberately not a multiple of 128: exercises vocab padding and stripping
+
+
+def _llama31(**kw):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        # Non-default original_max_position_embeddings: upstream megatron would get this wrong.
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        tie_word_embeddings=False, **kw)
+
+
+def _llama32(**kw):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 128},
+        tie_word_embeddings=True, **kw)
+
+
+def _qwen25(**kw):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False, **kw)
+
+
+def _qwen3(**kw):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=16,  # 16 != 64 / 8
+        max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        tie_word_embeddings=False, **kw)
+
+
+CONFIGS: dict[str, Callable] = {"llama3.1": _llama31, "llama3.2": _llama32, "qwen2.5": _qwen25, "qwen3": _qwen3}
+
+
+def hf_config(name: str, **overrides):
+    return CONFIGS[name](**overrides)
+
+
+def save_tiny_model(name: str, out_dir: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> str:
+    """Build a random tiny HF model of family ``name`` and save it (safetensors) to ``out_dir``."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = hf_config(name, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    # Norm weights start at 1.0 in HF; randomize them so a swapped or dropped norm cannot hide.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+            elif n.endswith("bias"):
+                p.normal_(0, 0.1)
+    model.to(dtype).save_pretrained(out_dir)
+    return out_dir
+
+
+def hf_logits(model_dir: str, tokens: torch.Tensor) -> torch.Tensor:
+    """Reference logits from HF transformers in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(tokens).logits
