@@ -61,7 +61,13 @@ def _qwen3(**kw):
 CONFIGS: dict[str, Callable] = {"llama3.1": _llama31, "llama3.2": _llama32, "qwen2.5": _qwen25, "qwen3": _qwen3}
 
 
+ARCHITECTURES = {"llama3.1": "LlamaForCausalLM", "llama3.2": "LlamaForCausalLM",
+                 "qwen2.5": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
 def hf_config(name: str, **overrides):
+    """The shrunk HF config of ``name`` (with ``architectures`` set, as a saved config has it)."""
+    overrides.setdefault("architectures", [ARCHITECTURES[name]])
     return CONFIGS[name](**overrides)
 
 
