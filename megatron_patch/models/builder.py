@@ -57,6 +57,7 @@ def transformer_config(
     """A megatron-core ``TransformerConfig`` for Llama/Qwen-style decoders."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    check_parallel_layout(args, tp, pp, vpp, first_stage_layers, last_stage_layers)
     on_gpu = torch.cuda.is_available()
     kw = dict(
         num_layers=args.num_layers,
@@ -154,3 +155,55 @@ def install_rope_frequencies(model, args: ModelArgs) -> None:
         return
     freq = rope_math.inv_freq(args.rope, args.kv_channels)
     rot.inv_freq = freq.to(rot.inv_freq.device)
+
+
+def check_parallel_layout(
+    args: ModelArgs,
+    tp: int = 1,
+    pp: int = 1,
+    vpp: Optional[int] = None,
+    first_stage_layers: Optional[int] = None,
+    last_stage_layers: Optional[int] = None,
+) -> None:
+    """Reject a TP/PP layout the model cannot be split into, with a message naming the problem.
+
+    Called before any process group or tensor work, by the converter and the trainer alike.
+    """
+    heads, groups, layers = args.num_attention_heads, args.num_query_groups, args.num_layers
+    if tp < 1 or pp < 1:
+        raise ValueError(f"tensor ({tp}) and pipeline ({pp}) parallel sizes must be >= 1")
+    if heads % tp:
+        raise ValueError(f"num_attention_heads {heads} is not divisible by tensor parallel size {tp}")
+    # megatron-core splits query groups across TP ranks; with TP > groups each group spans TP/groups ranks.
+    if (groups >= tp and groups % tp) or (groups < tp and tp % groups):
+        raise ValueError(
+            f"num_query_groups {groups} and tensor parallel size {tp} are incompatible: "
+            f"one must divide the other"
+        )
+    if args.ffn_hidden_size % tp:
+        raise ValueError(f"ffn_hidden_size {args.ffn_hidden_size} is not divisible by tensor parallel size {tp}")
+    if pp > layers:
+        raise ValueError(f"pipeline parallel size {pp} is larger than num_layers {layers}")
+    if first_stage_layers is None and last_stage_layers is None:
+        per = pp * (vpp or 1)
+        if layers % per:
+            raise ValueError(
+                f"num_layers {layers} is not divisible by pipeline parallel size {pp}"
+                + (f" x virtual stages {vpp}" if vpp else "")
+                + " (use --decoder-first/last-pipeline-num-layers for uneven splits)"
+            )
+        return
+    if vpp:
+        raise ValueError("uneven pipeline splits cannot be combined with virtual pipeline stages here")
+    edge = [n for n in (first_stage_layers, last_stage_layers) if n is not None]
+    if any(n < 1 for n in edge):
+        raise ValueError("decoder first/last pipeline stage layer counts must be >= 1")
+    middle_stages = pp - len(edge)
+    middle_layers = layers - sum(edge)
+    if middle_layers < 0 or (middle_stages == 0 and middle_layers != 0):
+        raise ValueError(f"uneven pipeline split {first_stage_layers}/{last_stage_layers} does not fit {layers} layers in {pp} stages")
+    if middle_stages and (middle_layers < middle_stages or middle_layers % middle_stages):
+        raise ValueError(
+            f"the {middle_layers} layers left after the first/last stages do not split evenly over "
+            f"{middle_stages} middle stages"
+        )

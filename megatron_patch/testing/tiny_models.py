@@ -7,70 +7,42 @@ head_dim != hidden/heads, GQA) and shrinks only the sizes.
 from __future__ import annotations
 
 import os
-from typing import Callable
 
 import torch
 
 VOCAB = 250  # deliberately not a multiple of 128: exercises vocab padding and stripping
 
 
-def _llama31(**kw):
-    from transformers import LlamaConfig
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=8,
+               num_key_value_heads=2, max_position_embeddings=256)
 
-    return LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
-        rope_theta=500000.0,
+# (config class name, architecture, fields over _COMMON)
+CONFIGS: dict[str, tuple[str, str, dict]] = {
+    "llama3.1": ("LlamaConfig", "LlamaForCausalLM", dict(
+        intermediate_size=112, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
         # Non-default original_max_position_embeddings: upstream megatron would get this wrong.
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
-        tie_word_embeddings=False, **kw)
-
-
-def _llama32(**kw):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
-        rope_theta=500000.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    "llama3.2": ("LlamaConfig", "LlamaForCausalLM", dict(
+        intermediate_size=128, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 128},
-        tie_word_embeddings=True, **kw)
-
-
-def _qwen25(**kw):
-    from transformers import Qwen2Config
-
-    return Qwen2Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
-        rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False, **kw)
-
-
-def _qwen3(**kw):
-    from transformers import Qwen3Config
-
-    return Qwen3Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=2, head_dim=16,  # 16 != 64 / 8
-        max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=1000000.0,
-        tie_word_embeddings=False, **kw)
-
-
-CONFIGS: dict[str, Callable] = {"llama3.1": _llama31, "llama3.2": _llama32, "qwen2.5": _qwen25, "qwen3": _qwen3}
-
-
-ARCHITECTURES = {"llama3.1": "LlamaForCausalLM", "llama3.2": "LlamaForCausalLM",
-                 "qwen2.5": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 128})),
+    "qwen2.5": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        intermediate_size=96, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
+        use_sliding_window=False)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        intermediate_size=96, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
+        head_dim=16)),  # 16 != hidden / heads = 8
+}
 
 
 def hf_config(name: str, **overrides):
     """The shrunk HF config of ``name`` (with ``architectures`` set, as a saved config has it)."""
-    overrides.setdefault("architectures", [ARCHITECTURES[name]])
-    return CONFIGS[name](**overrides)
+    import transformers
 
-
+    cls, arch, fields = CONFIGS[name]
+    kw = {**_COMMON, **fields, "architectures": [arch], **overrides}
+    return getattr(transformers, cls)(**kw)
 def save_tiny_model(name: str, out_dir: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> str:
     """Build a random tiny HF model of family ``name`` and save it (safetensors) to ``out_dir``."""
     from transformers import AutoModelForCausalLM
