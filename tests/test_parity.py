@@ -9,7 +9,8 @@ import torch
 from megatron_patch.testing import distributed
 from megatron_patch.testing.tiny_models import VOCAB, hf_logits
 
-LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (1, 4)]  # TP=4 with 2 query groups: a group spans 2 ranks
+# (TP, PP, virtual stages). TP=4 with 2 query groups: a group spans 2 ranks. (2, 2, 2): interleaved schedule.
+LAYOUTS = [(1, 1, None), (2, 1, None), (1, 2, None), (2, 2, None), (4, 1, None), (1, 4, None), (2, 2, 2)]
 TOL = 1e-5
 
 
@@ -27,12 +28,14 @@ def _parity_worker(models: dict, rope_impl: str):
     out = {}
     for name, d in models.items():
         args = args_from_hf(read_hf_config(d))
-        for tp, pp in LAYOUTS:
-            runtime.initialize(tp=tp, pp=pp, seed=5)
-            model = build_model(args, transformer_config(args, tp=tp, pp=pp), transformer_impl="local",
-                                rope_impl=rope_impl)
-            load_hf_into_model(model, d, args)
-            out[(name, tp, pp)] = forward_logits([model], tokens(), args.vocab_size)
+        for tp, pp, vpp in LAYOUTS:
+            runtime.initialize(tp=tp, pp=pp, vpp=vpp, seed=5)
+            config = transformer_config(args, tp=tp, pp=pp, vpp=vpp)
+            chunks = []
+            for v in ([None] if vpp is None else range(vpp)):
+                chunks.append(build_model(args, config, transformer_impl="local", rope_impl=rope_impl, vp_stage=v))
+                load_hf_into_model(chunks[-1], d, args, vp_stage=v)
+            out[(name, tp, pp, vpp)] = forward_logits(chunks, tokens(), args.vocab_size)
     return out
 
 
@@ -41,12 +44,12 @@ def test_logits_match_hf_all_families_and_layouts(tiny_models):
     per_rank = distributed.run(_parity_worker, 4, tiny_models, "torch")
     report = []
     for rank, results in enumerate(per_rank):
-        for (name, tp, pp), logits in results.items():
+        for (name, tp, pp, vpp), logits in results.items():
             diff = (logits - ref[name]).abs().max().item()
-            report.append((name, tp, pp, rank, diff))
-    print("\nfamily     TP PP rank max|diff|")
+            report.append((name, tp, pp, vpp or 1, rank, diff))
+    print("\nfamily     TP PP VPP rank max|diff|")
     for r in report:
-        print(f"{r[0]:10s} {r[1]:2d} {r[2]:2d} {r[3]:4d} {r[4]:.3e}")
-    bad = [r for r in report if not r[4] <= TOL]
+        print(f"{r[0]:10s} {r[1]:2d} {r[2]:2d} {r[3]:3d} {r[4]:4d} {r[5]:.3e}")
+    bad = [r for r in report if not r[5] <= TOL]
     assert not bad, f"logits differ from HF by more than {TOL}: {bad}"
     assert len(report) == 4 * len(LAYOUTS) * 4

@@ -31,19 +31,26 @@ def forward_logits(model_chunks, tokens: torch.Tensor, vocab_size: int) -> torch
         return out, lambda x: (x.float().sum() * 0, {"logits": x})
 
     n = len(chunks)
+    # The interleaved schedule needs at least PP micro-batches: there, run one sample per micro-batch.
+    per_sample = n > 1
+    if per_sample and b < ps.get_pipeline_model_parallel_world_size():
+        raise ValueError(f"interleaved forward needs a batch of at least PP={ps.get_pipeline_model_parallel_world_size()} samples")
+    micro = list(tokens.split(1)) if per_sample else [tokens]
+    if per_sample:
+        positions = positions[:1]
     with torch.no_grad():
         result = get_forward_backward_func()(
             forward_step_func=step,
-            data_iterator=[iter([tokens]) for _ in range(n)] if n > 1 else iter([tokens]),
+            data_iterator=[iter(micro) for _ in range(n)] if n > 1 else iter(micro),
             model=chunks,
-            num_microbatches=1,
+            num_microbatches=len(micro),
             seq_length=s,
-            micro_batch_size=b,
+            micro_batch_size=micro[0].shape[0],
             forward_only=True,
         )
     shape = (b, s, vocab_size)
     if ps.is_pipeline_last_stage(ignore_virtual=True):
-        logits = gather_from_tensor_model_parallel_region(result[0]["logits"])
+        logits = torch.cat([gather_from_tensor_model_parallel_region(r["logits"]) for r in result])
         logits = logits[..., :vocab_size].float().contiguous()
     else:
         logits = torch.empty(shape, dtype=torch.float32, device=dev)
