@@ -60,6 +60,22 @@ class HFReader:
     def has(self, name: str) -> bool:
         return name in self.where
 
+    def _handle(self, name: str):
+        if name not in self.where:
+            raise CheckpointError(f"tensor {name} is missing from the checkpoint in {self.dir}")
+        shard = self.where[name]
+        if shard not in self._handles:
+            self._handles[shard] = self._open(shard)
+        return self._handles[shard]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of a tensor from the shard header, without reading its data."""
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def release(self) -> None:
+        """Close the open shards: their memory-mapped pages then stop counting as this process's memory."""
+        self._handles.clear()
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self.where:
             raise CheckpointError(f"tensor {name} is missing from the checkpoint in {self.dir}")

@@ -89,11 +89,17 @@ def torch_layout(iter_dir: str) -> tuple[int, int]:
     return tp, pp
 
 
-def load_rank_file(path: str) -> dict:
-    """Load a rank file with ``weights_only=True`` (argparse.Namespace allow-listed for ``args``)."""
+def load_rank_file(path: str, mmap: bool = False) -> dict:
+    """Load a rank file with ``weights_only=True`` (argparse.Namespace allow-listed for ``args``).
+
+    ``mmap=True`` maps the file instead of reading it: tensors are paged in only when touched, so a
+    reader that needs a few tensors of a large rank file stays small.
+    """
+    # Allow-listed process-wide, not with the ``safe_globals`` context manager: that one swaps a global
+    # list on enter/exit and so breaks loads running in other threads at the same time.
+    torch.serialization.add_safe_globals([argparse.Namespace])
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise LayoutError(f"{path} is not a readable checkpoint file: {str(e).splitlines()[0]}") from None
     if not isinstance(obj, dict) or "model" not in obj:

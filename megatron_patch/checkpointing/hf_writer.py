@@ -1,0 +1,108 @@
+"""Write a HF safetensors checkpoint as a stream: shards of at most 5 GB plus ``model.safetensors.index.json``.
+
+The names, shapes and dtypes of every tensor are known before any data exists (they follow from the
+config and the weight table), so each shard's header is written first with fixed offsets. Tensors are then
+written at their offsets with ``os.pwrite`` in whatever order they are produced (several threads may
+write at once) and freed right after: the writer never holds more than the tensor it is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from megatron_patch.checkpointing.hf import INDEX
+from megatron_patch.checkpointing.transforms import check_shape
+
+MAX_SHARD_BYTES = 5 * 1000**3  # transformers' default max_shard_size ("5GB")
+
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.int8: "I8", torch.bool: "BOOL"}
+
+
+@dataclass
+class _Slot:
+    shard: str
+    offset: int  # absolute file offset of the tensor's data
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+
+
+class HFShardWriter:
+    """Plan with ``(name, shape, dtype)`` in file order, ``write(name, tensor)`` each once, then ``finish()``."""
+
+    def __init__(self, out_dir: str, plan: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 max_shard_bytes: int = MAX_SHARD_BYTES):
+        self.dir = out_dir
+        groups: list[list] = [[]]
+        size = 0
+        for name, shape, dtype in plan:
+            nbytes = torch.Size(shape).numel() * dtype.itemsize
+            if groups[-1] and size + nbytes > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append((name, tuple(shape), dtype, nbytes))
+            size += nbytes
+        n = len(groups)
+        self.slots: dict[str, _Slot] = {}
+        self._fds: dict[str, int] = {}
+        self._written: set[str] = set()
+        self._lock = threading.Lock()
+        self.total_bytes = 0
+        for i, group in enumerate(groups):
+            shard = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            header, pos = {}, 0
+            for name, shape, dtype, nbytes in group:
+                header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+                pos += nbytes
+            header["__metadata__"] = {"format": "pt"}
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # safetensors aligns the data start to 8 bytes
+            start = 8 + len(raw)
+            fd = os.open(os.path.join(out_dir, shard), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.pwrite(fd, struct.pack("<Q", len(raw)) + raw, 0)
+            os.ftruncate(fd, start + pos)
+            self._fds[shard] = fd
+            for name, shape, dtype, nbytes in group:
+                self.slots[name] = _Slot(shard, start + header[name]["data_offsets"][0], shape, dtype, nbytes)
+                self.total_bytes += nbytes
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        slot = self.slots.get(name)
+        if slot is None:
+            raise KeyError(f"tensor {name} is not in the output plan")
+        check_shape(name, tensor, slot.shape)
+        if tensor.dtype != slot.dtype:
+            raise TypeError(f"tensor {name} is {tensor.dtype}, planned {slot.dtype}")
+        t = tensor.detach().cpu().contiguous()
+        # A uint8 view shares the memory: no copy on the way to the file.
+        view = memoryview(t.view(-1).view(torch.uint8).numpy())
+        fd, done = self._fds[slot.shard], 0
+        while done < slot.nbytes:
+            done += os.pwrite(fd, view[done:], slot.offset + done)
+        with self._lock:
+            self._written.add(name)
+
+    def finish(self) -> None:
+        missing = [n for n in self.slots if n not in self._written]
+        if missing:
+            raise RuntimeError(f"{len(missing)} planned tensors were never written, e.g. {missing[:3]}")
+        for fd in self._fds.values():
+            os.fsync(fd)
+            os.close(fd)
+        self._fds.clear()
+        index = {"metadata": {"total_size": self.total_bytes},
+                 "weight_map": {name: s.shard for name, s in self.slots.items()}}
+        with open(os.path.join(self.dir, INDEX), "w") as f:
+            json.dump(index, f, indent=2)
+
+    def abort(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

@@ -1,0 +1,118 @@
+"""Command line of the checkpoint converter: a thin argparse layer over ``toolkits.checkpoint.convert``.
+
+Every expected failure (bad input, bad layout, existing output) ends in one ``error: ...`` line on stderr
+and exit status 2; a failed ``--verify`` prints the diff and exits 1. Nothing is left half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+from toolkits.checkpoint import convert
+from toolkits.checkpoint.verify import DEFAULT_TOL
+
+
+def _layout_args(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_argument_group("target layout")
+    g.add_argument("--target-tensor-parallel-size", "--tp", dest="tp", type=int, required=required, default=1,
+                   help="tensor-parallel size of the output checkpoint")
+    g.add_argument("--target-pipeline-parallel-size", "--pp", dest="pp", type=int, required=required, default=1,
+                   help="pipeline-parallel size of the output checkpoint")
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
+                   help="layers on the first pipeline stage (uneven split, Megatron-LM semantics)")
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
+                   help="layers on the last pipeline stage (uneven split, Megatron-LM semantics)")
+    g.add_argument("--ckpt-format", choices=("torch", "torch_dist"), default="torch",
+                   help="torch: mp_rank_* rank files; torch_dist: megatron-core dist_checkpointing")
+    g.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default=None,
+                   help="state-dict names to write (default: transformer_engine if usable here, else local)")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
+                   help="pad the vocab to a multiple of this x TP (default 128, or the source's value)")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--load-dir", required=True, help="input checkpoint directory")
+    p.add_argument("--save-dir", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--params-dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="dtype of the written weights (default: the source's dtype)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-dir")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--workers", type=int, default=None, help="parallel writer threads (default: min(4, cores))")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m toolkits.checkpoint",
+                                     description="Convert checkpoints between HF safetensors and Megatron formats.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("hf2mcore", help="HF safetensors directory -> Megatron checkpoint")
+    _common(p)
+    _layout_args(p, required=True)
+    p.add_argument("--verify", action="store_true", help="compare fp32 logits with HF transformers afterwards")
+    p = sub.add_parser("mcore2hf", help="Megatron checkpoint (release or training) -> HF safetensors directory")
+    _common(p)
+    p.add_argument("--verify", action="store_true", help="compare fp32 logits with the source checkpoint")
+    p = sub.add_parser("mcore2mcore", help="Megatron checkpoint -> another TP/PP layout or format")
+    _common(p)
+    _layout_args(p, required=True)
+    return parser
+
+
+def _total_params(args: argparse.Namespace) -> int:
+    """Parameter count of the model to convert (for the progress bar); 0 when the input is unreadable."""
+    from megatron_patch.checkpointing import weights as W
+    from megatron_patch.checkpointing.megatron_format import open_checkpoint
+    from megatron_patch.models.family import args_from_hf, read_hf_config
+
+    try:
+        margs = (args_from_hf(read_hf_config(args.load_dir)) if args.command == "hf2mcore"
+                 else open_checkpoint(args.load_dir).args)
+    except Exception:
+        return 0  # the conversion itself reports the problem
+    return sum(math.prod(s) for w, _ in W.iter_rows(margs) for s in W.expected_hf_shapes(w, margs))
+
+
+def run(args: argparse.Namespace) -> int:
+    update, close = convert.progress_bar(_total_params(args), args.command, not args.quiet)
+    start = time.perf_counter()
+    try:
+        if args.command == "hf2mcore":
+            out = convert.hf2mcore(args.load_dir, args.save_dir, args.tp, args.pp, args.ckpt_format,
+                                   args.transformer_impl, args.params_dtype, args.make_vocab_size_divisible_by or 128,
+                                   args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers,
+                                   args.overwrite, args.workers, update)
+        elif args.command == "mcore2hf":
+            out = convert.mcore2hf(args.load_dir, args.save_dir, args.params_dtype, args.overwrite, args.workers,
+                                   update)
+        else:
+            out = convert.mcore2mcore(args.load_dir, args.save_dir, args.tp, args.pp, args.ckpt_format,
+                                      args.transformer_impl, args.params_dtype, args.make_vocab_size_divisible_by,
+                                      args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers,
+                                      args.overwrite, args.workers, update)
+    finally:
+        close()
+    if not args.quiet:
+        print(f"wrote {out} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    if getattr(args, "verify", False):
+        from toolkits.checkpoint.verify import verify_checkpoint
+
+        hf_dir, ckpt_dir = (args.load_dir, out) if args.command == "hf2mcore" else (out, args.load_dir)
+        result = verify_checkpoint(hf_dir, ckpt_dir, tol=DEFAULT_TOL)
+        print(result.line())
+        return 0 if result.ok else 1
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return run(args)
+    except (ValueError, FileExistsError, FileNotFoundError, KeyError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
