@@ -1,0 +1,63 @@
+# Shared by pretrain.sh and sft.sh (sourced, not run): environment -> torchrun + megatron_patch.pretrain flags.
+#
+# Model:       LOAD (Megatron checkpoint: converted or trained)  or  MODEL_CONFIG (HF config.json, from scratch)
+# Parallelism: TP=1 PP=1 VPP= (layers per virtual stage) SP=0|1 DISTRIBUTED_OPTIMIZER=1
+# Batch:       MBS=1 GBS=8 SEQ_LEN=2048
+# Schedule:    LR=1e-5 MIN_LR=1e-6 DECAY=cosine TRAIN_ITERS=1000 WARMUP=10 WEIGHT_DECAY=0.1 CLIP_GRAD=1.0
+# Precision:   PRECISION=bf16|fp16|fp32 (default bf16 on GPU, fp32 on CPU)
+# Memory:      RECOMPUTE=none|selective|full
+# Data:        DATA_PATH (required)  TOKENIZER (required: HF tokenizer directory)  SPLIT=99,1,0
+# Output:      SAVE (required) SAVE_INTERVAL=500 CKPT_FORMAT=torch|torch_dist LOG_INTERVAL=1 TENSORBOARD_DIR=
+# Launch:      GPUS_PER_NODE (default: all GPUs, or 1 on CPU) NNODES=1 NODE_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500
+# Anything in EXTRA_ARGS is appended verbatim.
+set -euo pipefail
+die() { echo "error: $*" >&2; exit 2; }
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-python}"
+
+[ -n "${LOAD:-}${MODEL_CONFIG:-}" ] || die "set LOAD (a Megatron checkpoint) or MODEL_CONFIG (a HF config.json)"
+[ -z "${LOAD:-}" ] || [ -d "$LOAD" ] || die "LOAD=$LOAD does not exist (convert a HF model first: see the README of your family)"
+[ -z "${MODEL_CONFIG:-}" ] || [ -e "$MODEL_CONFIG" ] || die "MODEL_CONFIG=$MODEL_CONFIG does not exist"
+[ -n "${DATA_PATH:-}" ] || die "set DATA_PATH"
+[ -n "${TOKENIZER:-}" ] || die "set TOKENIZER (a HF tokenizer directory)"
+[ -d "$TOKENIZER" ] || die "TOKENIZER=$TOKENIZER does not exist"
+[ -n "${SAVE:-}" ] || die "set SAVE (where checkpoints go)"
+
+if [ -z "${GPUS_PER_NODE:-}" ]; then
+  GPUS_PER_NODE=$("$PY" -c "import torch; print(torch.cuda.device_count() or 1)")
+fi
+HAS_GPU=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
+PRECISION="${PRECISION:-$([ "$HAS_GPU" = 1 ] && echo bf16 || echo fp32)}"
+
+ARGS=(
+  --tensor-model-parallel-size "${TP:-1}" --pipeline-model-parallel-size "${PP:-1}"
+  --micro-batch-size "${MBS:-1}" --global-batch-size "${GBS:-8}" --seq-length "${SEQ_LEN:-2048}"
+  --lr "${LR:-1e-5}" --min-lr "${MIN_LR:-1e-6}" --lr-decay-style "${DECAY:-cosine}"
+  --train-iters "${TRAIN_ITERS:-1000}" --lr-warmup-iters "${WARMUP:-10}"
+  --weight-decay "${WEIGHT_DECAY:-0.1}" --clip-grad "${CLIP_GRAD:-1.0}"
+  --tokenizer-model "$TOKENIZER" --split "${SPLIT:-99,1,0}"
+  --save "$SAVE" --save-interval "${SAVE_INTERVAL:-500}" --ckpt-format "${CKPT_FORMAT:-torch}"
+  --log-interval "${LOG_INTERVAL:-1}" --seed "${SEED:-1234}"
+)
+[ -n "${LOAD:-}" ] && ARGS+=(--load "$LOAD")
+[ -n "${MODEL_CONFIG:-}" ] && ARGS+=(--model-config "$MODEL_CONFIG")
+[ -n "${VPP:-}" ] && ARGS+=(--num-layers-per-virtual-pipeline-stage "$VPP")
+[ "${SP:-0}" = 1 ] && ARGS+=(--sequence-parallel)
+[ "${DISTRIBUTED_OPTIMIZER:-1}" = 1 ] && ARGS+=(--use-distributed-optimizer)
+[ -n "${TENSORBOARD_DIR:-}" ] && ARGS+=(--tensorboard-dir "$TENSORBOARD_DIR")
+case "$PRECISION" in
+  bf16) ARGS+=(--bf16) ;; fp16) ARGS+=(--fp16) ;; fp32) ;; *) die "PRECISION must be bf16, fp16 or fp32" ;;
+esac
+case "${RECOMPUTE:-none}" in
+  none) ;; selective) ARGS+=(--recompute-granularity selective) ;;
+  full) ARGS+=(--recompute-granularity full --recompute-method uniform --recompute-num-layers 1) ;;
+  *) die "RECOMPUTE must be none, selective or full" ;;
+esac
+
+launch() {  # launch [mode flags...]: mode flags come first so EXTRA_ARGS can override anything
+  cd "$ROOT"
+  # shellcheck disable=SC2086
+  exec "$PY" -m torch.distributed.run --nproc-per-node "$GPUS_PER_NODE" --nnodes "${NNODES:-1}" \
+    --node-rank "${NODE_RANK:-0}" --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}" \
+    -m megatron_patch.pretrain "$@" "${ARGS[@]}" ${EXTRA_ARGS:-}
+}

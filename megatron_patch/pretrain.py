@@ -1,0 +1,130 @@
+"""Pretraining and SFT entry point: ``torchrun --nproc-per-node N -m megatron_patch.pretrain [ARGS]``.
+
+Order of work: parse and validate the arguments (no process is started for a bad combination), read
+the model architecture (``--model-config`` or the ``--load`` checkpoint) and the data, then
+initialize the process groups, build model / optimizer / scheduler, load, train, save.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Optional, Sequence
+
+
+def model_args_for(args):
+    from megatron_patch.models.family import args_from_hf, read_hf_config
+    from megatron_patch.training.checkpoint import read_args
+
+    if args.model_config:
+        path = args.model_config
+        d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(path) and not os.path.isfile(path):
+            raise FileNotFoundError(f"--model-config {path} does not exist")
+        if os.path.isfile(path) and os.path.basename(path) != "config.json":
+            import json
+
+            with open(path) as f:
+                return args_from_hf(json.load(f))
+        return args_from_hf(read_hf_config(d))
+    return read_args(args.load)[0]
+
+
+def build_datasets(args, margs):
+    """(train, valid, test) datasets; checked before any heavy work."""
+    from megatron_patch.training import data
+
+    n_train = args.train_iters * args.global_batch_size
+    n_eval = (args.train_iters // args.eval_interval + 1) * args.eval_iters * args.global_batch_size \
+        if args.eval_interval else 0
+    if args.mock_data:
+        return (data.MockDataset(margs.vocab_size, args.seq_length, args.seed, n_train),
+                data.MockDataset(margs.vocab_size, args.seq_length, args.seed + 1, max(n_eval, 1)), None)
+    tok = data.load_tokenizer(args.tokenizer_model)
+    if len(tok) > margs.vocab_size:
+        raise data.DataError(f"the tokenizer has {len(tok)} tokens but the model's vocab_size is {margs.vocab_size}")
+    if args.sft:
+        from megatron_patch.training import sft
+
+        return sft.build_sft_datasets(args, tok)
+    train, valid, test = data.build_pretraining_datasets(args, data.DatasetTokenizer(tok), [n_train, n_eval, 0])
+    data.validate_sizes(train, n_train)
+    return train, valid, test
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    # megatron-core warns at import about every missing optional accelerator library.
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
+    from megatron_patch.training.arguments import ArgumentError, parse_args
+
+    try:
+        args = parse_args(argv)
+    except ArgumentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.load and not os.path.isdir(args.load):
+        print(f"error: --load {args.load} does not exist", file=sys.stderr)
+        return 2
+    from megatron_patch.checkpointing.layout import LayoutError
+    from megatron_patch.models.family import ModelConfigError
+
+    try:
+        margs = model_args_for(args)
+    except (ModelConfigError, LayoutError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run(args, margs)
+
+
+def run(args, margs, teardown: bool = True) -> int:
+    """Train with parsed arguments; ``teardown=False`` keeps the process group (tests run several jobs)."""
+    import torch.distributed as dist
+
+    from megatron_patch import runtime
+    from megatron_patch.training import checkpoint, loop
+    from megatron_patch.training.data import DataError
+    from megatron_patch.training.logging import Metrics, MetricsError
+
+    try:
+        args.vpp = loop.vpp_size(args, margs)
+        config = loop.transformer_config_for(args, margs)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    runtime.initialize(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size, vpp=args.vpp,
+                       seed=args.seed)
+    try:
+        try:
+            datasets = build_datasets(args, margs)
+            metrics = Metrics(args.metrics_file, args.tensorboard_dir)
+        except (DataError, MetricsError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        chunks = loop.wrap_ddp(args, config, loop.build_model_chunks(args, margs, config))
+        optimizer, scheduler = loop.build_optimizer(args, chunks)
+        loop.install_hooks(config, chunks, optimizer)
+        state = loop.TrainState()
+        if args.load:
+            state = checkpoint.load(args, margs, chunks, optimizer, scheduler)
+            if dist.get_rank() == 0:
+                print(f"loaded {args.load} (iteration {state.iteration}, "
+                      f"{state.consumed_train_samples} samples consumed)", flush=True)
+
+        def save_fn(s):
+            checkpoint.save(args, margs, chunks, optimizer, scheduler, s)
+
+        last_saved = state.iteration if args.load and not args.finetune else -1
+        state = loop.train(args, margs, chunks, optimizer, scheduler, state, datasets, metrics, save_fn)
+        if args.save and (args.save_interval is None or state.iteration % args.save_interval) \
+                and state.iteration != last_saved:
+            save_fn(state)
+        metrics.close()
+        return 0
+    finally:
+        if teardown:
+            runtime.teardown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Command-line arguments of ``python -m megatron_patch.pretrain``: one parser, grouped by concern.
+
+Flag names follow Megatron-LM so existing launch scripts read the same. ``parse_args`` also checks
+the combinations that would otherwise fail deep inside a collective (batch sizes that do not divide,
+sequence parallel without TP, ...) and raises ``ArgumentError`` with one clear line before any
+process group exists. World size comes from torchrun's ``WORLD_SIZE`` (1 when run directly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Optional, Sequence
+
+
+class ArgumentError(ValueError):
+    """An inconsistent or invalid combination of arguments (the message names it)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m megatron_patch.pretrain",
+        description="Pretrain or fine-tune (--sft) Llama/Qwen models on upstream megatron-core.",
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model-config", help="HF config.json (or a directory holding one) to train from scratch; "
+                   "without it the architecture comes from the --load checkpoint")
+    g.add_argument("--transformer-impl", default="auto", choices=["auto", "transformer_engine", "local"],
+                   help="layer implementation: Transformer Engine on GPU when installed, else megatron's local one")
+    g.add_argument("--rope-impl", default="auto", choices=["auto", "te", "apex", "triton", "torch"],
+                   help="RoPE kernel (auto picks the fastest available)")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the vocabulary to a multiple of this times TP")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="tensor-parallel size (TP)")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="pipeline-parallel size (PP)")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="layers per virtual stage: enables the interleaved 1F1B schedule (needs PP > 1)")
+    g.add_argument("--sequence-parallel", action="store_true", help="sequence parallelism (needs TP > 1)")
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="context-parallel size; only 1 is supported by this trainer")
+
+    g = p.add_argument_group("batch")
+    g.add_argument("--micro-batch-size", type=int, default=1, help="samples per micro-batch per data-parallel rank")
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="samples per optimizer step over all data-parallel ranks (default: micro x DP)")
+    g.add_argument("--seq-length", type=int, default=1024, help="tokens per sample")
+
+    g = p.add_argument_group("optimizer and schedule")
+    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of decay")
+    g.add_argument("--lr-decay-style", default="cosine", choices=["cosine", "linear", "constant", "WSD"],
+                   help="learning-rate decay after warmup")
+    g.add_argument("--lr-warmup-iters", type=int, default=0, help="linear warmup iterations")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="decay iterations (default: --train-iters)")
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None,
+                   help="WSD: iterations of the final decay phase (default: 10%% of --train-iters)")
+    g.add_argument("--lr-wsd-decay-style", default="exponential",
+                   choices=["exponential", "linear", "cosine", "minus_sqrt"], help="WSD: shape of the final decay")
+    g.add_argument("--train-iters", type=int, required=True, help="total optimizer steps")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="decoupled weight decay")
+    g.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clipping (0 disables)")
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="Adam beta1")
+    g.add_argument("--adam-beta2", type=float, default=0.999, help="Adam beta2")
+    g.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard optimizer state over data-parallel ranks (ZeRO-1)")
+
+    g = p.add_argument_group("precision")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 parameters with fp32 main weights (GPU)")
+    g.add_argument("--fp16", action="store_true", help="float16 parameters with dynamic loss scaling (GPU)")
+
+    g = p.add_argument_group("memory")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                   help="activation recompute: whole layers (full) or attention core (selective)")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
+                   help="full recompute: how layers are grouped")
+    g.add_argument("--recompute-num-layers", type=int, default=None, help="full recompute: layers per group/block")
+
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--load", help="checkpoint directory to start from (converted or trained)")
+    g.add_argument("--save", help="checkpoint directory to write")
+    g.add_argument("--save-interval", type=int, default=None, help="save every N iterations (and at the end)")
+    g.add_argument("--ckpt-format", default="torch", choices=["torch", "torch_dist"],
+                   help="format of saved checkpoints")
+    g.add_argument("--finetune", action="store_true",
+                   help="load weights only from --load; start at iteration 0 with fresh optimizer")
+    g.add_argument("--no-load-optim", action="store_true", help="do not load optimizer and scheduler state")
+    g.add_argument("--no-load-rng", action="store_true", help="do not load RNG state")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="stop (after saving) once the iteration is a multiple of this")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="indexed dataset prefixes, optionally weighted: 'W1 PREFIX1 W2 PREFIX2' (SFT: JSONL files)")
+    g.add_argument("--split", default="969,30,1", help="train,valid,test proportions")
+    g.add_argument("--tokenizer-type", default="HuggingFaceTokenizer", choices=["HuggingFaceTokenizer"],
+                   help="tokenizer kind")
+    g.add_argument("--tokenizer-model", help="HF tokenizer directory")
+    g.add_argument("--data-cache-path", default=None, help="where GPTDataset caches its indices")
+    g.add_argument("--mock-data", action="store_true", help="random tokens instead of --data-path (smoke tests)")
+
+    g = p.add_argument_group("sft")
+    g.add_argument("--sft", action="store_true", help="supervised fine-tuning on JSONL chat data")
+    g.add_argument("--sft-pack-sequences", action="store_true",
+                   help="pack several conversations per sample (attention kept within each)")
+
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=10, help="log every N iterations")
+    g.add_argument("--tensorboard-dir", default=None, help="write TensorBoard events here")
+    g.add_argument("--eval-interval", type=int, default=None, help="evaluate every N iterations")
+    g.add_argument("--eval-iters", type=int, default=10, help="batches per evaluation")
+    g.add_argument("--metrics-file", default=None, help="append one JSON line per iteration here (last rank)")
+
+    g = p.add_argument_group("misc")
+    g.add_argument("--seed", type=int, default=1234, help="random seed")
+    return p
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
+    """Check combinations and fill derived fields (``data_parallel_size``, ``global_batch_size``...)."""
+    world = world_size or _world_size()
+    tp, pp, cp = a.tensor_model_parallel_size, a.pipeline_model_parallel_size, a.context_parallel_size
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size", "seq_length",
+                 "train_iters", "log_interval"):
+        if getattr(a, name) < 1:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if cp != 1:
+        raise ArgumentError("--context-parallel-size > 1 is not supported by this trainer")
+    if world % (tp * pp * cp):
+        raise ArgumentError(f"world size {world} is not divisible by TP ({tp}) x PP ({pp}) x CP ({cp})")
+    a.data_parallel_size = world // (tp * pp * cp)
+    dp, mbs = a.data_parallel_size, a.micro_batch_size
+    if a.global_batch_size is None:
+        a.global_batch_size = mbs * dp
+    if a.global_batch_size % (mbs * dp):
+        raise ArgumentError(f"--global-batch-size {a.global_batch_size} is not divisible by micro-batch size "
+                            f"({mbs}) x data-parallel size ({dp})")
+    a.num_microbatches = a.global_batch_size // (mbs * dp)
+    if a.sequence_parallel and tp == 1:
+        raise ArgumentError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if a.sequence_parallel:
+        from megatron_patch.models.builder import resolve_transformer_impl
+
+        try:
+            impl = resolve_transformer_impl(a.transformer_impl)
+        except ValueError as e:
+            raise ArgumentError(str(e)) from None
+        if impl == "local":
+            # megatron-core's local layer spec uses torch norms, which assert that SP is off.
+            raise ArgumentError("--sequence-parallel needs Transformer Engine layers (megatron-core's local "
+                                "layers reject it); install transformer-engine on a GPU machine")
+    if a.bf16 and a.fp16:
+        raise ArgumentError("--bf16 and --fp16 are mutually exclusive")
+    a.vpp = None
+    if a.num_layers_per_virtual_pipeline_stage is not None:
+        if pp == 1:
+            raise ArgumentError("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+        if a.num_layers_per_virtual_pipeline_stage < 1:
+            raise ArgumentError("--num-layers-per-virtual-pipeline-stage must be >= 1")
+    if a.recompute_granularity == "full" and a.recompute_method is None:
+        raise ArgumentError("--recompute-granularity full needs --recompute-method uniform|block")
+    if a.recompute_method and a.recompute_granularity != "full":
+        raise ArgumentError("--recompute-method only applies with --recompute-granularity full")
+    if a.recompute_method and a.recompute_num_layers is None:
+        a.recompute_num_layers = 1
+    if a.lr < 0 or a.min_lr < 0 or a.min_lr > a.lr:
+        raise ArgumentError(f"need 0 <= --min-lr ({a.min_lr}) <= --lr ({a.lr})")
+    if a.lr_warmup_iters < 0 or a.lr_warmup_iters > a.train_iters:
+        raise ArgumentError(f"--lr-warmup-iters {a.lr_warmup_iters} must lie in [0, --train-iters]")
+    if a.model_config is None and a.load is None:
+        raise ArgumentError("give --model-config (train from scratch) or --load (start from a checkpoint)")
+    if a.finetune and a.load is None:
+        raise ArgumentError("--finetune needs --load")
+    if a.save_interval is not None and (a.save_interval < 1 or a.save is None):
+        raise ArgumentError("--save-interval needs --save and must be >= 1")
+    if not a.mock_data:
+        if not a.data_path:
+            raise ArgumentError("give --data-path (or --mock-data)")
+        if a.tokenizer_model is None:
+            # The dataset needs EOD and the vocab size; SFT needs the chat template.
+            raise ArgumentError("--tokenizer-model is required with --data-path")
+    if a.sft_pack_sequences and not a.sft:
+        raise ArgumentError("--sft-pack-sequences needs --sft")
+    if a.eval_interval is not None and a.eval_interval < 1:
+        raise ArgumentError("--eval-interval must be >= 1")
+    a.params_dtype = "bf16" if a.bf16 else "fp16" if a.fp16 else "fp32"
+    return a
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
+    """Parse and validate; ``ArgumentError`` on inconsistent combinations."""
+    return validate(build_parser().parse_args(argv), world_size)
+
+
+def parse_blend(paths: Sequence[str]) -> tuple[list[str], Optional[list[float]]]:
+    """``[W1, P1, W2, P2]`` -> (prefixes, weights); ``[P1, P2]`` -> (prefixes, None)."""
+    def is_number(s: str) -> bool:
+        try:
+            float(s)
+            return True
+        except ValueError:
+            return False
+
+    if len(paths) > 1 and is_number(paths[0]):
+        if len(paths) % 2:
+            raise ArgumentError("--data-path with weights needs pairs: W1 PREFIX1 W2 PREFIX2 ...")
+        weights, prefixes = paths[0::2], paths[1::2]
+        bad = [w for w in weights if not is_number(w)]
+        if bad:
+            raise ArgumentError(f"--data-path weight {bad[0]!r} is not a number")
+        w = [float(x) for x in weights]
+        if any(x < 0 for x in w) or sum(w) <= 0:
+            raise ArgumentError("--data-path weights must be non-negative and not all zero")
+        return list(prefixes), w
+    return list(paths), None

@@ -1,0 +1,324 @@
+"""Training checkpoints (save / resume) in the Megatron-LM layouts of ``checkpointing/layout.py``.
+
+torch format, per (TP, PP) rank, written by data-parallel rank 0 of each model-parallel group:
+``iter_XXXXXXX/mp_rank_TT[_PPP]/model_optim_rng.pt`` = {model (``model0``, ``model1``.. with
+virtual stages), checkpoint_version 3.0, iteration, args (``megatron_args.to_namespace`` plus the
+consumed samples), optimizer, opt_param_scheduler, rng_state (one entry per DP rank),
+consumed_train_samples}. With the distributed optimizer the sharded Adam state is gathered to DP
+rank 0 and written next to it as ``distrib_optim.pt``, as Megatron-LM does.
+
+torch_dist format: megatron-core's ``dist_checkpointing.save`` of the model's and the optimizer's
+sharded state dicts plus the same common entries (in ``common.pt``).
+
+Visibility: every rank writes into a hidden temporary sibling ``.iter_XXXXXXX.tmp``; after a barrier
+rank 0 renames it into place and only then rewrites the tracker file. A run killed during a save
+leaves the tracker on the previous complete checkpoint, which is what ``--load`` resumes from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_patch.checkpointing import layout
+from megatron_patch.checkpointing.megatron_args import from_namespace, to_namespace
+from megatron_patch.models.family import ModelArgs
+from megatron_patch.training.loop import TrainState, unwrap
+
+DISTRIB_OPTIM = "distrib_optim.pt"
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot be resumed with these arguments (the message says why)."""
+
+
+# ---------------------------------------------------------------- RNG
+
+def rng_state() -> dict:
+    """This rank's RNG state in types ``torch.load(weights_only=True)`` accepts (no numpy objects)."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "random_rng_state": random.getstate(),
+        "np_rng_state": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                         "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch_rng_state": torch.get_rng_state(),
+        "rng_tracker_states": get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda_rng_state"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["random_rng_state"])
+    n = state["np_rng_state"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch_rng_state"])
+    if torch.cuda.is_available() and "cuda_rng_state" in state:
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+
+
+def _gather_rng_over_dp() -> list:
+    from megatron.core import parallel_state as ps
+
+    out = [None] * ps.get_data_parallel_world_size()
+    dist.all_gather_object(out, rng_state(), group=ps.get_data_parallel_group(with_context_parallel=True))
+    return out
+
+
+# ---------------------------------------------------------------- save
+
+def checkpoint_args(args, margs: ModelArgs, state: TrainState) -> argparse.Namespace:
+    return to_namespace(
+        margs, args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.params_dtype,
+        args.transformer_impl, args.make_vocab_size_divisible_by,
+        virtual_pipeline_model_parallel_size=args.vpp, data_parallel_size=args.data_parallel_size,
+        consumed_train_samples=state.consumed_train_samples, iteration=state.iteration,
+        micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
+        seq_length=args.seq_length, ckpt_format=args.ckpt_format,
+    )
+
+
+def _model_entries(chunks: list) -> dict:
+    if len(chunks) == 1:
+        return {"model": unwrap(chunks[0]).state_dict_for_save_checkpoint()}
+    return {f"model{i}": unwrap(c).state_dict_for_save_checkpoint() for i, c in enumerate(chunks)}
+
+
+def _common(args, margs, state, scheduler) -> dict:
+    return {"checkpoint_version": layout.CHECKPOINT_VERSION, "iteration": state.iteration,
+            "args": checkpoint_args(args, margs, state), "consumed_train_samples": state.consumed_train_samples,
+            "opt_param_scheduler": scheduler.state_dict()}
+
+
+def save(args, margs: ModelArgs, chunks: list, optimizer, scheduler, state: TrainState) -> str:
+    """Write checkpoint ``state.iteration`` under ``args.save``; returns the iteration folder."""
+    from megatron.core import parallel_state as ps
+
+    root = os.path.abspath(args.save)
+    final = os.path.join(root, layout.iteration_dir_name(state.iteration))
+    tmp = os.path.join(root, "." + layout.iteration_dir_name(state.iteration) + ".tmp")
+    rank = dist.get_rank()
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(tmp):  # left by a run killed during a save
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    dist.barrier()
+    if args.ckpt_format == "torch_dist":
+        _save_torch_dist(args, margs, chunks, optimizer, scheduler, state, tmp)
+    else:
+        _save_torch(args, margs, chunks, optimizer, scheduler, state, tmp)
+    dist.barrier()
+    if rank == 0:
+        if os.path.exists(final):  # re-saving an iteration: replace it only now that the new one is whole
+            old = final + ".old"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+        layout.write_tracker(root, state.iteration)
+        print(f"saved checkpoint iteration {state.iteration} to {final}", flush=True)
+    dist.barrier()
+    return final
+
+
+def _save_torch(args, margs, chunks, optimizer, scheduler, state, tmp: str) -> None:
+    from megatron.core import parallel_state as ps
+
+    rngs = _gather_rng_over_dp()
+    if args.use_distributed_optimizer:
+        opt = _single(optimizer)
+        param_state = opt.get_parameter_state_dp_zero()  # collective over the DP group
+    if ps.get_data_parallel_rank() != 0:
+        return
+    rank_dir = os.path.join(tmp, layout.rank_dir_name(ps.get_tensor_model_parallel_rank(),
+                                                      ps.get_pipeline_model_parallel_rank(),
+                                                      args.pipeline_model_parallel_size))
+    os.makedirs(rank_dir, exist_ok=True)
+    sd = _common(args, margs, state, scheduler)
+    sd.update(_model_entries(chunks))
+    sd["optimizer"] = optimizer.state_dict()
+    sd["rng_state"] = rngs
+    torch.save(sd, os.path.join(rank_dir, layout.RANK_FILE))
+    if args.use_distributed_optimizer:
+        torch.save(param_state, os.path.join(rank_dir, DISTRIB_OPTIM))
+
+
+def _single(optimizer):
+    opts = getattr(optimizer, "chained_optimizers", [optimizer])
+    if len(opts) != 1:
+        raise ResumeError(f"expected one optimizer, found {len(opts)}")
+    return opts[0]
+
+
+def _sharded_state(args, chunks, optimizer, scheduler, margs, state, is_loading: bool) -> dict:
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    model_sd = {}
+    if len(chunks) == 1:
+        model_sd["model"] = unwrap(chunks[0]).sharded_state_dict()
+    else:
+        for i, c in enumerate(chunks):
+            model_sd[f"model{i}"] = unwrap(c).sharded_state_dict()
+    sd = dict(model_sd)
+    sd.update(_common(args, margs, state, scheduler))
+    sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+    # Every rank's RNG state is its own shard of a (PP, TP, DP) grid of objects.
+    pp, tp, dp = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+                  ps.get_data_parallel_world_size())
+    sd["rng_state"] = ShardedObject(
+        "rng_state", rng_state(), (pp, tp, dp),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()),
+        replica_id=0)
+    return sd
+
+
+def _save_torch_dist(args, margs, chunks, optimizer, scheduler, state, tmp: str) -> None:
+    from megatron.core import dist_checkpointing
+
+    sd = _sharded_state(args, chunks, optimizer, scheduler, margs, state, is_loading=False)
+    dist_checkpointing.save(sd, tmp)
+
+
+# ---------------------------------------------------------------- load
+
+def read_args(load_dir: str) -> tuple[ModelArgs, argparse.Namespace, int | str, str]:
+    """(model args, stored args, iteration, format) of the checkpoint the tracker of ``load_dir`` names."""
+    iteration = layout.read_tracker(load_dir)
+    iter_dir = os.path.join(load_dir, layout.iteration_dir_name(iteration))
+    if not os.path.isdir(iter_dir):
+        raise layout.LayoutError(f"the tracker names {iter_dir}, which does not exist")
+    fmt = layout.detect_format(iter_dir)
+    if fmt == "torch":
+        tp, pp = layout.torch_layout(iter_dir)
+        ns = layout.load_rank_file(layout.rank_file(load_dir, iteration, 0, 0, pp))["args"]
+    else:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            common = torch.load(os.path.join(iter_dir, "common.pt"), map_location="cpu", weights_only=True)
+        ns = common["args"]
+    return from_namespace(ns), ns, iteration, fmt
+
+
+def load(args, margs: ModelArgs, chunks: list, optimizer, scheduler) -> TrainState:
+    """Restore weights (and unless finetuning: optimizer, scheduler, RNG, progress) from ``args.load``."""
+    from megatron.core import parallel_state as ps
+
+    _, ns, iteration, fmt = read_args(args.load)
+    release = iteration == "release"
+    weights_only = args.finetune or release
+    same_layout = (getattr(ns, "tensor_model_parallel_size", None) == args.tensor_model_parallel_size
+                   and getattr(ns, "pipeline_model_parallel_size", None) == args.pipeline_model_parallel_size
+                   and getattr(ns, "virtual_pipeline_model_parallel_size", None) == args.vpp)
+    if fmt == "torch_dist":
+        return _load_torch_dist(args, margs, chunks, optimizer, scheduler, iteration, weights_only)
+    if not same_layout:
+        if not weights_only:
+            raise ResumeError(
+                f"{args.load} was saved at TP={ns.tensor_model_parallel_size} PP={ns.pipeline_model_parallel_size}"
+                f" VPP={getattr(ns, 'virtual_pipeline_model_parallel_size', None)}; resuming optimizer state "
+                "needs the same layout (use --finetune to load weights only, or convert it first)")
+        _load_other_layout(args, chunks, iteration)
+        return TrainState()
+    path = layout.rank_file(args.load, iteration, ps.get_tensor_model_parallel_rank(),
+                            ps.get_pipeline_model_parallel_rank(), args.pipeline_model_parallel_size)
+    sd = layout.load_rank_file(path)
+    if len(chunks) == 1:
+        unwrap(chunks[0]).load_state_dict(sd["model"], strict=True)
+    else:
+        for i, c in enumerate(chunks):
+            unwrap(c).load_state_dict(sd[f"model{i}"], strict=True)
+    if weights_only:
+        return TrainState()
+    if not args.no_load_optim:
+        if "optimizer" not in sd:
+            raise ResumeError(f"{path} holds no optimizer state (pass --no-load-optim or --finetune)")
+        optimizer.load_state_dict(sd["optimizer"])
+        if args.use_distributed_optimizer:
+            param_state = None
+            if ps.get_data_parallel_rank() == 0:
+                dpath = os.path.join(os.path.dirname(path), DISTRIB_OPTIM)
+                if not os.path.isfile(dpath):
+                    raise ResumeError(f"{dpath} is missing (saved without --use-distributed-optimizer?)")
+                param_state = torch.load(dpath, map_location="cpu", weights_only=True)
+            _load_dp_zero(_single(optimizer), param_state)
+        scheduler.load_state_dict(sd["opt_param_scheduler"])
+    if not args.no_load_rng:
+        rngs = sd.get("rng_state")
+        if not rngs or len(rngs) != args.data_parallel_size:
+            raise ResumeError(f"{path} has RNG states for {len(rngs or [])} data-parallel ranks, this run has "
+                              f"{args.data_parallel_size} (pass --no-load-rng)")
+        set_rng_state(rngs[ps.get_data_parallel_rank()])
+    return TrainState(iteration=int(sd["iteration"]), consumed_train_samples=int(sd["consumed_train_samples"]))
+
+
+def _load_dp_zero(opt, param_state) -> None:
+    """``DistributedOptimizer.load_parameter_state_from_dp_zero`` with torch's Adam.
+
+    torch's Adam keeps a per-parameter ``step`` in its state, which the gathered parameter state does
+    not carry (``load_state_dict`` has already restored it), so it is set aside while the rest is
+    copied. The copy runs under no_grad: in fp32 the main parameters are views of the model's.
+    ``load_state_dict`` gives every parameter the SAME step tensor, and torch's Adam increments each
+    parameter's step in place, so a shared tensor would advance once per parameter per step and
+    bias-correct with a wrong count: each parameter gets its own copy here.
+    """
+    steps = {p: st.pop("step") for p, st in opt.optimizer.state.items() if "step" in st}
+    try:
+        with torch.no_grad():
+            opt.load_parameter_state_from_dp_zero(param_state)
+    finally:
+        for p, step in steps.items():
+            opt.optimizer.state[p]["step"] = step.clone()
+
+
+def _load_other_layout(args, chunks: list, iteration) -> None:
+    """Weights of a checkpoint with another TP/PP: through the converter's loader."""
+    try:
+        from megatron_patch.checkpointing.megatron_format import load_megatron_into_model
+    except ImportError:
+        raise ResumeError(f"{args.load} has another TP/PP layout; convert it to this layout first "
+                          "(python -m toolkits.checkpoint mcore2mcore)") from None
+    for i, c in enumerate(chunks):
+        load_megatron_into_model(unwrap(c), args.load, vp_stage=i if args.vpp else None)
+
+
+def _load_torch_dist(args, margs, chunks, optimizer, scheduler, iteration, weights_only: bool) -> TrainState:
+    from megatron.core import dist_checkpointing
+
+    iter_dir = os.path.join(args.load, layout.iteration_dir_name(iteration))
+    load_optim = not weights_only and not args.no_load_optim
+    sd = _sharded_state(args, chunks, optimizer, scheduler, margs, TrainState(), is_loading=True)
+    if not load_optim:
+        sd.pop("optimizer")
+    if weights_only or args.no_load_rng:
+        sd.pop("rng_state")
+    # common.pt holds the args Namespace; megatron-core loads it with torch's weights_only default.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        loaded = dist_checkpointing.load(sd, iter_dir)
+    if len(chunks) == 1:
+        unwrap(chunks[0]).load_state_dict(loaded["model"], strict=True)
+    else:
+        for i, c in enumerate(chunks):
+            unwrap(c).load_state_dict(loaded[f"model{i}"], strict=True)
+    if weights_only:
+        return TrainState()
+    if load_optim:
+        optimizer.load_state_dict(loaded["optimizer"])
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if "rng_state" in loaded:
+        set_rng_state(loaded["rng_state"])
+    return TrainState(iteration=int(loaded["iteration"]), consumed_train_samples=int(loaded["consumed_train_samples"]))

@@ -1,0 +1,171 @@
+"""Training data: the tokenizer, megatron-core's GPTDataset (blends, splits, cached indices), and the
+order in which samples reach each data-parallel rank.
+
+Sample order follows Megatron-LM's pretraining sampler: the global batch of iteration ``i`` holds
+samples ``[i*gbs, (i+1)*gbs)``; micro-batch ``k`` of data-parallel rank ``r`` is the slice
+``k*mbs*dp + r*mbs + [0, mbs)``. The position in the data is therefore a pure function of the
+consumed-sample count, which the checkpoint stores: a resumed run sees exactly the batches an
+uninterrupted one would. Every rank reads its batch itself (reading is cheap next to the model), so
+TP ranks and pipeline stages get identical batches without a broadcast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Missing or unusable data (the message names the file)."""
+
+
+class DatasetTokenizer:
+    """The few attributes megatron-core's datasets read from a tokenizer, over a HF tokenizer."""
+
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+        self.vocab_size = len(hf_tokenizer)
+        eod = hf_tokenizer.eos_token_id
+        if eod is None:
+            raise DataError("the tokenizer has no eos_token: an end-of-document token is required")
+        self.eod = eod
+        # megatron-core hashes the dataset description, tokenizer included, to name its index cache.
+        self.unique_identifiers = {"class": type(hf_tokenizer).__name__,
+                                   "name_or_path": str(getattr(hf_tokenizer, "name_or_path", "")),
+                                   "vocab_size": self.vocab_size, "eod": eod}
+
+    # No `pad` attribute on purpose: GPTDataset then treats no token id as padding, so an EOS that
+    # doubles as pad (common in HF tokenizers) is still trained on.
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.hf(text, add_special_tokens=False)["input_ids"]
+
+
+def load_tokenizer(path: str):
+    """The HF tokenizer in directory ``path`` (``DataError`` if it cannot be read)."""
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise DataError(f"tokenizer directory {path} does not exist")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises several types for a broken directory
+        raise DataError(f"cannot load a HF tokenizer from {path}: {str(e).splitlines()[0]}") from None
+
+
+def check_prefixes(prefixes: list[str]) -> None:
+    for p in prefixes:
+        for ext in (".bin", ".idx"):
+            if not os.path.isfile(p + ext):
+                raise DataError(f"indexed dataset file {p + ext} does not exist (run toolkits.data.preprocess)")
+
+
+def build_pretraining_datasets(args, tokenizer: DatasetTokenizer, sizes: list[int]):
+    """(train, valid, test) GPTDatasets via megatron-core's BlendedMegatronDatasetBuilder.
+
+    Rank 0 builds the index caches first; the other ranks then read them (as Megatron-LM does), so
+    no two processes race to write the same cache file.
+    """
+    import torch.distributed as dist
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    from megatron_patch.training.arguments import parse_blend
+
+    prefixes, weights = parse_blend(args.data_path)
+    check_prefixes(prefixes)
+    config = GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=(prefixes, weights),
+        split=args.split,
+        path_to_cache=args.data_cache_path,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        mmap_bin_files=True,
+    )
+
+    def build():
+        return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        out = build()
+    if dist.is_initialized():
+        dist.barrier()
+    if rank != 0:
+        out = build()
+    return out
+
+
+class MockDataset(torch.utils.data.Dataset):
+    """Deterministic random tokens (for smoke tests without data)."""
+
+    def __init__(self, vocab_size: int, seq_length: int, seed: int, size: int):
+        self.vocab, self.seq, self.seed, self.size = vocab_size, seq_length, seed, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, idx: int) -> dict:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + idx)
+        text = torch.randint(0, self.vocab, (self.seq + 1,), generator=g)
+        return {"tokens": text[:-1], "labels": text[1:], "loss_mask": torch.ones(self.seq),
+                "position_ids": torch.arange(self.seq)}
+
+
+def collate(samples: list[dict]) -> dict:
+    batch = {}
+    for key in samples[0]:
+        batch[key] = torch.stack([torch.as_tensor(s[key]) for s in samples])
+    return batch
+
+
+def microbatch_indices(consumed: int, mbs: int, dp: int, dp_rank: int, num_microbatches: int) -> list[list[int]]:
+    """Sample indices of each micro-batch this data-parallel rank processes in the next step."""
+    out = []
+    for k in range(num_microbatches):
+        start = consumed + k * mbs * dp + dp_rank * mbs
+        out.append(list(range(start, start + mbs)))
+    return out
+
+
+def step_batches(dataset, consumed: int, mbs: int, dp: int, dp_rank: int, num_microbatches: int,
+                 device: torch.device) -> list[dict]:
+    """The micro-batches of one optimizer step, on ``device``."""
+    n = len(dataset)
+    batches = []
+    for idx in microbatch_indices(consumed, mbs, dp, dp_rank, num_microbatches):
+        # Wrap around: the builder sizes the dataset for train_iters*gbs samples, so wrapping only
+        # happens for evaluation batches past the end of a small validation split.
+        batch = collate([dataset[i % n] for i in idx])
+        batches.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+    return batches
+
+
+def as_iterators(batches: list[dict], num_chunks: int):
+    """Each (virtual) model chunk walks the step's micro-batches with its own iterator."""
+    if num_chunks == 1:
+        return iter(batches)
+    return [iter(batches) for _ in range(num_chunks)]
+
+
+def describe(dataset) -> str:
+    return f"{type(dataset).__name__}({len(dataset)} samples)" if dataset is not None else "none"
+
+
+def validate_sizes(train, needed: int) -> None:
+    if train is None or len(train) == 0:
+        raise DataError("the training split is empty: check --split and the amount of data")
+    if len(train) < needed:
+        log.warning("training split has %d samples, fewer than the %d the run consumes; it will wrap",
+                    len(train), needed)

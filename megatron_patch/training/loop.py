@@ -1,0 +1,273 @@
+"""The training loop on megatron-core's own parts.
+
+Model chunks (``models/builder.py``) -> ``Float16Module`` for bf16/fp16 -> megatron-core
+``DistributedDataParallel`` -> ``get_megatron_optimizer`` (optionally the distributed optimizer) ->
+``OptimizerParamScheduler``; each step runs megatron-core's pipeline schedule (no pipelining,
+1F1B, or interleaved 1F1B with virtual stages). The loss is a per-token mean over the whole global
+batch (``calculate_per_token_loss``): micro-batches with few trainable tokens (SFT) weigh what
+their tokens weigh, and the result does not depend on how the batch is split over ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_patch.models.family import ModelArgs
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_train_samples: int = 0
+
+
+def vpp_size(args, margs: ModelArgs) -> Optional[int]:
+    """Virtual stages per pipeline rank from ``--num-layers-per-virtual-pipeline-stage``."""
+    per = args.num_layers_per_virtual_pipeline_stage
+    if per is None:
+        return None
+    pp = args.pipeline_model_parallel_size
+    if margs.num_layers % (per * pp):
+        raise ValueError(f"{margs.num_layers} layers cannot be split into PP={pp} stages of virtual stages "
+                         f"with {per} layers each")
+    return margs.num_layers // (per * pp)
+
+
+def transformer_config_for(args, margs: ModelArgs):
+    from megatron_patch.models.builder import transformer_config
+
+    pp = args.pipeline_model_parallel_size
+    if margs.num_layers % pp:
+        raise ValueError(f"{margs.num_layers} layers are not divisible by PP={pp}")
+    cfg = transformer_config(
+        margs, tp=args.tensor_model_parallel_size, pp=pp, vpp=args.vpp,
+        params_dtype=_DTYPES[args.params_dtype], sequence_parallel=args.sequence_parallel,
+        recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        calculate_per_token_loss=True,
+    )
+    return cfg
+
+
+def build_model_chunks(args, margs: ModelArgs, config) -> list:
+    """This rank's model chunks (one per virtual stage), wrapped for mixed precision and DDP."""
+    from megatron_patch import runtime
+    from megatron_patch.models.builder import build_model
+
+    dev = runtime.device()
+    chunks = []
+    for vp in range(args.vpp or 1):
+        m = build_model(margs, config, transformer_impl=args.transformer_impl, rope_impl=args.rope_impl,
+                        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                        vp_stage=vp if args.vpp else None)
+        m.to(dev)
+        chunks.append(m)
+    return chunks
+
+
+def wrap_ddp(args, config, chunks: list) -> list:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False,
+        use_distributed_optimizer=args.use_distributed_optimizer, check_for_nan_in_grad=False,
+    )
+    wrapped = []
+    for i, m in enumerate(chunks):
+        if args.params_dtype != "fp32":
+            m = Float16Module(config, m)
+        # Only the first chunk gets buckets, as Megatron-LM does: later chunks' grads are reduced
+        # in one bucket each (their backward finishes first in the interleaved schedule).
+        wrapped.append(DistributedDataParallel(config=config, ddp_config=ddp_config, module=m,
+                                               disable_bucketing=i > 0))
+    return wrapped
+
+
+def unwrap(chunk):
+    """The GPTModel inside DDP / Float16Module."""
+    m = chunk
+    while hasattr(m, "module"):
+        m = m.module
+    return m
+
+
+def build_optimizer(args, chunks: list):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    cfg = OptimizerConfig(
+        optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16, params_dtype=_DTYPES[args.params_dtype],
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(cfg, chunks)
+    gbs = args.global_batch_size
+    decay_iters = args.lr_decay_iters or args.train_iters
+    wsd = args.lr_wsd_decay_iters if args.lr_wsd_decay_iters is not None else max(1, args.train_iters // 10)
+    # The scheduler counts samples (Megatron-LM's convention), so it is stepped by the global batch.
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters * gbs, lr_decay_steps=decay_iters * gbs,
+        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant",
+        wsd_decay_steps=wsd * gbs if args.lr_decay_style == "WSD" else None,
+        lr_wsd_decay_style=args.lr_wsd_decay_style if args.lr_decay_style == "WSD" else None,
+    )
+    return optimizer, scheduler
+
+
+def install_hooks(config, chunks: list, optimizer) -> None:
+    """What megatron-core's schedules call back into: no_sync, grad finalization, loss scaling."""
+    from megatron.core.distributed import finalize_model_grads
+
+    config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Sum of per-token losses where ``loss_mask`` is 1, the token count, and both for reporting."""
+    losses = output_tensor.float()
+    mask = loss_mask.view(-1).float()
+    loss_sum = torch.sum(losses.view(-1) * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model):
+    from functools import partial
+
+    batch = next(data_iterator)
+    out = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    return out, partial(loss_func, batch["loss_mask"])
+
+
+def run_schedule(args, chunks: list, batches: list[dict], forward_only: bool):
+    """One pass over a step's micro-batches; returns [loss_sum, tokens] reduced over DP (last stage)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_patch.training.data import as_iterators
+
+    out = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=as_iterators(batches, len(chunks)),
+        model=chunks,
+        num_microbatches=len(batches),
+        seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size,
+        forward_only=forward_only,
+    )
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    total = torch.stack([d["lm loss"] for d in out]).sum(0)
+    dist.all_reduce(total, group=ps.get_data_parallel_group())
+    return total
+
+
+def train_step(args, chunks: list, optimizer, scheduler, batches: list[dict]):
+    for c in chunks:
+        c.zero_grad_buffer()
+    optimizer.zero_grad()
+    for c in chunks:
+        c.train()
+    total = run_schedule(args, chunks, batches, forward_only=False)
+    ok, grad_norm, _ = optimizer.step()
+    if ok:
+        scheduler.step(increment=args.global_batch_size)
+    return total, grad_norm, ok
+
+
+def evaluate(args, chunks: list, dataset, device) -> Optional[float]:
+    """Mean validation loss over ``--eval-iters`` global batches (last stage; None elsewhere)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_patch.training.data import step_batches
+
+    for c in chunks:
+        c.eval()
+    acc = None
+    with torch.no_grad():
+        for i in range(args.eval_iters):
+            batches = step_batches(dataset, i * args.global_batch_size, args.micro_batch_size,
+                                   args.data_parallel_size, ps.get_data_parallel_rank(), args.num_microbatches, device)
+            total = run_schedule(args, chunks, batches, forward_only=True)
+            if total is not None:
+                acc = total if acc is None else acc + total
+    for c in chunks:
+        c.train()
+    return None if acc is None else (acc[0] / acc[1].clamp(min=1)).item()
+
+
+def flops_per_token(margs: ModelArgs, seq: int) -> float:
+    """Training FLOPs per token: 6 x matmul parameters plus causal attention scores (fwd + bwd)."""
+    h, L = margs.hidden_size, margs.num_layers
+    qkv = h * (margs.num_attention_heads + 2 * margs.num_query_groups) * margs.kv_channels
+    proj = margs.num_attention_heads * margs.kv_channels * h
+    mlp = 3 * h * margs.ffn_hidden_size
+    dense = L * (qkv + proj + mlp) + h * margs.vocab_size
+    attn = L * 2 * seq * margs.num_attention_heads * margs.kv_channels  # QK^T and AV, halved by causality
+    return 6.0 * dense + 3.0 * attn
+
+
+def train(args: argparse.Namespace, margs: ModelArgs, chunks: list, optimizer, scheduler, state: TrainState,
+          datasets, metrics, save_fn) -> TrainState:
+    """Run iterations ``state.iteration+1 .. --train-iters``; saves through ``save_fn(state)``."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_patch import runtime
+    from megatron_patch.training.data import step_batches
+
+    train_ds, valid_ds = datasets[0], datasets[1]
+    dev = runtime.device()
+    dp_rank = ps.get_data_parallel_rank()
+    tokens_per_step = args.global_batch_size * args.seq_length
+    fpt = flops_per_token(margs, args.seq_length)
+    world = dist.get_world_size()
+    window_start, window_iters = time.perf_counter(), 0
+    while state.iteration < args.train_iters:
+        batches = step_batches(train_ds, state.consumed_train_samples, args.micro_batch_size,
+                               args.data_parallel_size, dp_rank, args.num_microbatches, dev)
+        total, grad_norm, ok = train_step(args, chunks, optimizer, scheduler, batches)
+        state.iteration += 1
+        state.consumed_train_samples += args.global_batch_size
+        window_iters += 1
+        if total is not None:
+            metrics.record_step(state.iteration, loss=(total[0] / total[1].clamp(min=1)).item(),
+                                lr=optimizer.param_groups[0]["lr"],
+                                grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                                tokens=int(total[1].item()), skipped=not ok)
+        if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
+            elapsed = time.perf_counter() - window_start
+            tps = tokens_per_step * window_iters / elapsed
+            metrics.log_window(state.iteration, args.train_iters, tokens_per_second=tps,
+                               tflops_per_gpu=tps * fpt / world / 1e12 if runtime.on_gpu() else None,
+                               memory_gb=torch.cuda.max_memory_allocated() / 2**30 if runtime.on_gpu() else None)
+            window_start, window_iters = time.perf_counter(), 0
+        if args.eval_interval and valid_ds is not None and state.iteration % args.eval_interval == 0:
+            val = evaluate(args, chunks, valid_ds, dev)
+            metrics.record_eval(state.iteration, val)
+        if args.save and args.save_interval and state.iteration % args.save_interval == 0:
+            save_fn(state)
+        if args.exit_interval and state.iteration % args.exit_interval == 0:
+            break
+    return state
+
+
+def is_finite(x: float) -> bool:
+    return not (math.isnan(x) or math.isinf(x))

@@ -1,0 +1,158 @@
+"""Data: JSONL -> indexed dataset (read back through megatron-core), bad data reporting, the SFT loss mask
+and sequence packing. All in-process and tiny."""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+WORDS = "the cat sat on a mat while dogs ran in the park and birds sang all day long".split()
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    from toolkits.data.tokenizer import train_tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    texts = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 4
+    train_tokenizer(texts, str(d), vocab_size=300)
+    return str(d)
+
+
+def test_preprocess_roundtrip_and_bad_lines(tmp_path, tok_dir):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from transformers import AutoTokenizer
+
+    from toolkits.data.preprocess import preprocess
+
+    src = tmp_path / "in.jsonl"
+    lines = [json.dumps({"text": "the cat sat"}), "{not json", json.dumps({"text": "  "}),
+             json.dumps({"body": "x"}), json.dumps({"text": "dogs ran in the park"})]
+    src.write_text("\n".join(lines) + "\n")
+    report = preprocess([str(src)], str(tmp_path / "out"), tok_dir, workers=1, progress=False)
+    assert report.documents == 2 and report.empty == 1
+    assert [m.split(": ")[0] for m in report.malformed] == [f"{src}:2", f"{src}:4"]
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    ds = IndexedDataset(str(tmp_path / "out"))
+    for i, text in enumerate(["the cat sat", "dogs ran in the park"]):
+        expect = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert ds[i].tolist() == expect
+    # Existing output is never overwritten without --overwrite.
+    from toolkits.data.preprocess import PreprocessError
+
+    with pytest.raises(PreprocessError, match="exists"):
+        preprocess([str(src)], str(tmp_path / "out"), tok_dir, progress=False)
+    with pytest.raises(PreprocessError, match="does not exist"):
+        preprocess([str(tmp_path / "missing.jsonl")], str(tmp_path / "o2"), tok_dir, progress=False)
+    with pytest.raises(PreprocessError, match=":2: malformed JSON"):
+        preprocess([str(src)], str(tmp_path / "o3"), tok_dir, strict=True, progress=False)
+    assert not list(tmp_path.glob("o3*")), "strict failure left partial output"
+
+
+def test_preprocess_cli_multiprocess(tmp_path, tok_dir, capsys):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from toolkits.data.preprocess import main
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": " ".join(WORDS[i:i + 5])}) + "\n" for i in range(10)))
+    assert main(["--input", str(src), "--output-prefix", str(tmp_path / "o"), "--tokenizer-model", tok_dir,
+                 "--workers", "2", "--quiet"]) == 0
+    assert "10 documents" in capsys.readouterr().out
+    assert len(IndexedDataset(str(tmp_path / "o"))) == 10
+    assert main(["--input", str(tmp_path / "nope.jsonl"), "--output-prefix", str(tmp_path / "x"),
+                 "--tokenizer-model", tok_dir]) == 2
+
+
+def test_sft_loss_mask_covers_exactly_the_assistant_tokens(tok_dir):
+    from transformers import AutoTokenizer
+
+    from megatron_patch.training.sft import tokenize_conversation
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat"},
+            {"role": "assistant", "content": "sat on a mat"}, {"role": "user", "content": "dogs"},
+            {"role": "assistant", "content": "ran in the park"}]
+    ids, mask = tokenize_conversation(tok, msgs)
+    assert len(ids) == len(mask)
+    marked = [i for i, m in zip(ids, mask) if m]
+    expect = []
+    for reply in ("sat on a mat", "ran in the park"):
+        expect += tok(reply + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert marked == expect
+    # The generic fallback (templates without {% generation %}) marks the same tokens, plus the
+    # separator the template puts after each turn (it cannot tell it from the reply).
+    tok.chat_template = tok.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    ids2, mask2 = tokenize_conversation(tok, msgs)
+    assert ids2 == ids
+    extra = [i for i, (m1, m2) in enumerate(zip(mask, mask2)) if m1 != m2]
+    assert all(mask2[i] == 1 and mask[i] == 0 and tok.decode([ids[i]]).strip() == "" for i in extra)
+    assert len(extra) == 2
+
+
+def test_packing_keeps_conversations_apart():
+    from megatron_patch.training.sft import make_sample, pack
+
+    a = ([1, 2, 3, 4], [0, 0, 1, 1])
+    b = ([5, 6, 7], [0, 1, 1])
+    c = ([8, 9, 10, 11, 12, 13, 14, 15], [0] * 4 + [1] * 4)
+    groups = pack([a, b, c], seq_length=8)
+    assert groups == [[a, b], [c]]
+    s = make_sample(groups[0], 8, pad_id=0, packed=True)
+    assert s["tokens"].tolist() == [1, 2, 3, 5, 6, 0, 0, 0]
+    assert s["labels"].tolist() == [2, 3, 4, 6, 7, 0, 0, 0]
+    assert s["loss_mask"].tolist() == [0, 1, 1, 1, 1, 0, 0, 0]
+    assert s["position_ids"].tolist()[:5] == [0, 1, 2, 0, 1]
+    allowed = ~s["attention_mask"][0]  # True = may attend
+    expect = torch.zeros(8, 8, dtype=torch.bool)
+    expect[:3, :3] = torch.ones(3, 3, dtype=torch.bool).tril()
+    expect[3:5, 3:5] = torch.ones(2, 2, dtype=torch.bool).tril()
+    for i in range(5, 8):
+        expect[i, i] = True
+    assert torch.equal(allowed, expect)
+
+
+def test_sft_bad_data_is_counted_and_named(tmp_path, tok_dir):
+    from transformers import AutoTokenizer
+
+    from megatron_patch.training.data import DataError
+    from megatron_patch.training.sft import SFTReport, build_sft_datasets, read_conversations
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    good = {"messages": [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "sat"}]}
+    long = {"messages": [{"role": "user", "content": " ".join(WORDS * 5)}, {"role": "assistant", "content": "ok"}]}
+    rows = [json.dumps(good), "{oops", json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
+            json.dumps({"messages": [{"role": "robot", "content": "x"}]}), json.dumps(long), json.dumps(good)]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    report = SFTReport()
+    convs = read_conversations([str(path)], tok, 32, report)
+    assert len(convs) == 2 and report.conversations == 2
+    assert [m.split(": ")[0] for m in report.malformed] == [f"{path}:2", f"{path}:3", f"{path}:4"]
+    assert "no assistant message" in report.malformed[1]
+    assert len(report.too_long) == 1 and report.too_long[0].startswith(f"{path}:5:")
+    args = argparse.Namespace(data_path=[str(tmp_path / "missing.jsonl")], seq_length=32, seed=1, split="1,0,0",
+                              sft_pack_sequences=False, transformer_impl="local")
+    with pytest.raises(DataError, match="does not exist"):
+        build_sft_datasets(args, tok)
+
+
+def test_sample_order_is_a_function_of_consumed_samples():
+    from megatron_patch.training.data import microbatch_indices
+
+    # gbs 8 = 2 micro-batches x mbs 2 x dp 2; rank 1's second micro-batch of step 2 (16 consumed).
+    assert microbatch_indices(16, 2, 2, 1, 2) == [[18, 19], [22, 23]]
+    seen = sorted(i for r in range(2) for mb in microbatch_indices(16, 2, 2, r, 2) for i in mb)
+    assert seen == list(range(16, 24))
+
+
+def test_blend_parsing():
+    from megatron_patch.training.arguments import ArgumentError, parse_blend
+
+    assert parse_blend(["0.3", "a", "0.7", "b"]) == (["a", "b"], [0.3, 0.7])
+    assert parse_blend(["a", "b"]) == (["a", "b"], None)
+    with pytest.raises(ArgumentError, match="pairs"):
+        parse_blend(["0.3", "a", "0.7"])
+    assert np.isclose(sum(parse_blend(["1", "a", "3", "b"])[1]), 4.0)

@@ -1,0 +1,173 @@
+"""The trainer on real gloo processes: save/resume exactness (torch and torch_dist, distributed optimizer,
+interleaved pipeline), a 2-node x 2-process torchrun run matching 1 node x 4, SFT packing end to end,
+and bad arguments.
+
+One 4-process launch runs every in-process job back to back (``pretrain.run(..., teardown=False)``);
+each job's per-iteration losses come from its ``--metrics-file``.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_patch.testing import distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N = 2  # iterations before and after the save
+
+
+def _common(cfg: str) -> list[str]:
+    return ["--model-config", cfg, "--mock-data", "--seq-length", "16", "--micro-batch-size", "1",
+            "--global-batch-size", "4", "--lr", "1e-2", "--lr-warmup-iters", "1", "--log-interval", "100",
+            "--transformer-impl", "local", "--rope-impl", "torch", "--seed", "7"]
+
+
+LAYOUTS = {
+    # name: (extra args, checkpoint format)
+    "pp2_dp2_distopt_torch": (["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer"], "torch"),
+    "tp2_pp2_vpp_torchdist": (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                               "--num-layers-per-virtual-pipeline-stage", "1"],
+                                 "torch_dist"),
+}
+
+
+def _losses(path: str) -> list[float]:
+    return [json.loads(line)["loss"] for line in open(path) if '"loss"' in line]
+
+
+def _jobs_worker(cfg: str, tmp: str, sft: dict):
+    import torch.distributed as dist
+
+    from megatron_patch import pretrain
+    from megatron_patch.training.arguments import parse_args
+
+    def job(argv):
+        args = parse_args(argv)
+        rc = pretrain.run(args, pretrain.model_args_for(args), teardown=False)
+        assert rc == 0, f"job failed with {rc}: {argv}"
+        dist.barrier()
+
+    for name, (extra, fmt) in LAYOUTS.items():
+        base = _common(cfg) + extra + ["--ckpt-format", fmt, "--train-iters", str(2 * N)]
+        d = os.path.join(tmp, name)
+        job(base + ["--metrics-file", f"{d}/full.jsonl"])
+        job(base + ["--save", f"{d}/ckpt", "--exit-interval", str(N), "--metrics-file", f"{d}/first.jsonl"])
+        job(base + ["--load", f"{d}/ckpt", "--save", f"{d}/ckpt", "--metrics-file", f"{d}/second.jsonl"])
+    # SFT with packing, TP=2 x PP=2 (attention masks through the pipeline).
+    job(["--model-config", cfg, "--sft", "--sft-pack-sequences", "--data-path", sft["data"],
+         "--tokenizer-model", sft["tokenizer"], "--seq-length", "64", "--micro-batch-size", "1",
+         "--global-batch-size", "2", "--train-iters", "3", "--lr", "1e-2", "--transformer-impl", "local",
+         "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--split", "100,0,0",
+         "--metrics-file", f"{tmp}/sft.jsonl", "--log-interval", "100"])
+    return True
+
+
+@pytest.fixture(scope="module")
+def model_config(tmp_path_factory, sft_data):
+    from megatron_patch.testing.tiny_models import hf_config
+
+    d = tmp_path_factory.mktemp("cfg")
+    cfg = hf_config("llama3.1", vocab_size=sft_data["vocab"])
+    cfg.save_pretrained(str(d))
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory):
+    from toolkits.data.tokenizer import train_tokenizer
+
+    d = tmp_path_factory.mktemp("sft")
+    words = "the cat sat on a mat while dogs ran in the park and birds sang all day long".split()
+    texts = [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 4
+    tok = train_tokenizer(texts, str(d / "tok"), vocab_size=300)
+    path = d / "chat.jsonl"
+    with open(path, "w") as f:
+        for i in range(12):
+            msgs = [{"role": "user", "content": " ".join(words[i:i + 3])},
+                    {"role": "assistant", "content": " ".join(words[i + 1:i + 5])}]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    return {"tokenizer": str(d / "tok"), "data": str(path), "vocab": len(tok)}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, model_config, sft_data):
+    tmp = str(tmp_path_factory.mktemp("runs"))
+    distributed.run(_jobs_worker, 4, model_config, tmp, sft_data, timeout=900)
+    return tmp
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_resume_is_exact(runs, name):
+    d = os.path.join(runs, name)
+    full, first, second = (_losses(f"{d}/{k}.jsonl") for k in ("full", "first", "second"))
+    assert len(full) == 2 * N and len(first) == N and len(second) == N
+    assert first + second == full  # bit-exact: same floats, not merely close
+    tracker = open(os.path.join(d, "ckpt", "latest_checkpointed_iteration.txt")).read().strip()
+    assert tracker == str(2 * N)
+    assert not [n for n in os.listdir(os.path.join(d, "ckpt")) if n.startswith(".")], "temporary folder left"
+
+
+def test_sft_packed_trains(runs):
+    losses = _losses(f"{runs}/sft.jsonl")
+    assert len(losses) == 3 and all(0 < x < 20 for x in losses)
+
+
+def test_two_nodes_match_one_node(runs, model_config, tmp_path):
+    """torchrun --nnodes 2 --nproc-per-node 2 on localhost == the 1 node x 4 run above."""
+    extra, _ = LAYOUTS["pp2_dp2_distopt_torch"]
+    port = str(distributed.free_port())
+    metrics = tmp_path / "m.jsonl"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    procs = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+               "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", port,
+               "-m", "megatron_patch.pretrain"] + _common(model_config) + extra + [
+               "--train-iters", str(2 * N), "--metrics-file", str(metrics)]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    assert _losses(str(metrics)) == _losses(os.path.join(runs, "pp2_dp2_distopt_torch", "full.jsonl"))
+
+
+BAD = [
+    (["--global-batch-size", "6", "--micro-batch-size", "4"], "not divisible by micro-batch size"),
+    (["--sequence-parallel"], "--sequence-parallel needs"),
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--transformer-impl", "local"],
+     "needs Transformer Engine layers"),
+    (["--tensor-model-parallel-size", "3"], "world size 4 is not divisible"),
+    (["--num-layers-per-virtual-pipeline-stage", "1"], "needs --pipeline-model-parallel-size > 1"),
+    (["--bf16", "--fp16"], "mutually exclusive"),
+    (["--recompute-granularity", "full"], "needs --recompute-method"),
+    (["--min-lr", "1.0"], "--min-lr"),
+    (["--save-interval", "5"], "--save-interval needs --save"),
+    (["--context-parallel-size", "2"], "not supported"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD)
+def test_bad_arguments_fail_before_any_process_work(extra, message):
+    from megatron_patch.training.arguments import ArgumentError, parse_args
+
+    argv = ["--model-config", "x", "--mock-data", "--train-iters", "2"] + extra
+    with pytest.raises(ArgumentError, match=message.replace("(", r"\(").replace("+", r"\+")):
+        parse_args(argv, world_size=4)
+
+
+def test_cli_reports_one_line_errors(tmp_path):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    cases = [
+        (["--mock-data", "--train-iters", "1"], "give --model-config"),
+        (["--model-config", str(tmp_path / "none.json"), "--mock-data", "--train-iters", "1"], "does not exist"),
+        (["--load", str(tmp_path), "--mock-data", "--train-iters", "1"], "latest_checkpointed_iteration.txt"),
+    ]
+    for argv, message in cases:
+        r = subprocess.run([sys.executable, "-m", "megatron_patch.pretrain"] + argv, cwd=ROOT, env=env,
+                           capture_output=True, text=True)
+        assert r.returncode == 2, r.stderr[-2000:]
+        lines = [x for x in r.stderr.strip().splitlines() if x.startswith("error:")]
+        assert len(lines) == 1 and message in lines[0], r.stderr[-2000:]
