@@ -22,7 +22,7 @@ setup(
         "psutil",  # megatron-core's torch_dist saving needs it
     ],
     extras_require={
-        "test": ["pytest", "triton", "matplotlib"],
+        "test": ["pytest", "triton", "matplotlib", "tensorboard"],
         "gpu": ["transformer-engine[pytorch]"],
     },
     entry_points={"console_scripts": ["mpatch-convert=toolkits.checkpoint.__main__:main"]},

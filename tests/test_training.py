@@ -61,7 +61,7 @@ def _jobs_worker(cfg: str, tmp: str, sft: dict):
          "--tokenizer-model", sft["tokenizer"], "--seq-length", "64", "--micro-batch-size", "1",
          "--global-batch-size", "2", "--train-iters", "3", "--lr", "1e-2", "--transformer-impl", "local",
          "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--split", "100,0,0",
-         "--metrics-file", f"{tmp}/sft.jsonl", "--log-interval", "100"])
+         "--metrics-file", f"{tmp}/sft.jsonl", "--log-interval", "100", "--tensorboard-dir", f"{tmp}/tb"])
     return True
 
 
@@ -113,6 +113,18 @@ def test_resume_is_exact(runs, name):
 def test_sft_packed_trains(runs):
     losses = _losses(f"{runs}/sft.jsonl")
     assert len(losses) == 3 and all(0 < x < 20 for x in losses)
+
+
+def test_tensorboard_events_hold_the_losses(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(runs, "tb"))
+    acc.Reload()
+    events = acc.Scalars("lm loss")
+    assert [e.step for e in events] == [1, 2, 3]
+    # float32 in the event file vs the float64 metrics line
+    assert [e.value for e in events] == pytest.approx(_losses(f"{runs}/sft.jsonl"), rel=1e-6)
+    assert len(acc.Scalars("learning-rate")) == 3
 
 
 def test_two_nodes_match_one_node(runs, model_config, tmp_path):
