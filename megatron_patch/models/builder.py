@@ -33,6 +33,13 @@ def te_available() -> bool:
         return False
 
 
+def fused_softmax_available() -> bool:
+    """Whether the CUDA extension behind ``masked_softmax_fusion`` is importable (apex builds it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("scaled_masked_softmax_cuda") is not None
+
+
 def resolve_transformer_impl(impl: str) -> str:
     if impl not in TRANSFORMER_IMPLS:
         raise ValueError(f"transformer_impl must be one of {TRANSFORMER_IMPLS}, got {impl!r}")
@@ -88,7 +95,8 @@ def transformer_config(
         use_cpu_initialization=not on_gpu,
         # Fused kernels need CUDA; the math is the same either way.
         bias_activation_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
+        # megatron calls this kernel (apex / megatron's compiled extension) without checking it exists.
+        masked_softmax_fusion=on_gpu and fused_softmax_available(),
         bias_dropout_fusion=on_gpu,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
