@@ -21,6 +21,8 @@ from megatron_patch.models.family import ModelArgs
 log = logging.getLogger(__name__)
 
 TRANSFORMER_IMPLS = ("auto", "transformer_engine", "local")
+# Core attention of the local spec: torch SDPA (``models/attention.py``) or megatron's DotProductAttention.
+ATTENTION_IMPLS = ("auto", "sdpa", "dot_product")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -106,15 +108,31 @@ def transformer_config(
     return TransformerConfig(**kw)
 
 
-def layer_spec(args: ModelArgs, transformer_impl: str):
+def layer_spec(args: ModelArgs, transformer_impl: str, attention_impl: str = "auto"):
+    """megatron's own layer spec; for the local spec, core attention per ``attention_impl`` (auto: sdpa).
+
+    The Transformer Engine spec is returned untouched (TE has its own fused attention).
+    """
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
     if resolve_transformer_impl(transformer_impl) == "transformer_engine":
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=args.qk_layernorm)
-    return get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization="RMSNorm")
+    if attention_impl in ("auto", "sdpa"):
+        from dataclasses import replace
+
+        from megatron_patch.models.attention import SDPAttention
+
+        # Swap only self_attention.submodules.core_attention; copies, so megatron's spec is never edited.
+        attn = spec.submodules.self_attention
+        attn = replace(attn, submodules=replace(attn.submodules, core_attention=SDPAttention))
+        spec = replace(spec, submodules=replace(spec.submodules, self_attention=attn))
+    return spec
 
 
 def build_model(
@@ -126,8 +144,13 @@ def build_model(
     vp_stage: Optional[int] = None,
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
+    attention_impl: str = "auto",
 ):
-    """One ``GPTModel`` chunk for this rank (and virtual stage ``vp_stage`` when interleaving)."""
+    """One ``GPTModel`` chunk for this rank (and virtual stage ``vp_stage`` when interleaving).
+
+    ``attention_impl`` picks the local spec's core attention: ``auto``/``sdpa`` (torch fused SDPA) or
+    ``dot_product`` (megatron's DotProductAttention); the Transformer Engine spec ignores it.
+    """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
@@ -142,7 +165,7 @@ def build_model(
     tp = config.tensor_model_parallel_size
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(args, transformer_impl),
+        transformer_layer_spec=layer_spec(args, transformer_impl, attention_impl),
         vocab_size=args.padded_vocab_size(make_vocab_size_divisible_by, tp),
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,
