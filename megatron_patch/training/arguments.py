@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer implementation: Transformer Engine on GPU when installed, else megatron's local one")
     g.add_argument("--rope-impl", default="auto", choices=["auto", "te", "apex", "triton", "torch"],
                    help="RoPE kernel (auto picks the fastest available)")
+    g.add_argument("--attention-impl", default="auto", choices=["auto", "sdpa", "dot_product"],
+                   help="core attention of the local spec: torch SDPA (auto) or megatron's unfused DotProductAttention")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="pad the vocabulary to a multiple of this times TP")
 

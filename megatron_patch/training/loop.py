@@ -70,7 +70,7 @@ def build_model_chunks(args, margs: ModelArgs, config) -> list:
     chunks = []
     for vp in range(args.vpp or 1):
         m = build_model(margs, config, transformer_impl=args.transformer_impl, rope_impl=args.rope_impl,
-                        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                        attention_impl=args.attention_impl, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
                         vp_stage=vp if args.vpp else None)
         m.to(dev)
         chunks.append(m)
