@@ -90,6 +90,10 @@ def child(argv: list[str]) -> None:
     if step == "floor":
         io_floor(src, dst)
     elif step == "baseline":  # what importing the converter (torch, megatron-core) costs before any work
+        # The converter imports megatron-core lazily, for layer placement; importing its transformer
+        # modules (which pull in torch._prims, sympy, ...) is what the conversion really pays.
+        from megatron.core.transformer import transformer_block, transformer_layer  # noqa: F401
+
         from megatron_patch.checkpointing.megatron_format import stage_config  # noqa: F401
         from toolkits.checkpoint import convert  # noqa: F401
     else:

@@ -1,14 +1,17 @@
 """Read HF safetensors checkpoints lazily, and fill a megatron-core model rank from them.
 
-Only the tensors a rank needs are read (``safe_open`` memory-maps each shard and materializes one
-tensor at a time), so a rank of a large model never holds more than its own weights plus one tensor.
+Only the tensors a rank needs are read, with plain positional reads (``os.preadv``) straight into the
+destination tensor at the offsets of the shard's header. Not memory-mapped on purpose: the pages of a
+mapping count as the reader's resident memory until unmapped, while ``read_rows`` can fetch just the
+rows one TP rank needs (e.g. its slice of the vocab) with no other copy.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Optional
+import struct
+from typing import Optional
 
 import torch
 from safetensors import safe_open
@@ -20,6 +23,9 @@ from megatron_patch.models.family import ModelArgs
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 class CheckpointError(ValueError):
@@ -45,9 +51,11 @@ class HFReader:
         for shard in sorted(set(self.where.values())):
             if not os.path.isfile(os.path.join(model_dir, shard)):
                 raise CheckpointError(f"the index names shard {shard}, which is missing from {model_dir}")
-        self._handles: dict[str, object] = {}
+        self._headers: dict[str, dict] = {}  # shard -> name -> (dtype, shape, absolute data offset)
+        self._fds: dict[str, int] = {}
 
     def _open(self, shard: str):
+        """Validate a shard with ``safe_open`` (header against the file size, i.e. truncation)."""
         path = os.path.join(self.dir, shard)
         try:
             return safe_open(path, framework="pt")
@@ -60,32 +68,97 @@ class HFReader:
     def has(self, name: str) -> bool:
         return name in self.where
 
-    def _handle(self, name: str):
+    def _entry(self, name: str) -> tuple[int, torch.dtype, tuple[int, ...], int, str]:
+        """(fd, dtype, shape, absolute data offset, shard) of tensor ``name``."""
         if name not in self.where:
             raise CheckpointError(f"tensor {name} is missing from the checkpoint in {self.dir}")
         shard = self.where[name]
-        if shard not in self._handles:
-            self._handles[shard] = self._open(shard)
-        return self._handles[shard]
+        if shard not in self._fds:
+            path = os.path.join(self.dir, shard)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                self._headers[shard] = _read_header(fd, path)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fds[shard] = fd
+        header = self._headers[shard]
+        if name not in header:
+            raise CheckpointError(f"tensor {name} is missing from shard {shard} in {self.dir}")
+        return (self._fds[shard], *header[name], shard)
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape of a tensor from the shard header, without reading its data."""
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        return self._entry(name)[2]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entry(name)[1]
 
     def release(self) -> None:
-        """Close the open shards: their memory-mapped pages then stop counting as this process's memory."""
-        self._handles.clear()
+        """Close the open shards (nothing is mapped, so this frees no memory; it only releases the fds)."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self.where:
-            raise CheckpointError(f"tensor {name} is missing from the checkpoint in {self.dir}")
-        shard = self.where[name]
-        if shard not in self._handles:
-            self._handles[shard] = self._open(shard)
-        try:
-            return self._handles[shard].get_tensor(name)
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor {name} from {shard} (truncated shard?): {e}") from None
+        shape = self.shape(name)
+        return self.read_rows(name, 0, shape[0]) if shape else self._read_scalar(name)
+
+    def _read_scalar(self, name: str) -> torch.Tensor:
+        fd, dtype, shape, offset, shard = self._entry(name)
+        out = torch.empty((), dtype=dtype)
+        _pread_into(fd, out.reshape(1), offset, name, shard)
+        return out
+
+    def read_rows(self, name: str, start: int, stop: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rows ``[start, stop)`` (dim 0) of tensor ``name``, read into ``out`` (contiguous) when given."""
+        fd, dtype, shape, offset, shard = self._entry(name)
+        if not 0 <= start <= stop <= shape[0]:
+            raise CheckpointError(f"rows [{start}, {stop}) out of range for tensor {name} of shape {shape}")
+        rows = (stop - start, *shape[1:])
+        row_bytes = torch.Size(shape[1:]).numel() * dtype.itemsize
+        if out is None:
+            out = torch.empty(rows, dtype=dtype)
+        check_shape(name, out, rows)
+        target = out if out.dtype == dtype and out.is_contiguous() else torch.empty(rows, dtype=dtype)
+        _pread_into(fd, target, offset + start * row_bytes, name, shard)
+        if target is not out:
+            out.copy_(target)
+        return out
+
+
+def _read_header(fd: int, path: str) -> dict:
+    size = os.fstat(fd).st_size
+    raw = os.pread(fd, 8, 0)
+    n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+    if n < 0 or 8 + n > size:
+        raise CheckpointError(f"cannot read safetensors shard {path}: header is truncated")
+    try:
+        header = json.loads(os.pread(fd, n, 8))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read safetensors shard {path}: bad header ({e})") from None
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape, (begin, end) = ST_DTYPES.get(meta["dtype"]), tuple(meta["shape"]), meta["data_offsets"]
+        if dtype is None:
+            raise CheckpointError(f"tensor {name} in {path} has unsupported dtype {meta['dtype']}")
+        if end - begin != torch.Size(shape).numel() * dtype.itemsize or 8 + n + end > size:
+            raise CheckpointError(f"cannot read tensor {name} from {path}: data out of bounds (truncated shard?)")
+        out[name] = (dtype, shape, 8 + n + begin)
+    return out
+
+
+def _pread_into(fd: int, t: torch.Tensor, offset: int, name: str, shard: str) -> None:
+    # A uint8 view shares the tensor's memory: the file's bytes land in place, with no staging copy.
+    view = memoryview(t.view(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise CheckpointError(f"cannot read tensor {name} from {shard} (truncated shard?)")
+        done += n
 
 
 def read_row(reader: HFReader, w: W.Weight, layer: Optional[int], args: ModelArgs) -> list[torch.Tensor]:

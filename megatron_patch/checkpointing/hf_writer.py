@@ -4,10 +4,13 @@ The names, shapes and dtypes of every tensor are known before any data exists (t
 config and the weight table), so each shard's header is written first with fixed offsets. Tensors are then
 written at their offsets with ``os.pwrite`` in whatever order they are produced (several threads may
 write at once) and freed right after: the writer never holds more than the tensor it is given.
+``write_rows`` writes a block of rows (dim 0) of a tensor, so a tensor can be assembled from the TP
+shards that hold its rows without ever being whole in memory.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import struct
@@ -19,6 +22,12 @@ import torch
 from megatron_patch.checkpointing.hf import INDEX
 from megatron_patch.checkpointing.transforms import check_shape
 
+try:
+    _MADVISE = ctypes.CDLL(None, use_errno=True).madvise
+    _MADVISE.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+except (OSError, AttributeError):
+    _MADVISE = None
+_PAGE, _MADV_DONTNEED = os.sysconf("SC_PAGE_SIZE"), 4
 MAX_SHARD_BYTES = 5 * 1000**3  # transformers' default max_shard_size ("5GB")
 
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
@@ -53,6 +62,7 @@ class HFShardWriter:
         self.slots: dict[str, _Slot] = {}
         self._fds: dict[str, int] = {}
         self._written: set[str] = set()
+        self._rows: dict[str, int] = {}  # rows written so far of tensors written in blocks
         self._lock = threading.Lock()
         self.total_bytes = 0
         for i, group in enumerate(groups):
@@ -74,20 +84,54 @@ class HFShardWriter:
                 self.total_bytes += nbytes
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        slot = self._slot(name, tensor)
+        check_shape(name, tensor, slot.shape)
+        self._pwrite(slot, tensor, 0)
+        with self._lock:
+            self._written.add(name)
+
+    def write_rows(self, name: str, start: int, tensor: torch.Tensor) -> None:
+        """Write ``tensor`` as rows ``[start, start + len(tensor))`` of ``name``; each row exactly once."""
+        slot = self._slot(name, tensor)
+        rows = tensor.shape[0] if tensor.dim() else 0
+        if tuple(tensor.shape[1:]) != slot.shape[1:] or not 0 <= start <= start + rows <= slot.shape[0]:
+            raise ValueError(f"rows [{start}, {start + rows}) of shape {tuple(tensor.shape)} do not fit tensor "
+                             f"{name} of shape {slot.shape}")
+        self._pwrite(slot, tensor, start * (slot.nbytes // max(slot.shape[0], 1)))
+        with self._lock:
+            self._rows[name] = self._rows.get(name, 0) + rows
+            if self._rows[name] == slot.shape[0]:
+                self._written.add(name)
+
+    def write_mapped_rows(self, name: str, start: int, rows: torch.Tensor, chunk_bytes: int = 16 << 20) -> None:
+        """``write_rows`` for rows that live in a private file mapping only ever read (``torch.load(mmap=True)``):
+        written in chunks, each chunk's pages dropped after writing (touched pages of a mapping count as
+        resident memory until unmapped). Dropped pages are read from the file again if touched later."""
+        step = max(1, chunk_bytes // max(1, rows[:1].nbytes))
+        for a in range(0, rows.shape[0], step):
+            chunk = rows[a:a + step]
+            self.write_rows(name, start + a, chunk)
+            if _MADVISE is not None and chunk.is_contiguous():
+                lo = -(-chunk.data_ptr() // _PAGE) * _PAGE  # only pages wholly inside the chunk
+                hi = (chunk.data_ptr() + chunk.nbytes) // _PAGE * _PAGE
+                if hi > lo:
+                    _MADVISE(lo, hi - lo, _MADV_DONTNEED)
+
+    def _slot(self, name: str, tensor: torch.Tensor) -> _Slot:
         slot = self.slots.get(name)
         if slot is None:
             raise KeyError(f"tensor {name} is not in the output plan")
-        check_shape(name, tensor, slot.shape)
         if tensor.dtype != slot.dtype:
             raise TypeError(f"tensor {name} is {tensor.dtype}, planned {slot.dtype}")
+        return slot
+
+    def _pwrite(self, slot: _Slot, tensor: torch.Tensor, at: int) -> None:
         t = tensor.detach().cpu().contiguous()
         # A uint8 view shares the memory: no copy on the way to the file.
         view = memoryview(t.view(-1).view(torch.uint8).numpy())
         fd, done = self._fds[slot.shard], 0
-        while done < slot.nbytes:
-            done += os.pwrite(fd, view[done:], slot.offset + done)
-        with self._lock:
-            self._written.add(name)
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], slot.offset + at + done)
 
     def finish(self) -> None:
         missing = [n for n in self.slots if n not in self._written]

@@ -29,7 +29,7 @@ import os
 import pickle
 import sys
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 
@@ -261,18 +261,31 @@ class TorchSource:
     def stage_of(self, w: W.Weight, layer: Optional[int]) -> int:
         return self.locate(w, layer)[0]
 
+    def _tensor(self, t: int, p: int, chunk: str, key: str) -> torch.Tensor:
+        state = self._rank(t, p)[chunk]
+        if key not in state or not isinstance(state[key], torch.Tensor):
+            raise layout.LayoutError(f"rank file tp={t} pp={p} of {self.iter_dir} has no tensor {key}")
+        return state[key]
+
     def parts(self, w: W.Weight, layer: Optional[int]) -> list[torch.Tensor]:
         p, chunk, key = self.locate(w, layer)
-        shards = []
-        for t in range(self.tp):
-            state = self._rank(t, p)[chunk]
-            if key not in state or not isinstance(state[key], torch.Tensor):
-                raise layout.LayoutError(f"rank file tp={t} pp={p} of {self.iter_dir} has no tensor {key}")
-            shards.append(state[key])
-        parts = placement.merge(shards, W.num_parts(w), w.tp_dim)
+        parts = placement.merge([self._tensor(t, p, chunk, key) for t in range(self.tp)], W.num_parts(w), w.tp_dim)
         if w.vocab:
             parts = [strip_vocab(x, self.args.vocab_size) for x in parts]
         return parts
+
+    def rank_shards(self, w: W.Weight, layer: Optional[int]) -> Iterator[tuple[int, torch.Tensor]]:
+        """(source TP rank, its memory-mapped shard of a row), one rank at a time, vocab padding kept.
+
+        Each rank file is unmapped before the next one is opened (once the caller drops the shard), so a
+        row is never resident whole: the caller writes each shard's rows where they belong.
+        """
+        p, chunk, key = self.locate(w, layer)
+        for t in range(self.tp):
+            x = self._tensor(t, p, chunk, key)
+            yield t, x
+            del x
+            self._cache.pop((t, p), None)
 
 
 # ----------------------------------------------------------------------------- loading into a model

@@ -3,14 +3,18 @@
 Each is a streaming transform over the one weight table: a source yields the global megatron parts of
 one table row (``HFSource`` from safetensors, ``TorchSource`` from any torch-format checkpoint), and a
 sink places them (``write_torch``: shard per TP rank into streamed rank files; ``write_hf``: HF tensors
-at precomputed offsets of safetensors shards). About one table row is resident at a time per worker thread; the
-read side unmaps what it touched after each row. torch_dist goes through megatron-core's
+at precomputed offsets of safetensors shards). Resident memory per worker thread stays at about one TP
+shard of one row: column-parallel rows (vocab, gated MLP) are read one TP rank's rows at a time
+(``HFSource.rank_shard``) or written one source shard's rows at a time (``TorchSource.rank_shards``), the
+rest is sharded one TP rank at a time, and freed memory is handed back to the OS after every row (the
+glibc heap would otherwise keep the freed row buffers as resident memory). torch_dist goes through megatron-core's
 dist_checkpointing in a helper process (``dist.py``). Output is built in a temporary sibling of the
 destination and renamed into place only when complete.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -70,6 +74,24 @@ def copy_metadata(src_dir: str, dst_dir: str) -> None:
             shutil.copy2(os.path.join(src_dir, name), os.path.join(dst_dir, name))
 
 
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS. glibc raises its mmap threshold after large frees, so the
+    row-sized buffers freed here would otherwise stay resident in its arenas (fragmented, per thread)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+try:
+    _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+except (OSError, AttributeError):  # not glibc
+    _MALLOC_TRIM = None
+
+
+def _row_sliced(w: W.Weight) -> bool:
+    """Rows whose TP shard is a block of rows of each HF tensor (column-parallel, no per-group fusing)."""
+    return w.tp_dim == 0 and w.kind != W.QKV
+
+
 class HFSource:
     """Global megatron parts of table rows, read lazily from a HF safetensors directory."""
 
@@ -86,6 +108,28 @@ class HFSource:
         from megatron_patch.checkpointing.hf import read_row
 
         return W.to_mcore_parts(w, read_row(self.reader, w, layer, self.args), self.args)
+
+    def rank_shard(self, w: W.Weight, layer: Optional[int], tp: int, rank: int,
+                   padded_vocab: int) -> Optional[torch.Tensor]:
+        """TP rank ``rank``'s shard of a ``_row_sliced`` row, reading only its rows (vocab padding zeroed in
+        place); equal to ``placement.shard`` of the padded parts. None where the rows do not divide by TP."""
+        names, shapes = W.hf_names(w, layer), W.expected_hf_shapes(w, self.args)
+        for n, shape in zip(names, shapes):
+            if self.reader.shape(n) != tuple(shape):
+                raise CheckpointError(f"tensor {n} has shape {self.reader.shape(n)}, expected {tuple(shape)}")
+        rows = [padded_vocab if w.vocab else shape[0] for shape in shapes]
+        if any(r % tp for r in rows):
+            return None
+        out = torch.empty((sum(r // tp for r in rows), *shapes[0][1:]), dtype=self.reader.dtype(names[0]))
+        at = 0
+        for n, shape, r in zip(names, shapes, rows):
+            start, size = rank * (r // tp), r // tp
+            real = max(0, min(start + size, shape[0]) - start)  # rows past the real vocab are padding
+            if real:
+                self.reader.read_rows(n, start, start + real, out[at:at + real])
+            out[at + real:at + size].zero_()
+            at += size
+        return out
 
 
 def preflight_hf(reader: HFReader, args: ModelArgs) -> int:
@@ -124,20 +168,34 @@ def write_torch(src, out_root: str, args: ModelArgs, ns, tp: int, pp: int, dtype
         s = src.fork()
         writers = [RankFileWriter(layout.rank_file(out_root, "release", t, p, pp)) for t in range(tp)]
         for key, w, layer in rank_entries(args, config, p, None, te, p == 0, p == pp - 1):
-            s.release()  # unmap the previous row's reads: resident memory stays at about one row
-            parts = [x.to(dtype) for x in s.parts(w, layer)]
-            if w.vocab:
-                parts = [pad_vocab(x, padded_vocab) for x in parts]
-            for t in range(tp):
-                writers[t].add(key, placement.shard(parts, tp, t, w.tp_dim))
+            s.release()
+            done = _row_sliced(w) and isinstance(s, HFSource)
+            if done:  # one TP rank's rows at a time: the whole row is never resident
+                for t in range(tp):
+                    x = s.rank_shard(w, layer, tp, t, padded_vocab)
+                    if x is None:
+                        done = False
+                        break
+                    writers[t].add(key, x.to(dtype))
+                    numel = x.numel()
+                    del x
+                    if progress:
+                        progress(numel)
+            if not done:
+                parts = [x.to(dtype) for x in s.parts(w, layer)]
+                if w.vocab:
+                    parts = [pad_vocab(x, padded_vocab) for x in parts]
+                for t in range(tp):
+                    writers[t].add(key, placement.shard(parts, tp, t, w.tp_dim))
+                if progress:
+                    progress(sum(x.numel() for x in parts))
+                del parts
             if te and layer is not None and key.endswith("linear_fc2.weight"):
                 prefix = key[: -len("mlp.linear_fc2.weight")]
                 for mod in TE_EXTRA_STATE:
                     for wr in writers:
                         wr.add(f"{prefix}{mod}._extra_state", None)
-            if progress:
-                progress(sum(x.numel() for x in parts))
-            del parts
+            _trim_heap()
         s.release()
         for wr in writers:
             wr.close(**entries)
@@ -163,12 +221,28 @@ def write_hf(src: TorchSource, out_dir: str, args: ModelArgs, dtype: torch.dtype
         s = src.fork()
         for w, layer in rows:
             s.release()
-            hf = W.to_hf(w, s.parts(w, layer), args)
-            for name, t in zip(W.hf_names(w, layer), hf):
-                writer.write(name, t.to(dtype))
-                if progress:
-                    progress(t.numel())
-            del hf
+            names = W.hf_names(w, layer)
+            if _row_sliced(w):  # each source shard's rows go straight to their place in the HF tensors
+                for t, shard in s.rank_shards(w, layer):
+                    for name, piece in zip(names, torch.chunk(shard, W.num_parts(w), dim=0)):
+                        start = t * piece.shape[0]
+                        if w.vocab:  # drop the megatron vocab padding
+                            piece = piece[:max(0, min(piece.shape[0], args.vocab_size - start))]
+                        if piece.dtype == dtype:  # still the mapped view of the rank file
+                            writer.write_mapped_rows(name, start, piece)
+                        else:
+                            writer.write_rows(name, start, piece.to(dtype))
+                        if progress:
+                            progress(piece.numel())
+                    del shard, piece
+            else:
+                hf = W.to_hf(w, s.parts(w, layer), args)
+                for name, t in zip(names, hf):
+                    writer.write(name, t.to(dtype))
+                    if progress:
+                        progress(t.numel())
+                del hf
+            _trim_heap()
         s.release()
 
     try:
