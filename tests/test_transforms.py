@@ -75,6 +75,49 @@ def test_stage_layers_partition_all_layers(pp, vpp, first, last):
         assert len(placement.stage_layers(cfg, 0)) == first
 
 
+def test_stage_layers_equal_megatron_core_over_a_grid():
+    """The pure placement equals megatron-core's get_transformer_layer_offset / get_num_layers_to_build."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    checked = 0
+    for layers in (4, 6, 8, 12):
+        args = args_from_hf(hf_config("llama3.1", num_hidden_layers=layers).to_dict())
+        for pp in (1, 2, 3, 4):
+            for vpp in (None, 2, 3):
+                for first in (None, 1, 2, 3):
+                    for last in (None, 1, 2):
+                        try:
+                            cfg = transformer_config(args, pp=pp, vpp=vpp, first_stage_layers=first,
+                                                     last_stage_layers=last)
+                        except ValueError:
+                            continue  # a layout check_parallel_layout refuses
+                        layout = placement.PipelineLayout(layers, pp, vpp, first, last)
+                        for r in range(pp):
+                            for v in ([None] if vpp is None else range(vpp)):
+                                ours = placement.stage_layers(layout, r, v)
+                                off = get_transformer_layer_offset(cfg, vp_stage=v, pp_rank=r)
+                                n = get_num_layers_to_build(cfg, vp_stage=v, pp_rank=r)
+                                assert ours == range(off, off + n), (layers, pp, vpp, first, last, r, v)
+                                checked += 1
+    assert checked > 200
+
+
+def test_converter_placement_does_not_import_megatron():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from megatron_patch.checkpointing.megatron_format import stage_config\n"
+            "from megatron_patch.models.family import args_from_hf\n"
+            "from megatron_patch.testing.tiny_models import hf_config\n"
+            "a = args_from_hf(hf_config('qwen3').to_dict())\n"
+            "print(list(__import__('megatron_patch.checkpointing.placement', fromlist=['x'])"
+            ".stage_layers(stage_config(a, 2, 2), 1)), 'megatron.core' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["[2,", "3]", "False"]
+
+
 @pytest.mark.parametrize("name", ["llama3.1", "llama3.2", "qwen2.5", "qwen3"])
 def test_weight_table_round_trip_per_row(name):
     """to_mcore_parts then to_hf returns the HF tensors bit for bit, for every active row."""

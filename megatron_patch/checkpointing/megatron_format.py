@@ -192,15 +192,17 @@ def open_checkpoint(ckpt_dir: str) -> CheckpointInfo:
 
 
 def stage_config(args: ModelArgs, tp: int, pp: int, ns: Optional[argparse.Namespace] = None,
-                 first: Optional[int] = None, last: Optional[int] = None, vpp: Optional[int] = None):
-    """A ``TransformerConfig`` used only for layer placement (no process group needed)."""
-    from megatron_patch.models.builder import transformer_config
+                 first: Optional[int] = None, last: Optional[int] = None,
+                 vpp: Optional[int] = None) -> placement.PipelineLayout:
+    """The checked pipeline layout used for layer placement (no process group, no megatron-core import)."""
+    from megatron_patch.models.builder import check_parallel_layout
 
     if ns is not None:
         first = getattr(ns, "decoder_first_pipeline_num_layers", None)
         last = getattr(ns, "decoder_last_pipeline_num_layers", None)
         vpp = getattr(ns, "virtual_pipeline_model_parallel_size", None)
-    return transformer_config(args, tp=tp, pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last)
+    check_parallel_layout(args, tp, pp, vpp, first, last)
+    return placement.PipelineLayout(args.num_layers, pp, vpp, first, last)
 
 
 # ----------------------------------------------------------------------------- reading torch format

@@ -1,24 +1,54 @@
 """Which TP/PP rank holds which slice: the one module that knows about rank placement.
 
-Layer assignment uses megatron-core's own functions (``get_transformer_layer_offset``,
-``get_num_layers_to_build``) on a ``TransformerConfig``, so uneven first/last stages and virtual
-pipeline chunks follow megatron's semantics exactly, without a running process group.
+Layer assignment follows megatron-core's ``get_transformer_layer_offset`` / ``get_num_layers_to_build``
+(even splits, virtual pipeline chunks, Megatron-LM's uneven first/last stages). It is computed here in
+plain Python so the converter never has to import megatron-core (~0.2 GB and ~10 s); the tests check it
+against megatron-core's own functions over a grid of layouts.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 
-def stage_layers(config, pp_rank: int, vp_stage: Optional[int] = None) -> range:
-    """Global indices of the decoder layers held by pipeline rank ``pp_rank`` (virtual chunk ``vp_stage``)."""
-    from megatron.core.transformer.transformer_block import get_num_layers_to_build
-    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+@dataclass(frozen=True)
+class PipelineLayout:
+    """The pipeline split of a model. Field names match ``TransformerConfig``, which works here too."""
 
-    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return range(offset, offset + get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank))
+    num_layers: int
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    num_layers_in_first_pipeline_stage: Optional[int] = None
+    num_layers_in_last_pipeline_stage: Optional[int] = None
+
+
+def stage_layers(layout, pp_rank: int, vp_stage: Optional[int] = None) -> range:
+    """Global indices of the decoder layers held by pipeline rank ``pp_rank`` (virtual chunk ``vp_stage``).
+
+    ``layout`` is a ``PipelineLayout`` or a megatron ``TransformerConfig``.
+    """
+    layers, pp = layout.num_layers, layout.pipeline_model_parallel_size
+    vpp = layout.virtual_pipeline_model_parallel_size or 1
+    first, last = layout.num_layers_in_first_pipeline_stage, layout.num_layers_in_last_pipeline_stage
+    if first is None and last is None:
+        # Virtual chunk v of every stage comes after chunk v-1 of all stages (interleaved schedule).
+        per_chunk = layers // (pp * vpp)
+        offset = (vp_stage or 0) * (layers // vpp) + pp_rank * per_chunk
+        return range(offset, offset + per_chunk)
+    if vpp > 1:
+        raise ValueError("uneven pipeline splits with virtual pipeline stages are not supported")
+    middle_stages = pp - (first is not None) - (last is not None)
+    middle = (layers - (first or 0) - (last or 0)) // middle_stages if middle_stages else 0
+    sizes = [middle] * pp
+    if first is not None:
+        sizes[0] = first
+    if last is not None:
+        sizes[-1] = last
+    offset = sum(sizes[:pp_rank])
+    return range(offset, offset + sizes[pp_rank])
 
 
 def shard(parts: list[torch.Tensor], tp: int, rank: int, dim: Optional[int]) -> torch.Tensor:

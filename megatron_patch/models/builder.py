@@ -215,6 +215,8 @@ def check_parallel_layout(
         raise ValueError(f"ffn_hidden_size {args.ffn_hidden_size} is not divisible by tensor parallel size {tp}")
     if pp > layers:
         raise ValueError(f"pipeline parallel size {pp} is larger than num_layers {layers}")
+    if vpp and pp == 1:
+        raise ValueError("virtual pipeline stages need pipeline parallel size > 1")
     if first_stage_layers is None and last_stage_layers is None:
         per = pp * (vpp or 1)
         if layers % per:
