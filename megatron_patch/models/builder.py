@@ -176,7 +176,38 @@ def build_model(
         vp_stage=vp_stage,
     )
     install_rope_frequencies(model, args)
+    if post_process:
+        mask_vocab_padding(model, args.vocab_size)
     return model
+
+
+def mask_vocab_padding(model, vocab_size: int) -> None:
+    """Keep the padded vocab entries out of the softmax, so the loss is the HF model's loss.
+
+    megatron pads the output layer to a multiple of ``make_vocab_size_divisible_by * TP``. The padded
+    rows (zeros from a converted checkpoint) would give logit 0 and take part in the cross entropy as
+    extra classes: a loss above HF's (0.4% on a 250-token vocab) and gradients into rows no token uses.
+    A forward hook sets this TP rank's padded logit columns to the dtype's lowest value instead.
+    """
+    from megatron.core import parallel_state as ps
+
+    padded = model.vocab_size
+    if padded == vocab_size:
+        return
+    local = padded // ps.get_tensor_model_parallel_world_size()
+    start = ps.get_tensor_model_parallel_rank() * local
+    first_pad = max(0, min(local, vocab_size - start))  # local columns >= first_pad are padding
+    if first_pad == local:
+        return
+
+    def hook(module, inputs, output):
+        logits, bias = output
+        # [s, b, local vocab]. In place (autograd records it; the padded columns get zero gradient), so a
+        # large vocab's logits are not copied.
+        logits[..., first_pad:] = torch.finfo(logits.dtype).min
+        return logits, bias
+
+    model.output_layer.register_forward_hook(hook)
 
 
 def install_rope_frequencies(model, args: ModelArgs) -> None:
