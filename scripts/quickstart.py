@@ -73,10 +73,10 @@ def plot(curve: list[tuple[int, float]], resumed_from: int, out: str) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "quickstart"), help="where everything goes")
-    p.add_argument("--iters", type=int, default=60, help="training iterations before the save")
+    p.add_argument("--iters", type=int, default=150, help="training iterations before the save")
     p.add_argument("--resume-iters", type=int, default=5, help="iterations after resuming")
     p.add_argument("--seq-length", type=int, default=128, help="tokens per sample")
-    p.add_argument("--global-batch-size", type=int, default=16, help="samples per step")
+    p.add_argument("--global-batch-size", type=int, default=8, help="samples per step")
     p.add_argument("--corpus-chars", type=int, default=800_000, help="characters of text to assemble")
     a = p.parse_args()
 
@@ -159,8 +159,11 @@ def main() -> int:
     htok = AutoTokenizer.from_pretrained(out_hf)
     prompt = "The function returns"
     ids = htok(prompt, return_tensors="pt").input_ids
+    # Sampled (top-k, seeded): a model this small repeats itself under greedy decoding.
+    torch.manual_seed(0)
     with torch.no_grad():
-        gen = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=htok.eos_token_id)
+        gen = model.generate(ids, max_new_tokens=24, do_sample=True, top_k=40, temperature=0.8,
+                             pad_token_id=htok.eos_token_id)
     sample = htok.decode(gen[0], skip_special_tokens=True)
 
     curve = losses(metrics)
