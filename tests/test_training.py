@@ -172,10 +172,14 @@ def test_bad_arguments_fail_before_any_process_work(extra, message):
 
 def test_cli_reports_one_line_errors(tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
+    not_a_checkpoint = tmp_path / "not_a_checkpoint"
+    not_a_checkpoint.mkdir()
+    (not_a_checkpoint / "notes.txt").write_text("x")
     cases = [
         (["--mock-data", "--train-iters", "1"], "give --model-config"),
         (["--model-config", str(tmp_path / "none.json"), "--mock-data", "--train-iters", "1"], "does not exist"),
-        (["--load", str(tmp_path), "--mock-data", "--train-iters", "1"], "latest_checkpointed_iteration.txt"),
+        (["--load", str(not_a_checkpoint), "--mock-data", "--train-iters", "1"], "latest_checkpointed_iteration.txt"),
+        (["--load", str(tmp_path / "missing"), "--mock-data", "--train-iters", "1"], "does not exist"),
     ]
     for argv, message in cases:
         r = subprocess.run([sys.executable, "-m", "megatron_patch.pretrain"] + argv, cwd=ROOT, env=env,

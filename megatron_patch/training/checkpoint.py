@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_patch.checkpointing import layout
-from megatron_patch.checkpointing.megatron_args import from_namespace, to_namespace
+from megatron_patch.checkpointing.megatron_args import to_namespace
+from megatron_patch.checkpointing.megatron_format import open_checkpoint
 from megatron_patch.models.family import ModelArgs
 from megatron_patch.training.loop import TrainState, unwrap
 
@@ -197,21 +198,19 @@ def _save_torch_dist(args, margs, chunks, optimizer, scheduler, state, tmp: str)
 
 # ---------------------------------------------------------------- load
 
+def _load_model_chunks(chunks: list, state: dict) -> None:
+    """Megatron-LM's keys: ``model`` for one chunk, ``model0``, ``model1``, ... with virtual stages."""
+    if len(chunks) == 1:
+        unwrap(chunks[0]).load_state_dict(state["model"], strict=True)
+    else:
+        for i, c in enumerate(chunks):
+            unwrap(c).load_state_dict(state[f"model{i}"], strict=True)
+
+
 def read_args(load_dir: str) -> tuple[ModelArgs, argparse.Namespace, int | str, str]:
     """(model args, stored args, iteration, format) of the checkpoint the tracker of ``load_dir`` names."""
-    iteration = layout.read_tracker(load_dir)
-    iter_dir = os.path.join(load_dir, layout.iteration_dir_name(iteration))
-    if not os.path.isdir(iter_dir):
-        raise layout.LayoutError(f"the tracker names {iter_dir}, which does not exist")
-    fmt = layout.detect_format(iter_dir)
-    if fmt == "torch":
-        tp, pp = layout.torch_layout(iter_dir)
-        ns = layout.load_rank_file(layout.rank_file(load_dir, iteration, 0, 0, pp))["args"]
-    else:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            common = torch.load(os.path.join(iter_dir, "common.pt"), map_location="cpu", weights_only=True)
-        ns = common["args"]
-    return from_namespace(ns), ns, iteration, fmt
+    info = open_checkpoint(load_dir)
+    return info.args, info.ns, info.iteration, info.format
 
 
 def load(args, margs: ModelArgs, chunks: list, optimizer, scheduler) -> TrainState:
@@ -237,11 +236,7 @@ def load(args, margs: ModelArgs, chunks: list, optimizer, scheduler) -> TrainSta
     path = layout.rank_file(args.load, iteration, ps.get_tensor_model_parallel_rank(),
                             ps.get_pipeline_model_parallel_rank(), args.pipeline_model_parallel_size)
     sd = layout.load_rank_file(path)
-    if len(chunks) == 1:
-        unwrap(chunks[0]).load_state_dict(sd["model"], strict=True)
-    else:
-        for i, c in enumerate(chunks):
-            unwrap(c).load_state_dict(sd[f"model{i}"], strict=True)
+    _load_model_chunks(chunks, sd)
     if weights_only:
         return TrainState()
     if not args.no_load_optim:
@@ -309,11 +304,7 @@ def _load_torch_dist(args, margs, chunks, optimizer, scheduler, iteration, weigh
     # common.pt holds the args Namespace; megatron-core loads it with torch's weights_only default.
     with torch.serialization.safe_globals([argparse.Namespace]):
         loaded = dist_checkpointing.load(sd, iter_dir)
-    if len(chunks) == 1:
-        unwrap(chunks[0]).load_state_dict(loaded["model"], strict=True)
-    else:
-        for i, c in enumerate(chunks):
-            unwrap(c).load_state_dict(loaded[f"model{i}"], strict=True)
+    _load_model_chunks(chunks, loaded)
     if weights_only:
         return TrainState()
     if load_optim:
