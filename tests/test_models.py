@@ -1,7 +1,5 @@
 """Config translation, rope frequencies and layout checks: fast, single-process, no process group."""
 
-import json
-
 import pytest
 import torch
 

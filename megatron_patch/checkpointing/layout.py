@@ -16,7 +16,7 @@ import argparse
 import os
 import shutil
 import tempfile
-from typing import Optional, Union
+from typing import Union
 
 import torch
 

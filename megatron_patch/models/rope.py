@@ -12,7 +12,7 @@ Accepts both config shapes: transformers 4.x (``rope_theta`` and ``rope_scaling`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch

@@ -6,8 +6,6 @@ head_dim != hidden/heads, GQA) and shrinks only the sizes.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 VOCAB = 250  # deliberately not a multiple of 128: exercises vocab padding and stripping

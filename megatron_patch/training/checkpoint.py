@@ -21,7 +21,6 @@ import argparse
 import os
 import random
 import shutil
-from typing import Optional
 
 import numpy as np
 import torch
@@ -106,8 +105,6 @@ def _common(args, margs, state, scheduler) -> dict:
 
 def save(args, margs: ModelArgs, chunks: list, optimizer, scheduler, state: TrainState) -> str:
     """Write checkpoint ``state.iteration`` under ``args.save``; returns the iteration folder."""
-    from megatron.core import parallel_state as ps
-
     root = os.path.abspath(args.save)
     final = os.path.join(root, layout.iteration_dir_name(state.iteration))
     tmp = os.path.join(root, "." + layout.iteration_dir_name(state.iteration) + ".tmp")

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterator, Optional
 
-import numpy as np
 import torch
 
 log = logging.getLogger(__name__)

@@ -105,7 +105,6 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_dir: str, wo
                key: str = "text", strict: bool = False, overwrite: bool = False, progress: bool = True) -> Report:
     """Tokenize ``inputs`` into ``output_prefix.bin/.idx``; returns the counts."""
     import numpy as np
-    import torch
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder, get_bin_path, get_idx_path
     from transformers import AutoTokenizer
 
