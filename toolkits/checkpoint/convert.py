@@ -301,24 +301,36 @@ def hf2mcore(load_dir: str, save_dir: str, tp: int = 1, pp: int = 1, ckpt_format
     check_parallel_layout(args, tp, pp, None, first_stage_layers, last_stage_layers)
     reader = HFReader(load_dir)
     preflight_hf(reader, args)
-    padded = args.padded_vocab_size(make_vocab_size_divisible_by, tp)
-    ns = to_namespace(args, tp, pp, DTYPE_NAMES[dtype], impl, make_vocab_size_divisible_by,
-                      first_stage_layers, last_stage_layers, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
+    body = _megatron_body(load_dir, "hf", lambda tmp: HFSource(reader, args), ckpt_format, args, dtype, impl,
+                          make_vocab_size_divisible_by, tp, pp, first_stage_layers, last_stage_layers, workers,
+                          progress)
+    return _with_output(save_dir, overwrite, body)
+
+
+def _megatron_body(load_dir: str, source_kind: str, make_source: Callable, ckpt_format: str, args: ModelArgs,
+                   dtype: torch.dtype, impl: str, divisible: int, tp: int, pp: int, first: Optional[int],
+                   last: Optional[int], workers: Optional[int], progress: Progress) -> Callable[[str], None]:
+    """What hf2mcore and mcore2mcore write into the temporary output: metadata, then the weights as
+    streamed torch rank files (from ``make_source(tmp)``) or through megatron-core's torch_dist."""
+    if ckpt_format not in ("torch", "torch_dist"):
+        raise ConversionError(f"unknown --ckpt-format {ckpt_format!r}; use torch or torch_dist")
+    padded = args.padded_vocab_size(divisible, tp)
+    ns = to_namespace(args, tp, pp, DTYPE_NAMES[dtype], impl, divisible, first, last,
+                      bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
 
     def body(tmp: str) -> None:
         copy_metadata(load_dir, tmp)
         if ckpt_format == "torch":
-            write_torch(HFSource(reader, args), tmp, args, ns, tp, pp, dtype, impl == "transformer_engine", padded,
-                        first_stage_layers, last_stage_layers, workers or default_workers(), progress)
-        elif ckpt_format == "torch_dist":
+            write_torch(make_source(tmp), tmp, args, ns, tp, pp, dtype, impl == "transformer_engine", padded,
+                        first, last, workers or default_workers(), progress)
+            shutil.rmtree(os.path.join(tmp, ".unpacked"), ignore_errors=True)
+        else:
             from toolkits.checkpoint import dist
 
-            dist.save_from(load_dir, "hf", os.path.join(tmp, "release"), args, ns, dtype, padded)
+            dist.save_from(load_dir, source_kind, os.path.join(tmp, "release"), args, ns, dtype, padded)
             layout.write_tracker(tmp, "release")
-        else:
-            raise ConversionError(f"unknown --ckpt-format {ckpt_format!r}; use torch or torch_dist")
 
-    return _with_output(save_dir, overwrite, body)
+    return body
 
 
 def _torch_source(info, tmp: str) -> TorchSource:
@@ -367,25 +379,8 @@ def mcore2mcore(load_dir: str, save_dir: str, tp: int = 1, pp: int = 1, ckpt_for
     impl = transformer_impl or getattr(old, "transformer_impl", None) or resolve_transformer_impl("auto")
     divisible = make_vocab_size_divisible_by or getattr(old, "make_vocab_size_divisible_by", 128)
     check_parallel_layout(args, tp, pp, None, first_stage_layers, last_stage_layers)
-    padded = args.padded_vocab_size(divisible, tp)
-    ns = to_namespace(args, tp, pp, DTYPE_NAMES[dtype], impl, divisible, first_stage_layers, last_stage_layers,
-                      bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
-
-    def body(tmp: str) -> None:
-        copy_metadata(load_dir, tmp)
-        if ckpt_format == "torch":
-            src = _torch_source(info, tmp)
-            write_torch(src, tmp, args, ns, tp, pp, dtype, impl == "transformer_engine", padded,
-                        first_stage_layers, last_stage_layers, workers or default_workers(), progress)
-            shutil.rmtree(os.path.join(tmp, ".unpacked"), ignore_errors=True)
-        elif ckpt_format == "torch_dist":
-            from toolkits.checkpoint import dist
-
-            dist.save_from(load_dir, "megatron", os.path.join(tmp, "release"), args, ns, dtype, padded)
-            layout.write_tracker(tmp, "release")
-        else:
-            raise ConversionError(f"unknown --ckpt-format {ckpt_format!r}; use torch or torch_dist")
-
+    body = _megatron_body(load_dir, "megatron", lambda tmp: _torch_source(info, tmp), ckpt_format, args, dtype,
+                          impl, divisible, tp, pp, first_stage_layers, last_stage_layers, workers, progress)
     return _with_output(save_dir, overwrite, body)
 
 
