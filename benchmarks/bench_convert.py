@@ -34,29 +34,14 @@ sys.path.insert(0, ROOT)
 
 def synthetic_checkpoint(out: str, layers: int, hidden: int, ffn: int, heads: int, kv_heads: int,
                          vocab: int) -> int:
-    """Write a random bf16 Llama-shaped HF checkpoint; returns its weight bytes."""
-    import torch
-
-    from megatron_patch.checkpointing import weights as W
-    from megatron_patch.checkpointing.hf_writer import HFShardWriter
-    from megatron_patch.models.family import args_from_hf
+    """Write a random bf16 Llama-shaped HF checkpoint in several shards; returns its weight bytes."""
+    from benchmarks import common
 
     cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=hidden, intermediate_size=ffn,
                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
                max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
-               tie_word_embeddings=False, torch_dtype="bfloat16")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    args = args_from_hf(cfg)
-    plan = [(n, s, torch.bfloat16) for w, i in W.iter_rows(args)
-            for n, s in zip(W.hf_names(w, i), W.expected_hf_shapes(w, args))]
-    writer = HFShardWriter(out, plan, max_shard_bytes=2 * 1000**3)  # several shards, as real models have
-    gen = torch.Generator().manual_seed(0)
-    for name, shape, dtype in plan:
-        writer.write(name, (torch.randn(shape, generator=gen) * 0.02).to(dtype))
-    writer.finish()
-    return writer.total_bytes
+               tie_word_embeddings=False)
+    return 2 * common.write_synthetic_hf(out, cfg, max_shard_bytes=2 * 1000**3)  # several shards, as real models
 
 
 def drop_cache(path: str) -> None:
@@ -91,7 +76,6 @@ def child(argv: list[str]) -> None:
         io_floor(src, dst)
     elif step == "baseline":  # what importing the converter costs before any work
         # Placement is pure Python, so a torch-format conversion never imports megatron-core.
-        from megatron_patch.checkpointing.megatron_format import stage_config  # noqa: F401
         from toolkits.checkpoint import convert  # noqa: F401
     else:
         from toolkits.checkpoint import convert

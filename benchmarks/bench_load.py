@@ -6,7 +6,7 @@ torch-format Megatron checkpoint at TP = ``--tp``. Then each of ``--tp`` real ra
 GPU) builds its ``GPTModel`` shard (untimed) and times, in turn:
 
   raw   reading its rank file into a preallocated buffer (plain ``readinto``: the disk-speed floor);
-  load  ``load_megatron_into_model(model, ckpt)``: open, unpickle, re-slice through the weight table,
+  load  ``load_into_model(model, source)``: open, unpickle, re-slice through the weight table,
         copy into the model's parameters (on GPU that includes the host-to-device copy).
 
 Both are timed cold (the checkpoint's pages dropped from the page cache with
@@ -21,7 +21,6 @@ the bytes themselves; 1.0 means loading runs at disk (or page-cache) speed. Medi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -58,33 +57,6 @@ def hf_config(size: str) -> dict:
     return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", rms_norm_eps=1e-5,
                 max_position_embeddings=4096, rope_theta=500000.0, tie_word_embeddings=False, torch_dtype="bfloat16",
                 **SIZES[size])
-
-
-def write_synthetic_hf(out_dir: str, cfg: dict, seed: int = 0) -> int:
-    """Random bf16 weights under HF Llama names (shapes from a meta-device model); returns the parameter count."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from megatron_patch.checkpointing.hf_writer import HFShardWriter
-
-    os.makedirs(out_dir, exist_ok=True)
-    hf_cfg = LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "torch_dtype")})
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(hf_cfg)
-    # state_dict() drops nothing for tied models; named_parameters() lists a tied weight once, as HF saves it.
-    plan = [(n, tuple(p.shape), torch.bfloat16) for n, p in meta.named_parameters()]
-    writer = HFShardWriter(out_dir, plan)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"  # random numbers for 1B+ params: much faster on a GPU
-    g = torch.Generator(device=dev).manual_seed(seed)
-    try:
-        for name, shape, dtype in plan:
-            writer.write(name, (torch.randn(shape, generator=g, device=dev) * 0.02).to(dtype))
-        writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    return sum(torch.Size(s).numel() for _, s, _ in plan)
 
 
 def filesystem(path: str) -> str:
@@ -134,13 +106,15 @@ def _rank_worker(ckpt_dir: str, repeats: int) -> dict:
 
     from megatron_patch import runtime
     from megatron_patch.checkpointing import layout
-    from megatron_patch.checkpointing.megatron_format import load_megatron_into_model, open_checkpoint
-    from megatron_patch.models.builder import DTYPES, build_model, transformer_config
+    from megatron_patch import dtypes
+    from megatron_patch.checkpointing.megatron_format import open_checkpoint
+    from megatron_patch.checkpointing.sources import load_into_model
+    from megatron_patch.models.builder import build_model, transformer_config
 
     info = open_checkpoint(ckpt_dir)
     runtime.initialize(tp=info.tp, pp=info.pp, seed=1)
     tp_rank = ps.get_tensor_model_parallel_rank()
-    dtype = DTYPES[getattr(info.ns, "params_dtype", "bf16")]
+    dtype = dtypes.parse(getattr(info.ns, "params_dtype", "bf16"))
     t0 = time.perf_counter()
     model = build_model(info.args, transformer_config(info.args, tp=info.tp, pp=info.pp, params_dtype=dtype),
                         transformer_impl=getattr(info.ns, "transformer_impl", "local"), rope_impl="torch",
@@ -165,7 +139,7 @@ def _rank_worker(ckpt_dir: str, repeats: int) -> dict:
         assert read_raw(own, buf) == nbytes
 
     def load():
-        load_megatron_into_model(model, ckpt_dir)
+        load_into_model(model, open_checkpoint(ckpt_dir).source())
 
     for _ in range(repeats):
         drop_from_page_cache(every)
@@ -180,21 +154,21 @@ def _rank_worker(ckpt_dir: str, repeats: int) -> dict:
 
 
 def run(size: str, tp: int, repeats: int, workdir: Optional[str], keep: bool) -> dict:
-    from megatron_patch.testing import distributed
+    from megatron_patch.runtime import spawn
     from toolkits.checkpoint.convert import hf2mcore
 
     root = tempfile.mkdtemp(prefix="bench_load.", dir=workdir)
     try:
         hf_dir, ckpt = os.path.join(root, "hf"), os.path.join(root, "mcore")
         t = time.perf_counter()
-        params = write_synthetic_hf(hf_dir, hf_config(size))
+        params = common.write_synthetic_hf(hf_dir, hf_config(size))
         write_s = time.perf_counter() - t
         t = time.perf_counter()
         hf2mcore(hf_dir, ckpt, tp=tp, pp=1, ckpt_format="torch", params_dtype="bf16", transformer_impl="local")
         convert_s = time.perf_counter() - t
         shutil.rmtree(hf_dir)  # only the converted checkpoint should compete for the page cache
         os.sync()  # written pages must be clean before posix_fadvise can drop them
-        ranks = distributed.run(_rank_worker, tp, ckpt, repeats)
+        ranks = spawn.run(_rank_worker, tp, ckpt, repeats)
         return {"size": size, "params": params, "tp": tp, "repeats": repeats, "write_hf_s": write_s,
                 "filesystem": filesystem(ckpt),
                 "convert_s": convert_s, "workdir": root, "ranks": ranks}

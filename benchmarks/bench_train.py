@@ -41,6 +41,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from megatron_patch.models.family import args_from_hf  # noqa: E402
+from megatron_patch.models.flops import flops_per_token, num_params  # noqa: E402
 
 # HF config fields per size; "seq"/"mbs" are the benchmark's batch shape.
 SIZES = {
@@ -65,25 +67,6 @@ def hf_config_dict(size: str, max_pos: int) -> dict:
     fields = {k: v for k, v in SIZES[size].items() if k not in ("seq", "mbs")}
     return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", rms_norm_eps=1e-5,
                 max_position_embeddings=max_pos, attention_bias=False, mlp_bias=False, **fields)
-
-
-def flops_per_token(cfg: dict, seq: int, padded_vocab: int) -> float:
-    """Training FLOPs per token as Megatron-LM's ``num_floating_point_operations`` counts a dense GQA
-    SwiGLU decoder: 3 (fwd + 2x bwd) x 2 (multiply-add) x every matmul, causal attention counted half."""
-    h, layers, ffn = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
-    heads, groups = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    kv = cfg.get("head_dim") or h // heads
-    q_size, kv_size = kv * heads, kv * groups
-    per_layer = h * (q_size + 2 * kv_size) + q_size * h + 3 * ffn * h  # qkv, out proj, gate/up/down
-    core = seq * q_size  # QK^T and AV over a causal mask: 2 matmuls x 1/2
-    return 3 * 2 * (layers * (per_layer + core) + h * padded_vocab)
-
-
-def sum_params(cfg: dict) -> int:
-    h, L, ffn, V = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
-    kv = cfg.get("head_dim") or h // cfg["num_attention_heads"]
-    attn = h * kv * (2 * cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"])
-    return L * (attn + 3 * h * ffn + 2 * h) + h + V * h * (1 if cfg["tie_word_embeddings"] else 2)
 
 
 def peak_tflops(override: Optional[float]) -> Optional[float]:
@@ -268,7 +251,8 @@ def run(size: str, variants: list[str], warmup: int, iters: int, seq: Optional[i
     mbs = mbs or SIZES[size]["mbs"]
     cfg = hf_config_dict(size, max_pos=max(seq, 131072 if size == "1b" else 2048))
     padded = -(-cfg["vocab_size"] // 128) * 128
-    fpt = flops_per_token(cfg, seq, padded)
+    margs = args_from_hf(cfg)
+    fpt = flops_per_token(margs, seq, padded)
     peak = peak_tflops(peak_override)
     runtime.initialize(1, 1, seed=1234)
     batches = make_batches(cfg["vocab_size"], seq, mbs, warmup + iters, seed=7)
@@ -325,7 +309,7 @@ def run(size: str, variants: list[str], warmup: int, iters: int, seq: Optional[i
 
         rope_backend = fused_rope.active()
         runtime.teardown()
-    n_params = sum_params(cfg)
+    n_params = num_params(margs)
     return {"size": size, "seq": seq, "mbs": mbs, "precision": "bf16" if bf16 else "fp32", "config": cfg,
             "params": n_params, "flops_per_token": fpt, "peak_tflops": peak, "warmup": warmup, "iters": iters,
             "schedule": "interleaved" if interleave else "sequential",

@@ -101,3 +101,36 @@ def append_results(name: str, records: Iterable[dict], out_dir: Optional[str] = 
     with open(path, "a") as f:  # one write per run: concurrent runs interleave whole lines only
         f.write("".join(line + "\n" for line in lines))
     return path
+
+
+def write_synthetic_hf(out_dir: str, cfg: dict, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                       max_shard_bytes: Optional[int] = None) -> int:
+    """A random HF checkpoint (config.json + safetensors shards + index) of the architecture ``cfg`` describes,
+    written tensor by tensor without building a model: names and shapes come from the family's weight
+    mappings, so any registered family (MoE included) works. Returns the parameter count."""
+    from megatron_patch.checkpointing.hf_writer import MAX_SHARD_BYTES, HFShardWriter
+    from megatron_patch.checkpointing.mapping import exported, iter_tensors
+    from megatron_patch.models.family import args_from_hf, family_of
+
+    args = args_from_hf(cfg)
+    weights = exported(family_of(args).weights(args))
+    plan = [(name, tuple(shape), dtype) for m, layer, expert in iter_tensors(weights, args)
+            for name, shape in zip(m.hf_names(layer, expert), m.shapes(args))]
+    os.makedirs(out_dir, exist_ok=True)
+    writer = HFShardWriter(out_dir, plan, max_shard_bytes or MAX_SHARD_BYTES)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # random numbers for 1B+ params: much faster on a GPU
+    g = torch.Generator(device=dev).manual_seed(seed)
+    try:
+        for name, shape, _ in plan:
+            if name.endswith("norm.weight"):  # norms near 1, as trained models have them
+                t = 1 + 0.1 * torch.randn(shape, generator=g, device=dev)
+            else:
+                t = torch.randn(shape, generator=g, device=dev) * 0.02
+            writer.write(name, t.to(dtype).cpu())
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(dict(cfg, torch_dtype=str(dtype).removeprefix("torch.")), f, indent=2)
+    return sum(torch.Size(s).numel() for _, s, _ in plan)

@@ -1,5 +1,6 @@
 # Shared by pretrain.sh and sft.sh (sourced, not run): environment -> torchrun + megatron_patch.pretrain flags.
 #
+# Family:      FAMILY=llama3|qwen2.5|qwen3|... applies examples/$FAMILY/defaults.sh (only unset variables)
 # Model:       LOAD (Megatron checkpoint: converted or trained)  or  MODEL_CONFIG (HF config.json, from scratch)
 # Parallelism: TP=1 PP=1 VPP= (layers per virtual stage) SP=0|1 DISTRIBUTED_OPTIMIZER=1
 # Batch:       MBS=1 GBS=8 SEQ_LEN=2048
@@ -14,6 +15,29 @@ set -euo pipefail
 die() { echo "error: $*" >&2; exit 2; }
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python}"
+
+if [ -n "${FAMILY:-}" ]; then
+  defaults="$ROOT/examples/$FAMILY/defaults.sh"
+  [ -f "$defaults" ] || die "FAMILY=$FAMILY has no $defaults (families: $(cd "$ROOT/examples" && ls -d */ | tr -d / | tr '\n' ' '))"
+  # shellcheck source=/dev/null
+  source "$defaults"
+fi
+
+# data_prefixes "$DATA_PATH" sets PREFIXES to the dataset prefixes of "PREFIX [PREFIX ...]" or of weighted
+# pairs "W1 PREFIX1 W2 PREFIX2 ..." (weighted when there is more than one word and the first is a number:
+# the rule of --data-path itself). Not a subshell, so that `die` ends the launcher.
+data_prefixes() {
+  local -a words
+  local i
+  read -r -a words <<< "$1"
+  PREFIXES=()
+  if [ "${#words[@]}" -gt 1 ] && [[ "${words[0]}" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]]; then
+    [ $(( ${#words[@]} % 2 )) -eq 0 ] || die "DATA_PATH with weights needs pairs: W1 PREFIX1 W2 PREFIX2 ..."
+    for (( i = 1; i < ${#words[@]}; i += 2 )); do PREFIXES+=("${words[i]}"); done
+  else
+    PREFIXES=("${words[@]}")
+  fi
+}
 
 [ -n "${LOAD:-}${MODEL_CONFIG:-}" ] || die "set LOAD (a Megatron checkpoint) or MODEL_CONFIG (a HF config.json)"
 [ -z "${LOAD:-}" ] || [ -d "$LOAD" ] || die "LOAD=$LOAD does not exist (convert a HF model first: see the README of your family)"

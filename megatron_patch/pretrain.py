@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 
 
 def model_args_for(args):
+    from megatron_patch.checkpointing.megatron_format import open_checkpoint
     from megatron_patch.models.family import args_from_hf, read_hf_config
-    from megatron_patch.training.checkpoint import read_args
 
     if args.model_config:
         path = args.model_config
@@ -28,7 +28,7 @@ def model_args_for(args):
             with open(path) as f:
                 return args_from_hf(json.load(f))
         return args_from_hf(read_hf_config(d))
-    return read_args(args.load)[0]
+    return open_checkpoint(args.load).args
 
 
 def build_datasets(args, margs):
@@ -66,12 +66,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.load and not os.path.isdir(args.load):
         print(f"error: --load {args.load} does not exist", file=sys.stderr)
         return 2
-    from megatron_patch.checkpointing.layout import LayoutError
-    from megatron_patch.models.family import ModelConfigError
-
     try:
         margs = model_args_for(args)
-    except (ModelConfigError, LayoutError, FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return run(args, margs)
@@ -86,12 +83,14 @@ def run(args, margs, teardown: bool = True) -> int:
     from megatron_patch.training.data import DataError
     from megatron_patch.training.logging import Metrics, MetricsError
 
+    from megatron_patch.training.arguments import ArgumentError, for_model
+
     try:
-        args.vpp = loop.vpp_size(args, margs)
-        config = loop.transformer_config_for(args, margs)
-    except ValueError as e:
+        args = for_model(args, margs)
+    except ArgumentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    config = loop.transformer_config_for(args, margs)
     runtime.initialize(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size, vpp=args.vpp,
                        seed=args.seed)
     try:

@@ -5,7 +5,10 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-FAMILIES = ("llama3.1", "llama3.2", "qwen2.5", "qwen3")
+from megatron_patch.testing.tiny_models import CONFIGS  # noqa: E402
+
+# Every tiny config (one per family variant worth testing): parity and conversion run over all of them.
+FAMILIES = tuple(CONFIGS)
 
 
 @pytest.fixture(scope="session")

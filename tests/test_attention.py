@@ -13,8 +13,9 @@ One single-process launch (real gloo group, TP=1) runs every check; fp32, tolera
 import pytest
 import torch
 
-from megatron_patch.testing import distributed
-from megatron_patch.testing.tiny_models import VOCAB, hf_logits
+from megatron_patch.runtime import spawn
+from megatron_patch.testing.tiny_models import VOCAB
+from toolkits.checkpoint.verify import hf_logits
 
 TOL = 1e-5
 S, B, HN = 12, 2, 8
@@ -117,7 +118,7 @@ def _module_checks() -> dict:
 def _model_checks(model_dir: str) -> dict:
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    from megatron_patch.checkpointing.hf import load_hf_into_model
+    from megatron_patch.checkpointing.sources import load_into_model, open_source
     from megatron_patch.models.attention import SDPAttention
     from megatron_patch.models.builder import build_model, transformer_config
     from megatron_patch.models.family import args_from_hf, read_hf_config
@@ -129,7 +130,7 @@ def _model_checks(model_dir: str) -> dict:
     models = {}
     for impl in ("auto", "dot_product"):
         m = build_model(args, config, transformer_impl="local", rope_impl="torch", attention_impl=impl)
-        load_hf_into_model(m, model_dir, args)
+        load_into_model(m, open_source(model_dir))
         core = [l.self_attention.core_attention for l in m.decoder.layers]
         out[f"{impl}_types"] = sorted({type(c).__name__ for c in core})
         out[f"{impl}_logits"] = forward_logits([m], tokens(), args.vocab_size)
@@ -162,7 +163,7 @@ def _worker(model_dir: str) -> dict:
 
 @pytest.fixture(scope="module")
 def results(tiny_models):
-    return distributed.run(_worker, 1, tiny_models["qwen2.5"])[0]
+    return spawn.run(_worker, 1, tiny_models["qwen2.5"])[0]
 
 
 def test_module_matches_dot_product_attention(results):

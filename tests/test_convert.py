@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from megatron_patch.checkpointing import layout
 from megatron_patch.checkpointing.megatron_format import load_torch_rank, open_checkpoint
-from megatron_patch.testing import distributed
-from megatron_patch.testing.tiny_models import VOCAB, hf_logits, save_tiny_model
+from megatron_patch.runtime import spawn
+from megatron_patch.testing.tiny_models import CONFIGS, VOCAB, save_tiny_model
 from toolkits.checkpoint import verify
 from toolkits.checkpoint.cli import main
 from toolkits.checkpoint.convert import hf2mcore, mcore2hf, mcore2mcore
@@ -34,7 +34,7 @@ def assert_same(a, b):
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("family", ["llama3.1", "llama3.2", "qwen2.5", "qwen3"])
+@pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_hf_mcore_hf_bit_exact(tiny_models, tmp_path, family):
     src = tiny_models[family]
     ref = hf_tensors(src)
@@ -101,7 +101,7 @@ def test_mcore2mcore_torch_and_torch_dist(tiny_models, tmp_path):
 
 
 def _logits_worker(ckpts, tokens):
-    return [verify._worker(d, 2, 2, tokens) for d in ckpts]
+    return [verify.checkpoint_logits(d, tokens, 2, 2) for d in ckpts]
 
 
 def test_converted_logits_match_hf_tp2_pp2_both_formats(tiny_models, tmp_path):
@@ -114,9 +114,9 @@ def test_converted_logits_match_hf_tp2_pp2_both_formats(tiny_models, tmp_path):
                               transformer_impl="local"))
         refs.append(tiny_models[family])
     tokens = verify.default_tokens(VOCAB)
-    results = distributed.run(_logits_worker, 4, ckpts, tokens)[0]
+    results = spawn.run(_logits_worker, 4, ckpts, tokens)[0]
     for d, logits in zip(refs, results):
-        diff = (logits - hf_logits(d, tokens)).abs().max().item()
+        diff = (logits - verify.hf_logits(d, tokens)).abs().max().item()
         assert diff <= 1e-5, (d, diff)
 
 

@@ -7,7 +7,7 @@ This checks the CPU runtime under megatron-core's own training machinery; the pr
 
 import torch
 
-from megatron_patch.testing import distributed
+from megatron_patch.runtime import spawn
 from megatron_patch.testing.tiny_models import VOCAB
 
 
@@ -19,7 +19,7 @@ def _train_worker(model_dir: str, steps: int):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_patch import runtime
-    from megatron_patch.checkpointing.hf import load_hf_into_model
+    from megatron_patch.checkpointing.sources import load_into_model, open_source
     from megatron_patch.models.builder import build_model, transformer_config
     from megatron_patch.models.family import args_from_hf, read_hf_config
 
@@ -27,7 +27,7 @@ def _train_worker(model_dir: str, steps: int):
     args = args_from_hf(read_hf_config(model_dir))
     cfg = transformer_config(args, pp=2)
     model = build_model(args, cfg, transformer_impl="local", rope_impl="torch")
-    load_hf_into_model(model, model_dir, args)
+    load_into_model(model, open_source(model_dir))
     ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(use_distributed_optimizer=True,
                                                                       overlap_grad_reduce=False), model)
     opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=3e-3, use_distributed_optimizer=True,
@@ -65,7 +65,7 @@ def _train_worker(model_dir: str, steps: int):
 
 
 def test_pp2_dp2_distributed_optimizer_trains(tiny_models):
-    res = distributed.run(_train_worker, 4, tiny_models["llama3.1"], 8)
+    res = spawn.run(_train_worker, 4, tiny_models["llama3.1"], 8)
     losses = [r["losses"] for r in res]
     print("\nlosses rank0:", [round(x, 4) for x in losses[0]])
     assert all(l == losses[0] for l in losses), "ranks disagree on the loss"

@@ -1,7 +1,7 @@
 """Checks that need a CUDA GPU (skipped without one): bf16 logits vs HF, the compiled Triton RoPE kernel,
 and a few bf16 training steps. ``scripts/gpu_check.sh`` runs them on a lent GPU machine.
 
-All device work runs in ONE spawned rank (a real NCCL group of size 1, see ``testing/distributed.py``):
+All device work runs in ONE spawned rank (a real NCCL group of size 1, see ``runtime/spawn.py``):
 one CUDA start-up, and no process-wide state (parallel_state, the RoPE backend) leaks into pytest.
 Each test then asserts on its part of that rank's results.
 
@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from megatron_patch.testing import distributed
+from megatron_patch.runtime import spawn
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -32,7 +32,7 @@ def _logits_check(models: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
     from megatron_patch import runtime
-    from megatron_patch.checkpointing.hf import load_hf_into_model
+    from megatron_patch.checkpointing.sources import load_into_model, open_source
     from megatron_patch.fusions import rope as fused_rope
     from megatron_patch.models.builder import build_model, transformer_config
     from megatron_patch.models.family import args_from_hf, read_hf_config
@@ -53,7 +53,7 @@ def _logits_check(models: dict) -> dict:
         for rope_impl in ("torch", "auto"):
             model = build_model(args, transformer_config(args, params_dtype=torch.bfloat16),
                                 transformer_impl="auto", rope_impl=rope_impl).to(dev)
-            load_hf_into_model(model, d, args)
+            load_into_model(model, open_source(d))
             logits = forward_logits([model], tokens, args.vocab_size).cpu()
             out[(name, rope_impl)] = {"megatron": _rel(logits, ref), "hf": _rel(hf_bf16, ref),
                                       "backend": fused_rope.active(), "dtype": str(next(model.parameters()).dtype)}
@@ -137,7 +137,7 @@ def _gpu_worker(models: dict) -> dict:
 @pytest.fixture(scope="module")
 def gpu_results(tiny_models):
     assert "TRITON_INTERPRET" not in os.environ or os.environ["TRITON_INTERPRET"] in ("", "0")
-    (res,) = distributed.run(_gpu_worker, 1, tiny_models)
+    (res,) = spawn.run(_gpu_worker, 1, tiny_models)
     return res
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megatron_patch.fusions import rope as fused_rope
-from megatron_patch.testing import distributed
+from megatron_patch.runtime import spawn
 
 ON_GPU = torch.cuda.is_available()
 
@@ -180,7 +180,7 @@ def test_selected_backend_is_the_one_called(impl, monkeypatch):
 def _gpt_worker(model_dir: str):
     os.environ["TRITON_INTERPRET"] = "1"  # this rank only
     from megatron_patch import runtime
-    from megatron_patch.checkpointing.hf import load_hf_into_model
+    from megatron_patch.checkpointing.sources import load_into_model, open_source
     from megatron_patch.models.builder import build_model, transformer_config
     from megatron_patch.models.family import args_from_hf, read_hf_config
     from megatron_patch.testing.tiny_models import VOCAB
@@ -194,7 +194,7 @@ def _gpt_worker(model_dir: str):
         runtime.initialize(tp=1, pp=1, seed=5)
         before = dict(counts)
         model = build_model(args, transformer_config(args), transformer_impl="local", rope_impl=impl)
-        load_hf_into_model(model, model_dir, args)
+        load_into_model(model, open_source(model_dir))
         logits = model(tokens, positions, attention_mask=None)  # [b, s, padded vocab]
         weight = torch.randn(logits.shape, generator=torch.Generator().manual_seed(11))
         (logits.float() * weight).sum().backward()
@@ -209,7 +209,7 @@ def test_gptmodel_triton_rope_matches_torch(tmp_path):
 
     # Qwen3: q/k norms before RoPE and head_dim != hidden / heads; 2 layers keep the interpreter quick.
     model_dir = save_tiny_model("qwen3", str(tmp_path / "qwen3"), num_hidden_layers=2)
-    (res,) = distributed.run(_gpt_worker, 1, model_dir)
+    (res,) = spawn.run(_gpt_worker, 1, model_dir)
     (logits_t, grads_t, calls_t, active_t, layers), (logits_k, grads_k, calls_k, active_k, _) = (
         res["torch"], res["triton"])
     assert (active_t, active_k) == ("torch", "triton")

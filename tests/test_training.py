@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from megatron_patch.testing import distributed
+from megatron_patch.runtime import spawn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 2  # iterations before and after the save
@@ -95,7 +95,7 @@ def sft_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, model_config, sft_data):
     tmp = str(tmp_path_factory.mktemp("runs"))
-    distributed.run(_jobs_worker, 4, model_config, tmp, sft_data, timeout=900)
+    spawn.run(_jobs_worker, 4, model_config, tmp, sft_data, timeout=900)
     return tmp
 
 
@@ -130,7 +130,7 @@ def test_tensorboard_events_hold_the_losses(runs):
 def test_two_nodes_match_one_node(runs, model_config, tmp_path):
     """torchrun --nnodes 2 --nproc-per-node 2 on localhost == the 1 node x 4 run above."""
     extra, _ = LAYOUTS["pp2_dp2_distopt_torch"]
-    port = str(distributed.free_port())
+    port = str(spawn.free_port())
     metrics = tmp_path / "m.jsonl"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     procs = []

@@ -23,7 +23,7 @@ import os
 import pytest
 import torch
 
-from megatron_patch.testing import distributed
+from megatron_patch.runtime import spawn
 
 SEQ, GBS, ITERS, LR, SEED = 32, 4, 5, 1e-2, 11  # lr 1e-2: large enough that Adam moves the losses
 BETAS, EPS = (0.9, 0.95), 1e-8
@@ -107,7 +107,7 @@ def runs(tmp_path_factory):
     ckpts = {div: hf2mcore(hf, str(tmp / f"mcore_div{div}"), tp=1, pp=1, transformer_impl="local",
                            params_dtype="fp32", make_vocab_size_divisible_by=div)
              for div in {d for _, d in LAYOUTS.values()}}
-    distributed.run(_trainer_worker, 2, ckpts, str(tmp), timeout=600)
+    spawn.run(_trainer_worker, 2, ckpts, str(tmp), timeout=600)
     return {"hf": hf, "losses": {name: _losses(str(tmp / f"{name}.jsonl")) for name in LAYOUTS}}
 
 

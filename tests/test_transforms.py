@@ -5,10 +5,10 @@ import torch
 
 from megatron_patch.checkpointing import placement
 from megatron_patch.checkpointing import transforms as T
-from megatron_patch.checkpointing import weights as W
+from megatron_patch.checkpointing import mapping as M
 from megatron_patch.models.builder import transformer_config
-from megatron_patch.models.family import args_from_hf
-from megatron_patch.testing.tiny_models import hf_config
+from megatron_patch.models.family import args_from_hf, family_of
+from megatron_patch.testing.tiny_models import CONFIGS, hf_config
 
 
 @pytest.mark.parametrize("heads,groups,hd", [(8, 2, 4), (8, 8, 4), (8, 1, 4), (12, 3, 8)])
@@ -108,25 +108,29 @@ def test_converter_placement_does_not_import_megatron():
     import sys
 
     code = ("import sys\n"
-            "from megatron_patch.checkpointing.megatron_format import stage_config\n"
+            "import toolkits.checkpoint.convert\n"
+            "from megatron_patch.checkpointing import placement\n"
+            "from megatron_patch.models.builder import check_parallel_layout\n"
             "from megatron_patch.models.family import args_from_hf\n"
             "from megatron_patch.testing.tiny_models import hf_config\n"
             "a = args_from_hf(hf_config('qwen3').to_dict())\n"
-            "print(list(__import__('megatron_patch.checkpointing.placement', fromlist=['x'])"
-            ".stage_layers(stage_config(a, 2, 2), 1)), 'megatron.core' in sys.modules)\n")
+            "check_parallel_layout(a, 2, 2)\n"
+            "print(list(placement.stage_layers(placement.PipelineLayout(a.num_layers, 2), 1)),"
+            " 'megatron.core' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["[2,", "3]", "False"]
 
 
-@pytest.mark.parametrize("name", ["llama3.1", "llama3.2", "qwen2.5", "qwen3"])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_weight_table_round_trip_per_row(name):
-    """to_mcore_parts then to_hf returns the HF tensors bit for bit, for every active row."""
+    """to_megatron then to_hf returns the HF tensors bit for bit, for every mapping of every family."""
     args = args_from_hf(hf_config(name).to_dict())
-    rows = list(W.iter_rows(args))
-    assert any(w.kind == W.QKV for w, _ in rows) and any(w.kind == W.GATED for w, _ in rows)
-    assert any(w.when == "add_qkv_bias" for w, _ in rows) == args.add_qkv_bias
-    assert any(w.when == "qk_layernorm" for w, _ in rows) == args.qk_layernorm
-    for w, _layer in rows:
-        hf = [torch.randn(s) for s in W.expected_hf_shapes(w, args)]
-        back = W.to_hf(w, W.to_mcore_parts(w, hf, args), args)
-        assert all(torch.equal(a, b) for a, b in zip(back, hf)), w.mcore
+    weights = family_of(args).weights(args)
+    rows = list(M.iter_tensors(weights, args))
+    assert any(isinstance(m, M.FusedQKV) for m, _, _ in rows) and any(isinstance(m, M.Gated) for m, _, _ in rows)
+    assert any(m.megatron.endswith("linear_qkv.bias") for m, _, _ in rows) == args.add_qkv_bias
+    assert any(m.megatron.endswith("q_layernorm.weight") for m, _, _ in rows) == args.qk_layernorm
+    for m, _layer, _expert in rows:
+        hf = [torch.randn(s) for s in m.shapes(args)]
+        back = m.to_hf(m.to_megatron(hf, args), args)
+        assert all(torch.equal(a, b) for a, b in zip(back, hf)), m.megatron

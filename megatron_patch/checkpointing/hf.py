@@ -1,4 +1,4 @@
-"""Read HF safetensors checkpoints lazily, and fill a megatron-core model rank from them.
+"""HF safetensors checkpoints as a tensor source: ``HFReader`` (lazy, positional reads) and ``HFSource``.
 
 Only the tensors a rank needs are read, with plain positional reads (``os.preadv``) straight into the
 destination tensor at the offsets of the shard's header. Not memory-mapped on purpose: the pages of a
@@ -16,20 +16,15 @@ from typing import Optional
 import torch
 from safetensors import safe_open
 
+from megatron_patch import dtypes
 from megatron_patch.checkpointing import placement
-from megatron_patch.checkpointing import weights as W
-from megatron_patch.checkpointing.transforms import check_shape, pad_vocab
-from megatron_patch.models.family import ModelArgs
+from megatron_patch.checkpointing.layout import CheckpointError
+from megatron_patch.checkpointing.mapping import Mapping
+from megatron_patch.checkpointing.transforms import check_shape
+from megatron_patch.models.config import ModelArgs
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, truncated or does not match its config (message names it)."""
 
 
 class HFReader:
@@ -64,6 +59,11 @@ class HFReader:
 
     def shards(self) -> list[str]:
         return sorted(set(self.where.values()))
+
+    def validate_shards(self) -> None:
+        """Open every shard once (``safe_open`` checks the header against the file size: truncation)."""
+        for shard in self.shards():
+            self._open(shard)
 
     def has(self, name: str) -> bool:
         return name in self.where
@@ -141,7 +141,7 @@ def _read_header(fd: int, path: str) -> dict:
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        dtype, shape, (begin, end) = ST_DTYPES.get(meta["dtype"]), tuple(meta["shape"]), meta["data_offsets"]
+        dtype, shape, (begin, end) = dtypes.SAFETENSORS.get(meta["dtype"]), tuple(meta["shape"]), meta["data_offsets"]
         if dtype is None:
             raise CheckpointError(f"tensor {name} in {path} has unsupported dtype {meta['dtype']}")
         if end - begin != torch.Size(shape).numel() * dtype.itemsize or 8 + n + end > size:
@@ -161,61 +161,66 @@ def _pread_into(fd: int, t: torch.Tensor, offset: int, name: str, shard: str) ->
         done += n
 
 
-def read_row(reader: HFReader, w: W.Weight, layer: Optional[int], args: ModelArgs) -> list[torch.Tensor]:
-    """The HF tensors of one table row, shape-checked against the config."""
-    names = W.hf_names(w, layer)
-    tensors = [reader.get(n) for n in names]
-    for n, t, shape in zip(names, tensors, W.expected_hf_shapes(w, args)):
-        check_shape(n, t, shape)
-    return tensors
+class HFSource:
+    """Megatron tensors made from a HF safetensors directory through the family's mappings."""
 
+    def __init__(self, model_dir: str, args: Optional[ModelArgs] = None, reader: Optional[HFReader] = None):
+        from megatron_patch.models.family import args_from_hf, family_of, read_hf_config
 
-def rank_tensor(
-    w: W.Weight, hf: list[torch.Tensor], args: ModelArgs, tp: int, tp_rank: int, padded_vocab: int
-) -> torch.Tensor:
-    """One table row's HF tensors -> the slice TP rank ``tp_rank`` holds."""
-    parts = W.to_mcore_parts(w, hf, args)
-    if w.vocab:
-        parts = [pad_vocab(p, padded_vocab) for p in parts]
-    return placement.shard(parts, tp, tp_rank, w.tp_dim)
+        self.dir = model_dir
+        self.args = args or args_from_hf(read_hf_config(model_dir))
+        self.weights = family_of(self.args).weights(self.args)
+        self.reader = reader or HFReader(model_dir)
 
+    def fork(self) -> "HFSource":
+        return HFSource(self.dir, self.args, HFReader(self.dir))
 
-def rank_entries(args: ModelArgs, config, pp_rank: int, vp_stage: Optional[int], te: bool, pre: bool, post: bool):
-    """(state-dict key, row, global layer) for every weight a pipeline stage (chunk) holds."""
-    emb, norm, out = W.global_weights(args)
-    if pre:
-        yield W.mcore_name(emb, te), emb, None
-    for local, layer in enumerate(placement.stage_layers(config, pp_rank, vp_stage)):
-        for w in W.layer_weights(args):
-            yield W.layer_key(w, local, te), w, layer
-    if post:
-        yield W.mcore_name(norm, te), norm, None
-        # A tied model keeps a separate output_layer only on a last stage that lacks the embedding.
-        if args.untie_embeddings_and_output_weights or not pre:
-            yield W.mcore_name(out, te), out, None
+    def release(self) -> None:
+        self.reader.release()
 
+    def check(self, m: Mapping, layer: Optional[int], expert: Optional[int]) -> tuple[str, ...]:
+        """The HF names of one mapping instance, each checked to exist with the expected shape."""
+        names = m.hf_names(layer, expert)
+        for n, shape in zip(names, m.shapes(self.args)):
+            got = self.reader.shape(n)
+            if tuple(got) != tuple(shape):
+                raise CheckpointError(f"tensor {n} has shape {tuple(got)}, expected {tuple(shape)}")
+        return names
 
-def load_hf_into_model(model, hf_dir: str, args: ModelArgs, vp_stage: Optional[int] = None,
-                       reader: Optional[HFReader] = None) -> None:
-    """Fill this rank's ``GPTModel`` chunk from a HF checkpoint, reading only what the rank needs."""
-    from megatron.core import parallel_state as ps
+    def hf_tensors(self, m: Mapping, layer: Optional[int] = None, expert: Optional[int] = None) -> list[torch.Tensor]:
+        return [self.reader.get(n) for n in self.check(m, layer, expert)]
 
-    reader = reader or HFReader(hf_dir)
-    config = model.config
-    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    state = model.state_dict()
-    te = any(k.endswith("layer_norm_weight") for k in state)
-    padded = model.vocab_size
-    expected = set()
-    for key, w, layer in rank_entries(args, config, ps.get_pipeline_model_parallel_rank(), vp_stage, te,
-                                      model.pre_process, model.post_process):
-        if key not in state:
-            raise CheckpointError(f"model has no parameter {key}; does it match the config?")
-        value = rank_tensor(w, read_row(reader, w, layer, args), args, tp, tp_rank, padded)
-        check_shape(key, value, state[key].shape)
-        with torch.no_grad():
-            state[key].copy_(value)
-        expected.add(key)
-    missing = [k for k in state if k not in expected and not k.endswith("_extra_state")]
-    if missing:
-        raise CheckpointError(f"weights not covered by the weight table: {missing[:5]}")
+    def parts(self, m: Mapping, layer: Optional[int] = None, expert: Optional[int] = None) -> list[torch.Tensor]:
+        return m.to_megatron(self.hf_tensors(m, layer, expert), self.args)
+
+    def rank_rows(self, m: Mapping, layer: Optional[int], expert: Optional[int], tp: int, rank: int,
+                  padded_vocab: int) -> Optional[torch.Tensor]:
+        """TP rank ``rank``'s shard of a ``row_blocks`` mapping, reading only its rows (vocab padding zeroed
+        in place): equal to ``placement.shard`` of the padded parts. None where the rows do not divide."""
+        names = self.check(m, layer, expert)
+        shapes = m.shapes(self.args)
+        total = [padded_vocab if m.vocab else shape[0] for shape in shapes]
+        if any(r % tp for r in total):
+            return None
+        out = torch.empty((sum(r // tp for r in total), *shapes[0][1:]), dtype=self.reader.dtype(names[0]))
+        at = 0
+        for n, shape, r in zip(names, shapes, total):
+            start, stop = placement.rows(r, tp, rank)
+            real = max(0, min(stop, shape[0]) - start)  # rows past the real vocab are padding
+            if real:
+                self.reader.read_rows(n, start, start + real, out[at:at + real])
+            out[at + real:at + stop - start].zero_()
+            at += stop - start
+        return out
+
+    def preflight(self) -> int:
+        """Check that every tensor exists with the right shape and every shard opens; returns the numel."""
+        from megatron_patch.checkpointing.mapping import iter_tensors
+
+        total = 0
+        for m, layer, expert in iter_tensors(self.weights, self.args):
+            self.check(m, layer, expert)
+            total += sum(torch.Size(s).numel() for s in m.shapes(self.args))
+        self.reader.validate_shards()
+        self.reader.release()
+        return total

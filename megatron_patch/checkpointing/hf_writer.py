@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_patch import dtypes
 from megatron_patch.checkpointing.hf import INDEX
 from megatron_patch.checkpointing.transforms import check_shape
 
@@ -30,8 +31,6 @@ except (OSError, AttributeError):
 _PAGE, _MADV_DONTNEED = os.sysconf("SC_PAGE_SIZE"), 4
 MAX_SHARD_BYTES = 5 * 1000**3  # transformers' default max_shard_size ("5GB")
 
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.int8: "I8", torch.bool: "BOOL"}
 
 
 @dataclass
@@ -69,7 +68,7 @@ class HFShardWriter:
             shard = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             header, pos = {}, 0
             for name, shape, dtype, nbytes in group:
-                header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+                header[name] = {"dtype": dtypes.SAFETENSORS_CODE[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
                 pos += nbytes
             header["__metadata__"] = {"format": "pt"}
             raw = json.dumps(header, separators=(",", ":")).encode()

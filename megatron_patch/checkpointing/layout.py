@@ -1,19 +1,21 @@
-"""Megatron-LM checkpoint directory layout: tracker file, iteration folders, rank files.
+"""Megatron-LM checkpoint directory layout: tracker file, iteration folders, rank files, safe writes.
 
-    <dir>/latest_checkpointed_iteration.txt      "release" or an iteration number
+    <dir>/latest_checkpointed_iteration.txt            "release" or an iteration number
     <dir>/release/ or <dir>/iter_0000100/
-        mp_rank_{tp:02d}/model_optim_rng.pt          (PP == 1)    torch format
-        mp_rank_{tp:02d}_{pp:03d}/model_optim_rng.pt (PP > 1)     torch format
-        metadata.json, common.pt, *.distcp           torch_dist format
+        mp_rank_{tp:02d}[_{pp:03d}][_{ep:03d}]/model_optim_rng.pt   torch format (one file per rank)
+        metadata.json, .metadata, *.distcp [, common.pt]           torch_dist format
 
-Also the safe-write helpers every writer here uses: output goes to a temporary sibling and is renamed
-into place only when complete, and rank files are read with ``torch.load(weights_only=True)``.
+The rank directory name follows Megatron-LM's ``get_checkpoint_name``: the pipeline suffix appears only
+when PP > 1, the expert suffix only when EP > 1. Also here: the safe-write helpers every writer uses (output
+goes to a temporary sibling and is renamed into place only when complete) and the rank-file reader
+(``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import tempfile
 from typing import Union
@@ -23,35 +25,44 @@ import torch
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
+CKPT_FORMATS = ("torch", "torch_dist")
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 
 
-class LayoutError(ValueError):
-    """A directory that is not a (complete) Megatron checkpoint; the message names what is wrong."""
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated, foreign or inconsistent (the message names the problem)."""
 
 
 def iteration_dir_name(iteration: Union[int, str]) -> str:
     return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
 
 
-def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def rank_dir_name(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
+    name = f"mp_rank_{tp_rank:02d}"
+    if pp > 1:
+        name += f"_{pp_rank:03d}"
+    if ep > 1:
+        name += f"_{ep_rank:03d}"
+    return name
 
 
-def rank_file(ckpt_dir: str, iteration: Union[int, str], tp_rank: int, pp_rank: int, pp: int) -> str:
-    return os.path.join(ckpt_dir, iteration_dir_name(iteration), rank_dir_name(tp_rank, pp_rank, pp), RANK_FILE)
+def rank_file(ckpt_dir: str, iteration: Union[int, str], tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0,
+              ep: int = 1) -> str:
+    return os.path.join(ckpt_dir, iteration_dir_name(iteration), rank_dir_name(tp_rank, pp_rank, pp, ep_rank, ep),
+                        RANK_FILE)
 
 
 def read_tracker(ckpt_dir: str) -> Union[int, str]:
     path = os.path.join(ckpt_dir, TRACKER)
     if not os.path.isfile(path):
-        raise LayoutError(f"{ckpt_dir} has no {TRACKER}: not a Megatron checkpoint directory")
+        raise CheckpointError(f"{ckpt_dir} has no {TRACKER}: not a Megatron checkpoint directory")
     text = open(path).read().strip()
     if text == "release":
         return "release"
     try:
         return int(text)
     except ValueError:
-        raise LayoutError(f"{path} holds {text!r}, expected 'release' or an iteration number") from None
+        raise CheckpointError(f"{path} holds {text!r}, expected 'release' or an iteration number") from None
 
 
 def write_tracker(ckpt_dir: str, iteration: Union[int, str]) -> None:
@@ -70,27 +81,43 @@ def detect_format(iter_dir: str) -> str:
         return "torch_dist"
     if any(n.startswith("mp_rank_") for n in os.listdir(iter_dir)):
         return "torch"
-    raise LayoutError(f"{iter_dir} holds neither mp_rank_* folders nor a torch_dist metadata.json")
+    raise CheckpointError(f"{iter_dir} holds neither mp_rank_* folders nor a torch_dist metadata.json")
 
 
-def torch_layout(iter_dir: str) -> tuple[int, int]:
-    """(TP, PP) of a torch-format iteration folder, checking that every rank file is present."""
-    names = sorted(n for n in os.listdir(iter_dir) if n.startswith("mp_rank_"))
+def rank_dirs(iter_dir: str) -> list[str]:
+    """The ``mp_rank_*`` folders of a torch-format iteration folder, rank 0's first.
+
+    A name with one suffix is ambiguous (``_PPP`` or ``_EEE``), as in Megatron-LM: the sizes come from the
+    checkpoint's args (``megatron_format.open_checkpoint``), which ``check_rank_files`` then checks.
+    """
+    names = []
+    for n in sorted(os.listdir(iter_dir)):
+        if _RANK_DIR.match(n):
+            names.append(n)
+        elif n.startswith("mp_rank_"):
+            raise CheckpointError(f"{iter_dir} holds an unrecognised rank folder {n}")
     if not names:
-        raise LayoutError(f"{iter_dir} has no mp_rank_* folders")
-    parts = [n[len("mp_rank_"):].split("_") for n in names]
-    tp = max(int(p[0]) for p in parts) + 1
-    pp = max(int(p[1]) for p in parts) + 1 if len(parts[0]) > 1 else 1
+        raise CheckpointError(f"{iter_dir} has no mp_rank_* folders")
+    return names
+
+
+def check_rank_files(iter_dir: str, tp: int, pp: int, ep: int = 1) -> None:
+    """Every rank file of a TP x PP x EP layout is present, and no other rank folder is."""
+    expected = {rank_dir_name(t, p, pp, e, ep) for t in range(tp) for p in range(pp) for e in range(ep)}
+    extra = sorted(set(rank_dirs(iter_dir)) - expected)
+    if extra:
+        raise CheckpointError(f"{iter_dir} holds rank folder {extra[0]}, which a TP={tp} PP={pp} EP={ep} "
+                              "checkpoint does not have (do its args match its files?)")
     for t in range(tp):
         for p in range(pp):
-            f = os.path.join(iter_dir, rank_dir_name(t, p, pp), RANK_FILE)
-            if not os.path.isfile(f):
-                raise LayoutError(f"missing rank file {f}")
-    return tp, pp
+            for e in range(ep):
+                f = os.path.join(iter_dir, rank_dir_name(t, p, pp, e, ep), RANK_FILE)
+                if not os.path.isfile(f):
+                    raise CheckpointError(f"missing rank file {f}")
 
 
 def load_rank_file(path: str, mmap: bool = False) -> dict:
-    """Load a rank file with ``weights_only=True`` (argparse.Namespace allow-listed for ``args``).
+    """Load a rank file with ``torch.load(weights_only=True)`` (argparse.Namespace allow-listed for ``args``).
 
     ``mmap=True`` maps the file instead of reading it: tensors are paged in only when touched, so a
     reader that needs a few tensors of a large rank file stays small.
@@ -101,11 +128,18 @@ def load_rank_file(path: str, mmap: bool = False) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
-        raise LayoutError(f"{path} is not a readable checkpoint file: {str(e).splitlines()[0]}") from None
-    if not isinstance(obj, dict) or "model" not in obj:
-        raise LayoutError(f"{path} is not a Megatron checkpoint (no 'model' entry)")
+        raise CheckpointError(f"{path} is not a readable checkpoint file: {str(e).splitlines()[0]}") from None
+    if not isinstance(obj, dict) or not any(k == "model" or re.fullmatch(r"model\d+", str(k)) for k in obj):
+        raise CheckpointError(f"{path} is not a Megatron checkpoint (no 'model' entry)")
     return obj
 
+
+def chunk_keys(num_chunks: int) -> list[str]:
+    """Megatron-LM's state-dict keys of model chunks: ``model``, or ``model0``, ``model1``.. with virtual stages."""
+    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+
+
+# ----------------------------------------------------------------------------- safe writes
 
 def prepare_output(path: str, overwrite: bool) -> str:
     """Check ``path`` may be written; return a fresh temporary sibling to write into."""
@@ -117,8 +151,8 @@ def prepare_output(path: str, overwrite: bool) -> str:
     return tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
 
 
-def commit_output(tmp: str, path: str) -> None:
-    """Move a completed temporary output into place (replacing an old one only at this point)."""
+def replace_dir(tmp: str, path: str) -> None:
+    """Move a completed temporary directory to ``path``, replacing an old one only at this point."""
     path = os.path.abspath(path)
     if os.path.exists(path):
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
@@ -127,9 +161,3 @@ def commit_output(tmp: str, path: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, path)
-
-
-def namespace(**kw) -> argparse.Namespace:
-    return argparse.Namespace(**kw)
-
-

@@ -1,20 +1,11 @@
-"""Megatron-LM checkpoints on disk: torch-format rank files (written as a stream) and torch_dist.
+"""Megatron-LM checkpoints on disk: opening one, torch-format rank files (written as a stream), ``TorchSource``.
 
-What the converter and the trainer share:
-
-- ``save_torch_rank(ckpt_dir, iteration, tp_rank, pp_rank, pp, state)``: write one rank's
-  ``model_optim_rng.pt`` (a temporary file renamed into place); ``state`` holds ``model`` (or
-  ``model0``.. with virtual pipelining), ``args``, ``iteration``, ``checkpoint_version``, optimizer...
-- ``load_torch_rank(ckpt_dir, iteration, tp_rank, pp_rank, pp, mmap=False)``: read it back with
-  ``torch.load(weights_only=True)``.
-- ``RankFileWriter``: writes a rank file one tensor at a time, so a converter never holds a whole rank.
-- ``open_checkpoint(ckpt_dir)``: tracker -> iteration folder, format, ``args`` namespace, ``ModelArgs``.
-- ``TorchSource``: the global (TP-merged, vocab-stripped) megatron tensors of a torch-format checkpoint of
-  ANY TP/PP (uneven stages and virtual chunks included), one weight-table row at a time.
-- ``load_megatron_into_model(model, ckpt_dir, vp_stage=None)``: fill this rank's ``GPTModel`` chunk from
-  a torch-format checkpoint of any TP/PP (re-sliced through the weight table), or from torch_dist through
-  megatron-core's ``dist_checkpointing`` (which re-shards by itself). Needs ``parallel_state`` initialized.
-- ``save_torch_dist(chunks, iter_dir, args_ns)`` / ``load_torch_dist_into_model(model, iter_dir)``.
+- ``open_checkpoint(ckpt_dir)``: tracker -> iteration folder, format, ``args`` namespace, ``ModelArgs``,
+  layout (TP/PP/EP, virtual and uneven stages) -> ``CheckpointInfo``, whose ``source()`` reads its tensors.
+- ``TorchSource``: the whole (TP-merged, vocab-stripped) Megatron tensors of a torch-format checkpoint of
+  ANY TP/PP/EP, one mapping at a time, rank files memory-mapped.
+- ``RankFileWriter``: writes a rank file one tensor at a time, so a converter never holds a whole rank;
+  ``save_torch_rank`` / ``load_torch_rank`` for whole rank files (tests, small states).
 
 Why a hand-written rank-file writer: ``torch.save`` needs the whole state dict in memory. The zip layout
 ``torch.load`` reads (``data/<key>`` records + a ``data.pkl`` whose persistent ids name them) lets the
@@ -34,17 +25,11 @@ from typing import Iterator, Optional, Union
 import torch
 
 from megatron_patch.checkpointing import layout, placement
-from megatron_patch.checkpointing import weights as W
-from megatron_patch.checkpointing.hf import CheckpointError, rank_entries
+from megatron_patch.checkpointing.layout import CheckpointError
+from megatron_patch.checkpointing.mapping import EXPERT, FIRST, GLOBAL, Mapping, is_te_state
 from megatron_patch.checkpointing.megatron_args import from_namespace
-from megatron_patch.checkpointing.transforms import check_shape, pad_vocab, strip_vocab
-from megatron_patch.models.family import ModelArgs
-
-# Transformer Engine modules keep FP8 metadata in ``_extra_state``; a fresh conversion has none, and TE's
-# ``set_extra_state`` accepts None. These are the TE modules of megatron's GPT layer spec.
-TE_EXTRA_STATE = ("self_attention.linear_qkv", "self_attention.core_attention", "self_attention.linear_proj",
-                  "mlp.linear_fc1", "mlp.linear_fc2")
-
+from megatron_patch.checkpointing.transforms import strip_vocab
+from megatron_patch.models.config import ModelArgs
 
 # ----------------------------------------------------------------------------- rank files
 
@@ -123,9 +108,9 @@ def checkpoint_entries(args_ns: argparse.Namespace, iteration: Union[int, str] =
 
 
 def save_torch_rank(ckpt_dir: str, iteration: Union[int, str], tp_rank: int, pp_rank: int, pp: int,
-                    state: dict) -> str:
+                    state: dict, ep_rank: int = 0, ep: int = 1) -> str:
     """Write one rank file of a torch-format checkpoint (atomically); returns its path."""
-    path = layout.rank_file(ckpt_dir, iteration, tp_rank, pp_rank, pp)
+    path = layout.rank_file(ckpt_dir, iteration, tp_rank, pp_rank, pp, ep_rank, ep)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     torch.save(state, tmp)
@@ -134,8 +119,9 @@ def save_torch_rank(ckpt_dir: str, iteration: Union[int, str], tp_rank: int, pp_
 
 
 def load_torch_rank(ckpt_dir: str, iteration: Union[int, str], tp_rank: int, pp_rank: int, pp: int,
-                    mmap: bool = False) -> dict:
-    return layout.load_rank_file(layout.rank_file(ckpt_dir, iteration, tp_rank, pp_rank, pp), mmap=mmap)
+                    mmap: bool = False, ep_rank: int = 0, ep: int = 1) -> dict:
+    return layout.load_rank_file(layout.rank_file(ckpt_dir, iteration, tp_rank, pp_rank, pp, ep_rank, ep),
+                                 mmap=mmap)
 
 
 # ----------------------------------------------------------------------------- opening a checkpoint
@@ -151,95 +137,102 @@ class CheckpointInfo:
     args: ModelArgs
     tp: int
     pp: int
+    ep: int = 1
+    etp: int = 1
+    vpp: Optional[int] = None
+    first: Optional[int] = None  # layers on the first / last pipeline stage (uneven splits)
+    last: Optional[int] = None
+
+    @property
+    def layout(self) -> placement.PipelineLayout:
+        return placement.PipelineLayout(self.args.num_layers, self.pp, self.vpp, self.first, self.last)
+
+    def source(self):
+        """A ``TensorSource`` over this checkpoint's weights."""
+        if self.format == "torch":
+            return TorchSource(self)
+        from megatron_patch.checkpointing.torch_dist import TorchDistSource
+
+        return TorchDistSource(self)
 
 
-def _load_common(iter_dir: str) -> dict:
-    path = os.path.join(iter_dir, "common.pt")
-    torch.serialization.add_safe_globals([argparse.Namespace])
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise layout.LayoutError(f"{path} is not a readable torch_dist common file: {str(e).splitlines()[0]}") \
-            from None
+def _layout_arg(ns: argparse.Namespace, name: str, default=None):
+    value = getattr(ns, name, default)
+    return default if value is None else value
 
 
-def open_checkpoint(ckpt_dir: str) -> CheckpointInfo:
+def open_checkpoint(ckpt_dir: str, hf_config: Optional[str] = None) -> CheckpointInfo:
     """Validate a Megatron checkpoint directory (tracker, rank files, args) without reading weights."""
     if not os.path.isdir(ckpt_dir):
-        raise layout.LayoutError(f"load dir {ckpt_dir} does not exist")
+        raise CheckpointError(f"load dir {ckpt_dir} does not exist")
     if not os.listdir(ckpt_dir):
-        raise layout.LayoutError(f"load dir {ckpt_dir} is empty")
+        raise CheckpointError(f"load dir {ckpt_dir} is empty")
     iteration = layout.read_tracker(ckpt_dir)
     iter_dir = os.path.join(ckpt_dir, layout.iteration_dir_name(iteration))
     if not os.path.isdir(iter_dir):
-        raise layout.LayoutError(f"the tracker points at {iter_dir}, which does not exist")
+        raise CheckpointError(f"the tracker points at {iter_dir}, which does not exist")
     fmt = layout.detect_format(iter_dir)
     if fmt == "torch":
-        tp, pp = layout.torch_layout(iter_dir)
-        ns = layout.load_rank_file(os.path.join(iter_dir, layout.rank_dir_name(0, 0, pp), layout.RANK_FILE),
-                                   mmap=True).get("args")
+        rank0 = layout.rank_dirs(iter_dir)[0]
+        ns = layout.load_rank_file(os.path.join(iter_dir, rank0, layout.RANK_FILE), mmap=True).get("args")
     else:
-        ns = _load_common(iter_dir).get("args")
+        from megatron_patch.checkpointing.torch_dist import read_common
+
+        ns = read_common(iter_dir).get("args")
     if not isinstance(ns, argparse.Namespace):
-        raise layout.LayoutError(f"{iter_dir} carries no 'args' namespace: cannot tell the model shape")
+        raise CheckpointError(f"{iter_dir} carries no 'args' namespace: cannot tell the model shape")
     try:
         args = from_namespace(ns)
     except (ValueError, TypeError, KeyError) as e:
-        raise layout.LayoutError(f"{iter_dir}: {e}") from None
-    if fmt == "torch_dist":
-        tp, pp = ns.tensor_model_parallel_size, ns.pipeline_model_parallel_size
-    return CheckpointInfo(ckpt_dir, iteration, iter_dir, fmt, ns, args, tp, pp)
-
-
-def stage_config(args: ModelArgs, tp: int, pp: int, ns: Optional[argparse.Namespace] = None,
-                 first: Optional[int] = None, last: Optional[int] = None,
-                 vpp: Optional[int] = None) -> placement.PipelineLayout:
-    """The checked pipeline layout used for layer placement (no process group, no megatron-core import)."""
-    from megatron_patch.models.builder import check_parallel_layout
-
-    if ns is not None:
-        first = getattr(ns, "decoder_first_pipeline_num_layers", None)
-        last = getattr(ns, "decoder_last_pipeline_num_layers", None)
-        vpp = getattr(ns, "virtual_pipeline_model_parallel_size", None)
-    check_parallel_layout(args, tp, pp, vpp, first, last)
-    return placement.PipelineLayout(args.num_layers, pp, vpp, first, last)
+        raise CheckpointError(f"{iter_dir}: {e}") from None
+    tp, pp = _layout_arg(ns, "tensor_model_parallel_size", 1), _layout_arg(ns, "pipeline_model_parallel_size", 1)
+    ep = _layout_arg(ns, "expert_model_parallel_size", 1)
+    info = CheckpointInfo(ckpt_dir, iteration, iter_dir, fmt, ns, args, tp, pp, ep,
+                          _layout_arg(ns, "expert_tensor_parallel_size", tp),
+                          _layout_arg(ns, "virtual_pipeline_model_parallel_size"),
+                          _layout_arg(ns, "decoder_first_pipeline_num_layers"),
+                          _layout_arg(ns, "decoder_last_pipeline_num_layers"))
+    if fmt == "torch":
+        layout.check_rank_files(iter_dir, tp, pp, ep)
+    return info
 
 
 # ----------------------------------------------------------------------------- reading torch format
 
 
 class TorchSource:
-    """Global megatron tensors of a torch-format checkpoint, any TP/PP; rank files are memory-mapped.
+    """Whole Megatron tensors of a torch-format checkpoint of any TP/PP/EP; rank files are memory-mapped.
 
-    ``parts(row, layer)`` returns the unsharded parts of a row with the vocab padding stripped. Call
-    ``release()`` between layers to unmap what was read (keeps the resident memory to one layer).
+    ``parts(m, layer, expert)`` merges the TP (expert-TP) shards and strips the vocab padding. Call
+    ``release()`` between layers to unmap what was read (keeps the resident memory to about one layer).
     """
 
-    def __init__(self, iter_dir: str, ns: argparse.Namespace):
-        self.iter_dir = iter_dir
-        self.tp, self.pp = layout.torch_layout(iter_dir)
-        self.ns, self.args = ns, from_namespace(ns)
-        vpp = getattr(ns, "virtual_pipeline_model_parallel_size", None)
-        config = stage_config(self.args, self.tp, self.pp, ns)
-        self.chunks = ["model"] if not vpp else [f"model{v}" for v in range(vpp)]
-        self.where: dict[int, tuple[int, str, int]] = {}  # global layer -> (pp rank, chunk, local index)
-        for p in range(self.pp):
-            for v, chunk in enumerate(self.chunks):
-                for local, g in enumerate(placement.stage_layers(config, p, v if vpp else None)):
-                    self.where[g] = (p, chunk, local)
-        self._cache: dict[tuple[int, int], dict] = {}
-        first = self._rank(0, 0)[self.chunks[0]]
-        self.te = any(k.endswith("layer_norm_weight") for k in first)
+    def __init__(self, info: CheckpointInfo):
+        from megatron_patch.models.family import family_of
 
-    def _rank(self, tp_rank: int, pp_rank: int) -> dict:
-        if (tp_rank, pp_rank) not in self._cache:
-            path = os.path.join(self.iter_dir, layout.rank_dir_name(tp_rank, pp_rank, self.pp), layout.RANK_FILE)
-            obj = layout.load_rank_file(path, mmap=True)
+        self.info, self.args = info, info.args
+        self.weights = family_of(self.args).weights(self.args)
+        self.chunks = layout.chunk_keys(info.vpp or 1)
+        self.where: dict[int, tuple[int, str, int]] = {}  # global layer -> (pp rank, chunk, local index)
+        for p in range(info.pp):
+            for v, chunk in enumerate(self.chunks):
+                for local, g in enumerate(placement.stage_layers(info.layout, p, v if info.vpp else None)):
+                    self.where[g] = (p, chunk, local)
+        self._cache: dict[tuple[int, int, int], dict] = {}
+        self.te = is_te_state(self._rank(0, 0, 0)[self.chunks[0]])
+
+    def _rank(self, tp_rank: int, pp_rank: int, ep_rank: int) -> dict:
+        k = (tp_rank, pp_rank, ep_rank)
+        if k not in self._cache:
+            i = self.info
+            obj = layout.load_rank_file(layout.rank_file(i.root, i.iteration, tp_rank, pp_rank, i.pp, ep_rank, i.ep),
+                                        mmap=True)
             for c in self.chunks:
                 if not isinstance(obj.get(c), dict):
-                    raise layout.LayoutError(f"{path} has no '{c}' state dict")
-            self._cache[(tp_rank, pp_rank)] = obj
-        return self._cache[(tp_rank, pp_rank)]
+                    raise CheckpointError(f"rank file {layout.rank_dir_name(*k[:2], i.pp, k[2], i.ep)} of "
+                                          f"{i.iter_dir} has no '{c}' state dict")
+            self._cache[k] = obj
+        return self._cache[k]
 
     def release(self) -> None:
         self._cache.clear()
@@ -251,107 +244,51 @@ class TorchSource:
         other._cache = {}
         return other
 
-    def locate(self, w: W.Weight, layer: Optional[int]) -> tuple[int, str, str]:
-        if layer is not None:
-            p, chunk, local = self.where[layer]
-            return p, chunk, W.layer_key(w, local, self.te)
-        if w.mcore.startswith("embedding") or w is W.TIED_OUTPUT:
-            # A tied output layer equals the embedding; the first stage always has it.
-            return 0, self.chunks[0], W.mcore_name(W.EMBEDDING, self.te)
-        return self.pp - 1, self.chunks[-1], W.mcore_name(w, self.te)
+    def locate(self, m: Mapping, layer: Optional[int], expert: Optional[int] = None) -> tuple[int, str, str, int]:
+        """(pipeline rank, chunk key, state-dict key, expert-parallel rank) holding a tensor."""
+        if m.scope == GLOBAL:
+            if m.stage == FIRST or m.tied:
+                # A tied output layer equals the embedding, which the first stage always holds.
+                emb = next(w for w in self.weights if w.scope == GLOBAL and w.stage == FIRST)
+                return 0, self.chunks[0], emb.key(self.te), 0
+            return self.info.pp - 1, self.chunks[-1], m.key(self.te), 0
+        p, chunk, local = self.where[layer]
+        if m.scope == EXPERT:
+            ep_rank, j = placement.expert_home(expert, self.args.num_experts, self.info.ep)
+            return p, chunk, m.key(self.te, local, j), ep_rank
+        return p, chunk, m.key(self.te, local), 0
 
-    def stage_of(self, w: W.Weight, layer: Optional[int]) -> int:
-        return self.locate(w, layer)[0]
+    def stage_of(self, m: Mapping, layer: Optional[int]) -> int:
+        return self.locate(m, layer, 0 if m.scope == EXPERT else None)[0]
 
-    def _tensor(self, t: int, p: int, chunk: str, key: str) -> torch.Tensor:
-        state = self._rank(t, p)[chunk]
+    def _tp_size(self, m: Mapping) -> int:
+        return self.info.etp if m.expert_tp else self.info.tp
+
+    def _tensor(self, t: int, p: int, e: int, chunk: str, key: str) -> torch.Tensor:
+        state = self._rank(t, p, e)[chunk]
         if key not in state or not isinstance(state[key], torch.Tensor):
-            raise layout.LayoutError(f"rank file tp={t} pp={p} of {self.iter_dir} has no tensor {key}")
+            raise CheckpointError(f"rank file {layout.rank_dir_name(t, p, self.info.pp, e, self.info.ep)} of "
+                                  f"{self.info.iter_dir} has no tensor {key}")
         return state[key]
 
-    def parts(self, w: W.Weight, layer: Optional[int]) -> list[torch.Tensor]:
-        p, chunk, key = self.locate(w, layer)
-        parts = placement.merge([self._tensor(t, p, chunk, key) for t in range(self.tp)], W.num_parts(w), w.tp_dim)
-        if w.vocab:
+    def parts(self, m: Mapping, layer: Optional[int] = None, expert: Optional[int] = None) -> list[torch.Tensor]:
+        p, chunk, key, e = self.locate(m, layer, expert)
+        shards = [self._tensor(t, p, e, chunk, key) for t in range(self._tp_size(m))]
+        parts = placement.merge(shards, m.n_parts, m.tp_dim)
+        if m.vocab:
             parts = [strip_vocab(x, self.args.vocab_size) for x in parts]
         return parts
 
-    def rank_shards(self, w: W.Weight, layer: Optional[int]) -> Iterator[tuple[int, torch.Tensor]]:
-        """(source TP rank, its memory-mapped shard of a row), one rank at a time, vocab padding kept.
+    def rank_shards(self, m: Mapping, layer: Optional[int],
+                    expert: Optional[int] = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """(source TP rank, its memory-mapped shard), one rank at a time, vocab padding kept.
 
         Each rank file is unmapped before the next one is opened (once the caller drops the shard), so a
-        row is never resident whole: the caller writes each shard's rows where they belong.
+        tensor is never resident whole: the caller writes each shard's rows where they belong.
         """
-        p, chunk, key = self.locate(w, layer)
-        for t in range(self.tp):
-            x = self._tensor(t, p, chunk, key)
+        p, chunk, key, e = self.locate(m, layer, expert)
+        for t in range(self._tp_size(m)):
+            x = self._tensor(t, p, e, chunk, key)
             yield t, x
             del x
-            self._cache.pop((t, p), None)
-
-
-# ----------------------------------------------------------------------------- loading into a model
-
-
-def load_megatron_into_model(model, ckpt_dir: str, vp_stage: Optional[int] = None, strict: bool = True) -> None:
-    """Fill this rank's ``GPTModel`` chunk from a Megatron checkpoint of any TP/PP (torch or torch_dist).
-
-    torch format: every tensor this rank holds is rebuilt from the source ranks that hold it (merge, strip
-    the source's vocab padding, pad to this model's vocab, shard for this TP rank). torch_dist: megatron's
-    ``dist_checkpointing.load`` does the re-sharding. Either way the model's dtype wins (values are cast).
-    """
-    from megatron.core import parallel_state as ps
-
-    info = open_checkpoint(ckpt_dir)
-    if info.format == "torch_dist":
-        load_torch_dist_into_model(model, info.iter_dir, strict=strict)
-        return
-    src = TorchSource(info.iter_dir, info.ns)
-    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    state = model.state_dict()
-    te = any(k.endswith("layer_norm_weight") for k in state)
-    filled = set()
-    for key, w, layer in rank_entries(src.args, model.config, ps.get_pipeline_model_parallel_rank(), vp_stage, te,
-                                      model.pre_process, model.post_process):
-        if key not in state:
-            raise CheckpointError(f"model has no parameter {key}; does it match the checkpoint?")
-        parts = src.parts(w, layer)
-        if w.vocab:
-            parts = [pad_vocab(x, model.vocab_size) for x in parts]
-        value = placement.shard(parts, tp, tp_rank, w.tp_dim)
-        check_shape(key, value, state[key].shape)
-        with torch.no_grad():
-            state[key].copy_(value)
-        filled.add(key)
-    missing = [k for k in state if k not in filled and not k.endswith("_extra_state")]
-    if strict and missing:
-        raise CheckpointError(f"model weights not found in the checkpoint: {missing[:5]}")
-
-
-# ----------------------------------------------------------------------------- torch_dist
-
-
-def save_torch_dist(chunks, iter_dir: str, args_ns: argparse.Namespace, iteration: Union[int, str] = 0,
-                    **extra) -> None:
-    """``dist_checkpointing.save`` of the model chunks (all ranks call it), with Megatron-LM's entries."""
-    from megatron.core import dist_checkpointing
-
-    chunks = chunks if isinstance(chunks, list) else [chunks]
-    state = dict(checkpoint_entries(args_ns, iteration), **extra)
-    if len(chunks) == 1:
-        state["model"] = chunks[0].sharded_state_dict()
-    else:
-        for i, m in enumerate(chunks):
-            state[f"model{i}"] = m.sharded_state_dict()
-    os.makedirs(iter_dir, exist_ok=True)
-    dist_checkpointing.save(state, iter_dir)
-
-
-def load_torch_dist_into_model(model, iter_dir: str, strict: bool = True) -> None:
-    """Load a torch_dist checkpoint into one model chunk (re-sharded by megatron for this TP/PP)."""
-    from megatron.core import dist_checkpointing
-
-    # Sharded tensor keys are global, so the top-level name of the chunk does not matter for the weights.
-    torch.serialization.add_safe_globals([argparse.Namespace])  # megatron reads common.pt weights_only
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, iter_dir)
-    model.load_state_dict(loaded["model"], strict=strict)
+            self._cache.pop((t, p, e), None)

@@ -15,15 +15,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_patch.checkpointing.placement import stage_sizes
 from megatron_patch.models import rope as rope_math
-from megatron_patch.models.family import ModelArgs
+from megatron_patch.models.config import ModelArgs, transformer_config_fields
 
 log = logging.getLogger(__name__)
 
 TRANSFORMER_IMPLS = ("auto", "transformer_engine", "local")
 # Core attention of the local spec: torch SDPA (``models/attention.py``) or megatron's DotProductAttention.
 ATTENTION_IMPLS = ("auto", "sdpa", "dot_product")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def te_available() -> bool:
@@ -61,6 +61,8 @@ def transformer_config(
     sequence_parallel: bool = False,
     first_stage_layers: Optional[int] = None,
     last_stage_layers: Optional[int] = None,
+    ep: int = 1,
+    etp: Optional[int] = None,
     **overrides,
 ):
     """A megatron-core ``TransformerConfig`` for Llama/Qwen-style decoders."""
@@ -69,23 +71,17 @@ def transformer_config(
     check_parallel_layout(args, tp, pp, vpp, first_stage_layers, last_stage_layers)
     on_gpu = torch.cuda.is_available()
     kw = dict(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups,
-        kv_channels=args.kv_channels,
-        layernorm_epsilon=args.norm_epsilon,
+        **transformer_config_fields(args),
         normalization="RMSNorm",
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=args.add_qkv_bias,
-        qk_layernorm=args.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=tp if etp is None else etp,
         virtual_pipeline_model_parallel_size=vpp,
         num_layers_in_first_pipeline_stage=first_stage_layers,
         num_layers_in_last_pipeline_stage=last_stage_layers,
@@ -226,14 +222,16 @@ def check_parallel_layout(
     vpp: Optional[int] = None,
     first_stage_layers: Optional[int] = None,
     last_stage_layers: Optional[int] = None,
+    ep: int = 1,
+    etp: Optional[int] = None,
 ) -> None:
-    """Reject a TP/PP layout the model cannot be split into, with a message naming the problem.
+    """Reject a TP/PP/EP layout the model cannot be split into, with a message naming the problem.
 
     Called before any process group or tensor work, by the converter and the trainer alike.
     """
-    heads, groups, layers = args.num_attention_heads, args.num_query_groups, args.num_layers
-    if tp < 1 or pp < 1:
-        raise ValueError(f"tensor ({tp}) and pipeline ({pp}) parallel sizes must be >= 1")
+    heads, groups = args.num_attention_heads, args.num_query_groups
+    if tp < 1:
+        raise ValueError(f"tensor parallel size must be >= 1, got {tp}")
     if heads % tp:
         raise ValueError(f"num_attention_heads {heads} is not divisible by tensor parallel size {tp}")
     # megatron-core splits query groups across TP ranks; with TP > groups each group spans TP/groups ranks.
@@ -244,30 +242,19 @@ def check_parallel_layout(
         )
     if args.ffn_hidden_size % tp:
         raise ValueError(f"ffn_hidden_size {args.ffn_hidden_size} is not divisible by tensor parallel size {tp}")
-    if pp > layers:
-        raise ValueError(f"pipeline parallel size {pp} is larger than num_layers {layers}")
-    if vpp and pp == 1:
-        raise ValueError("virtual pipeline stages need pipeline parallel size > 1")
-    if first_stage_layers is None and last_stage_layers is None:
-        per = pp * (vpp or 1)
-        if layers % per:
-            raise ValueError(
-                f"num_layers {layers} is not divisible by pipeline parallel size {pp}"
-                + (f" x virtual stages {vpp}" if vpp else "")
-                + " (use --decoder-first/last-pipeline-num-layers for uneven splits)"
-            )
+    stage_sizes(args.num_layers, pp, vpp, first_stage_layers, last_stage_layers)
+    etp = tp if etp is None else etp
+    if ep < 1 or etp < 1:
+        raise ValueError(f"expert parallel ({ep}) and expert tensor parallel ({etp}) sizes must be >= 1")
+    if not args.is_moe:
+        if ep > 1:
+            raise ValueError(f"expert parallel size {ep} needs a mixture-of-experts model; this one is dense")
         return
-    if vpp:
-        raise ValueError("uneven pipeline splits cannot be combined with virtual pipeline stages here")
-    edge = [n for n in (first_stage_layers, last_stage_layers) if n is not None]
-    if any(n < 1 for n in edge):
-        raise ValueError("decoder first/last pipeline stage layer counts must be >= 1")
-    middle_stages = pp - len(edge)
-    middle_layers = layers - sum(edge)
-    if middle_layers < 0 or (middle_stages == 0 and middle_layers != 0):
-        raise ValueError(f"uneven pipeline split {first_stage_layers}/{last_stage_layers} does not fit {layers} layers in {pp} stages")
-    if middle_stages and (middle_layers < middle_stages or middle_layers % middle_stages):
-        raise ValueError(
-            f"the {middle_layers} layers left after the first/last stages do not split evenly over "
-            f"{middle_stages} middle stages"
-        )
+    if args.num_experts % ep:
+        raise ValueError(f"num_experts {args.num_experts} is not divisible by expert parallel size {ep}")
+    moe_ffn = args.moe_ffn_hidden_size or args.ffn_hidden_size
+    if moe_ffn % etp:
+        raise ValueError(f"moe_ffn_hidden_size {moe_ffn} is not divisible by expert tensor parallel size {etp}")
+    shared = args.moe_shared_expert_intermediate_size
+    if shared and shared % tp:
+        raise ValueError(f"shared_expert_intermediate_size {shared} is not divisible by tensor parallel size {tp}")

@@ -1,89 +1,68 @@
-"""What a model family declares, and the translation of a HF ``config.json`` into model arguments.
+"""What a model family declares, the registry keyed by HF ``architectures``, and HF config translation.
 
-A family is a few constants over one generic engine: which HF ``architectures`` it serves, whether
-its attention has a QKV bias or q/k RMSNorm, and any config it must refuse. Everything else (the
-config field table below, the layer spec, the weight table in ``checkpointing/weights.py``) is shared.
-
-``ModelArgs`` uses Megatron-LM's argument names, so the same object fills a ``TransformerConfig``,
-the ``args`` namespace of a Megatron checkpoint, and the training arguments.
+A family is one module in ``megatron_patch/models/families/`` that calls ``register(Family(...))``: the HF
+architecture names it serves, its HF ``model_type``, the ``ModelArgs`` values the architecture implies
+(e.g. Qwen2's QKV bias), any config it must refuse, and its weight mappings (``checkpointing/mapping.py``).
+Every module in that package is imported when the registry is first used, so adding a family is adding
+one file; a package outside this project can register more through the ``megatron_patch.families``
+entry-point group, and a test can call ``register`` itself.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import importlib
 import json
 import os
+import pkgutil
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
-from megatron_patch.models.rope import RopeSpec, parse_rope
+from megatron_patch.models.config import ModelArgs, ModelConfigError, hf_fields, read_fields
+from megatron_patch.models.rope import RopeConfigError, parse_rope
 
-
-class ModelConfigError(ValueError):
-    """A HF config this project cannot build a model from (the message names the problem)."""
-
-
-@dataclass(frozen=True)
-class ModelArgs:
-    architecture: str
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    kv_channels: int
-    vocab_size: int
-    max_position_embeddings: int
-    norm_epsilon: float
-    untie_embeddings_and_output_weights: bool
-    add_qkv_bias: bool
-    qk_layernorm: bool
-    rope: RopeSpec = field(default_factory=RopeSpec)
-
-    def padded_vocab_size(self, divisible_by: int, tp: int) -> int:
-        """Megatron pads the vocab to a multiple of ``divisible_by * tp`` so each TP shard is even."""
-        multiple = divisible_by * tp
-        return -(-self.vocab_size // multiple) * multiple
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelArgs":
-        d = dict(d)
-        d["rope"] = RopeSpec(**d["rope"])
-        return cls(**d)
+__all__ = ["Family", "ModelArgs", "ModelConfigError", "register", "get_family", "supported_architectures",
+           "args_from_hf", "read_hf_config", "hf_config_dict", "family_of"]
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
     architectures: tuple[str, ...]
-    add_qkv_bias: bool = False
-    qk_layernorm: bool = False
-    # Extra checks on the raw HF config (e.g. Qwen2's sliding window), raising ModelConfigError.
+    model_type: str  # HF ``model_type`` written into exported configs
+    weights: Callable[[ModelArgs], list]  # the weight mappings of a model (checkpointing.mapping.Mapping)
+    fixed: dict = field(default_factory=dict)  # ModelArgs values the architecture implies
+    # ModelArgs values derived from the raw HF config beyond the shared field table (e.g. MoE layer pattern).
+    translate: Optional[Callable[[dict], dict]] = None
+    # Extra checks on the raw HF config (e.g. a sliding window), raising ModelConfigError.
     validate: Optional[Callable[[dict], None]] = None
+    # HF config keys to write back that the shared field table does not produce.
+    hf_extra: Optional[Callable[[ModelArgs], dict]] = None
 
-
-# (HF field, ModelArgs field, default when absent; REQUIRED = must be present)
-REQUIRED = object()
-CONFIG_FIELDS = (
-    ("num_hidden_layers", "num_layers", REQUIRED),
-    ("hidden_size", "hidden_size", REQUIRED),
-    ("intermediate_size", "ffn_hidden_size", REQUIRED),
-    ("num_attention_heads", "num_attention_heads", REQUIRED),
-    ("vocab_size", "vocab_size", REQUIRED),
-    ("rms_norm_eps", "norm_epsilon", 1e-6),
-    ("max_position_embeddings", "max_position_embeddings", 4096),
-)
 
 _REGISTRY: dict[str, Family] = {}
+_LOADED = False
 
 
 def register(family: Family) -> Family:
     for arch in family.architectures:
         _REGISTRY[arch] = family
     return family
+
+
+def _load_families() -> None:
+    # Importing a family module registers it. Lazy, so importing this module stays cheap.
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    from megatron_patch.models import families
+
+    for mod in pkgutil.iter_modules(families.__path__):
+        importlib.import_module(f"{families.__name__}.{mod.name}")
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="megatron_patch.families"):
+        ep.load()
 
 
 def supported_architectures() -> list[str]:
@@ -100,58 +79,75 @@ def get_family(architecture: str) -> Family:
     return _REGISTRY[architecture]
 
 
-def _load_families() -> None:
-    # Importing the family modules registers them; done lazily to keep this module import-light.
-    from megatron_patch.models import llama, qwen  # noqa: F401
+def family_of(args: ModelArgs) -> Family:
+    return get_family(args.architecture)
+
+
+def _architecture(hf_config: Any) -> str:
+    if not isinstance(hf_config, dict):
+        raise ModelConfigError(f"config must be a JSON object, got {type(hf_config).__name__}")
+    archs = hf_config.get("architectures")
+    if not archs:
+        raise ModelConfigError("config has no 'architectures' field")
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ModelConfigError(f"config field 'architectures' must be a list of names, got {archs!r}")
+    return archs[0]
 
 
 def args_from_hf(hf_config: dict) -> ModelArgs:
     """Translate a HF config dict (transformers 4.x or 5.x shape) into ``ModelArgs``."""
-    archs = hf_config.get("architectures") or []
-    if not archs:
-        raise ModelConfigError("config has no 'architectures' field")
-    family = get_family(archs[0])
+    arch = _architecture(hf_config)
+    family = get_family(arch)
     if family.validate:
         family.validate(hf_config)
-    values = {}
-    for hf_key, name, default in CONFIG_FIELDS:
-        if hf_config.get(hf_key) is None:
-            if default is REQUIRED:
-                raise ModelConfigError(f"config is missing the required field {hf_key!r}")
-            values[name] = default
-        else:
-            values[name] = hf_config[hf_key]
-    heads = values["num_attention_heads"]
-    groups = hf_config.get("num_key_value_heads") or heads
-    head_dim = hf_config.get("head_dim") or values["hidden_size"] // heads
-    if heads % groups:
-        raise ModelConfigError(f"num_attention_heads {heads} is not divisible by num_key_value_heads {groups}")
+    values = read_fields(hf_config)
+    heads, hidden = values["num_attention_heads"], values["hidden_size"]
+    if values["num_query_groups"] is None:
+        values["num_query_groups"] = heads
+    if values["kv_channels"] is None:
+        if hidden % heads:
+            raise ModelConfigError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}; "
+                                   "the config needs 'head_dim'")
+        values["kv_channels"] = hidden // heads
+    if heads % values["num_query_groups"]:
+        raise ModelConfigError(f"num_attention_heads {heads} is not divisible by num_key_value_heads "
+                               f"{values['num_query_groups']}")
     if hf_config.get("hidden_act", "silu") != "silu":
         raise ModelConfigError(f"unsupported hidden_act {hf_config['hidden_act']!r}; only 'silu' (SwiGLU)")
-    if float(hf_config.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ModelConfigError("partial_rotary_factor != 1.0 is not supported")
-    # Qwen2 configs carry attention_bias implicitly (always on); Llama may set it explicitly.
-    qkv_bias = family.add_qkv_bias or bool(hf_config.get("attention_bias", False))
+    prf = hf_config.get("partial_rotary_factor", 1.0)
+    if isinstance(prf, bool) or not isinstance(prf, (int, float)) or prf != 1.0:
+        raise ModelConfigError(f"partial_rotary_factor {prf!r} is not supported (only 1.0)")
     if hf_config.get("mlp_bias"):
         raise ModelConfigError("mlp_bias=True is not supported")
-    return ModelArgs(
-        architecture=archs[0],
-        num_query_groups=int(groups),
-        kv_channels=int(head_dim),
-        untie_embeddings_and_output_weights=not hf_config.get("tie_word_embeddings", False),
-        add_qkv_bias=qkv_bias,
-        qk_layernorm=family.qk_layernorm,
-        rope=parse_rope(hf_config),
-        **values,
-    )
+    values.update(family.fixed)
+    if family.translate:
+        values.update(family.translate(hf_config))
+    try:
+        rope = parse_rope(hf_config)
+    except RopeConfigError as e:
+        raise ModelConfigError(str(e)) from None
+    return ModelArgs(architecture=arch, rope=rope, **values)
 
 
 def read_hf_config(model_dir: str) -> dict:
-    path = os.path.join(model_dir, "config.json")
+    path = os.path.join(model_dir, "config.json") if os.path.isdir(model_dir) else model_dir
     if not os.path.isfile(path):
         raise ModelConfigError(f"no config.json in {model_dir}")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
+            cfg = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ModelConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ModelConfigError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def hf_config_dict(args: ModelArgs) -> dict:
+    """A HF ``config.json`` for ``args`` (used when the source checkpoint carries none; no dtype key)."""
+    family = family_of(args)
+    cfg = dict(architectures=[args.architecture], model_type=family.model_type, hidden_act="silu",
+               **hf_fields(args), **args.rope.to_hf())
+    if family.hf_extra:
+        cfg.update(family.hf_extra(args))
+    return cfg

@@ -3,7 +3,7 @@
 Why not megatron-core's own ``rope_scaling``: upstream hard-codes Llama-3's low/high frequency factors
 (1, 4) and original context (8192) and only lets the factor vary. A config with other values would
 silently get different frequencies. We compute ``inv_freq`` here from every field of the HF config and
-install it on megatron's ``RotaryEmbedding`` after construction (see ``family.build_model``).
+install it on megatron's ``RotaryEmbedding`` after construction (see ``builder.install_rope_frequencies``).
 
 Accepts both config shapes: transformers 4.x (``rope_theta`` and ``rope_scaling`` at top level) and
 5.x (``rope_parameters`` holding ``rope_type``, ``rope_theta`` and the scaling fields).

@@ -53,6 +53,8 @@ def initialize(
     pp: int = 1,
     vpp: Optional[int] = None,
     cp: int = 1,
+    ep: int = 1,
+    etp: Optional[int] = None,
     seed: int = 1234,
     timeout_minutes: int = 30,
 ) -> None:
@@ -83,6 +85,10 @@ def initialize(
         raise ValueError(
             f"world size {world} is not divisible by tensor ({tp}) x pipeline ({pp}) x context ({cp}) parallel sizes"
         )
+    etp = tp if etp is None else etp
+    if world % (etp * ep * pp) != 0:
+        raise ValueError(f"world size {world} is not divisible by expert tensor ({etp}) x expert ({ep}) x "
+                         f"pipeline ({pp}) parallel sizes")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -90,6 +96,8 @@ def initialize(
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
         context_parallel_size=cp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
     )
     set_seed(seed)
 

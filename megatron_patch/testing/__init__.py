@@ -1,2 +1,2 @@
-"""Helpers shared by the tests, benchmarks and the quickstart: tiny HF models built from shrunk real
-configs, and a launcher that runs a function on N real gloo/NCCL processes."""
+"""Helpers for the tests, benchmarks and the quickstart, never imported by the library or the toolkits:
+tiny HF models built in-process from shrunk real configs."""

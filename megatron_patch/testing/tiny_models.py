@@ -31,6 +31,9 @@ CONFIGS: dict[str, tuple[str, str, dict]] = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
         intermediate_size=96, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
         head_dim=16)),  # 16 != hidden / heads = 8
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(
+        intermediate_size=112, rms_norm_eps=1e-5, rope_theta=1000000.0, tie_word_embeddings=False,
+        sliding_window=None)),  # Mistral 7B v0.2+ (no sliding window)
 }
 
 
@@ -41,6 +44,8 @@ def hf_config(name: str, **overrides):
     cls, arch, fields = CONFIGS[name]
     kw = {**_COMMON, **fields, "architectures": [arch], **overrides}
     return getattr(transformers, cls)(**kw)
+
+
 def save_tiny_model(name: str, out_dir: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> str:
     """Build a random tiny HF model of family ``name`` and save it (safetensors) to ``out_dir``."""
     from transformers import AutoModelForCausalLM
@@ -57,12 +62,3 @@ def save_tiny_model(name: str, out_dir: str, seed: int = 0, dtype: torch.dtype =
                 p.normal_(0, 0.1)
     model.to(dtype).save_pretrained(out_dir)
     return out_dir
-
-
-def hf_logits(model_dir: str, tokens: torch.Tensor) -> torch.Tensor:
-    """Reference logits from HF transformers in fp32."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(tokens).logits

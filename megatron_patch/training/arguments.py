@@ -12,6 +12,10 @@ import argparse
 import os
 from typing import Optional, Sequence
 
+from megatron_patch.checkpointing.layout import CKPT_FORMATS
+from megatron_patch.fusions.rope import ROPE_IMPLS
+from megatron_patch.models.builder import ATTENTION_IMPLS, TRANSFORMER_IMPLS, resolve_transformer_impl
+
 
 class ArgumentError(ValueError):
     """An inconsistent or invalid combination of arguments (the message names it)."""
@@ -25,11 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model-config", help="HF config.json (or a directory holding one) to train from scratch; "
                    "without it the architecture comes from the --load checkpoint")
-    g.add_argument("--transformer-impl", default="auto", choices=["auto", "transformer_engine", "local"],
+    g.add_argument("--transformer-impl", default="auto", choices=TRANSFORMER_IMPLS,
                    help="layer implementation: Transformer Engine on GPU when installed, else megatron's local one")
-    g.add_argument("--rope-impl", default="auto", choices=["auto", "te", "apex", "triton", "torch"],
+    g.add_argument("--rope-impl", default="auto", choices=ROPE_IMPLS,
                    help="RoPE kernel (auto picks the fastest available)")
-    g.add_argument("--attention-impl", default="auto", choices=["auto", "sdpa", "dot_product"],
+    g.add_argument("--attention-impl", default="auto", choices=ATTENTION_IMPLS,
                    help="core attention of the local spec: torch SDPA (auto) or megatron's unfused DotProductAttention")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="pad the vocabulary to a multiple of this times TP")
@@ -84,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", help="checkpoint directory to start from (converted or trained)")
     g.add_argument("--save", help="checkpoint directory to write")
     g.add_argument("--save-interval", type=int, default=None, help="save every N iterations (and at the end)")
-    g.add_argument("--ckpt-format", default="torch", choices=["torch", "torch_dist"],
+    g.add_argument("--ckpt-format", default="torch", choices=CKPT_FORMATS,
                    help="format of saved checkpoints")
     g.add_argument("--finetune", action="store_true",
                    help="load weights only from --load; start at iteration 0 with fresh optimizer")
@@ -146,20 +150,17 @@ def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> argpars
     a.num_microbatches = a.global_batch_size // (mbs * dp)
     if a.sequence_parallel and tp == 1:
         raise ArgumentError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    try:
+        impl = resolve_transformer_impl(a.transformer_impl)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
     if a.sequence_parallel:
-        from megatron_patch.models.builder import resolve_transformer_impl
-
-        try:
-            impl = resolve_transformer_impl(a.transformer_impl)
-        except ValueError as e:
-            raise ArgumentError(str(e)) from None
         if impl == "local":
             # megatron-core's local layer spec uses torch norms, which assert that SP is off.
             raise ArgumentError("--sequence-parallel needs Transformer Engine layers (megatron-core's local "
                                 "layers reject it); install transformer-engine on a GPU machine")
     if a.bf16 and a.fp16:
         raise ArgumentError("--bf16 and --fp16 are mutually exclusive")
-    a.vpp = None
     if a.num_layers_per_virtual_pipeline_stage is not None:
         if pp == 1:
             raise ArgumentError("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
@@ -189,10 +190,34 @@ def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> argpars
             raise ArgumentError("--tokenizer-model is required with --data-path")
     if a.sft_pack_sequences and not a.sft:
         raise ArgumentError("--sft-pack-sequences needs --sft")
+    if a.sft_pack_sequences and impl == "transformer_engine":
+        raise ArgumentError("--sft-pack-sequences uses an explicit attention mask, which the Transformer Engine "
+                            "layers here do not take; add --transformer-impl local")
     if a.eval_interval is not None and a.eval_interval < 1:
         raise ArgumentError("--eval-interval must be >= 1")
     a.params_dtype = "bf16" if a.bf16 else "fp16" if a.fp16 else "fp32"
     return a
+
+
+def for_model(a: argparse.Namespace, margs) -> argparse.Namespace:
+    """The arguments with what depends on the model (``vpp``), checked against it; a new namespace.
+
+    The layout check is ``builder.check_parallel_layout``'s (the one statement of the rules).
+    """
+    from megatron_patch.models.builder import check_parallel_layout
+
+    pp, per = a.pipeline_model_parallel_size, a.num_layers_per_virtual_pipeline_stage
+    vpp = None
+    if per is not None:
+        if margs.num_layers % (per * pp):
+            raise ArgumentError(f"{margs.num_layers} layers cannot be split into PP={pp} stages of virtual stages "
+                                f"with {per} layers each")
+        vpp = margs.num_layers // (per * pp)
+    try:
+        check_parallel_layout(margs, a.tensor_model_parallel_size, pp, vpp)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
+    return argparse.Namespace(**{**vars(a), "vpp": vpp})
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:

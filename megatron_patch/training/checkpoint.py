@@ -29,7 +29,7 @@ import torch.distributed as dist
 from megatron_patch.checkpointing import layout
 from megatron_patch.checkpointing.megatron_args import to_namespace
 from megatron_patch.checkpointing.megatron_format import open_checkpoint
-from megatron_patch.models.family import ModelArgs
+from megatron_patch.models.config import ModelArgs
 from megatron_patch.training.loop import TrainState, unwrap
 
 DISTRIB_OPTIM = "distrib_optim.pt"
@@ -92,9 +92,7 @@ def checkpoint_args(args, margs: ModelArgs, state: TrainState) -> argparse.Names
 
 
 def _model_entries(chunks: list) -> dict:
-    if len(chunks) == 1:
-        return {"model": unwrap(chunks[0]).state_dict_for_save_checkpoint()}
-    return {f"model{i}": unwrap(c).state_dict_for_save_checkpoint() for i, c in enumerate(chunks)}
+    return {key: unwrap(c).state_dict_for_save_checkpoint() for key, c in zip(layout.chunk_keys(len(chunks)), chunks)}
 
 
 def _common(args, margs, state, scheduler) -> dict:
@@ -121,13 +119,7 @@ def save(args, margs: ModelArgs, chunks: list, optimizer, scheduler, state: Trai
         _save_torch(args, margs, chunks, optimizer, scheduler, state, tmp)
     dist.barrier()
     if rank == 0:
-        if os.path.exists(final):  # re-saving an iteration: replace it only now that the new one is whole
-            old = final + ".old"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, final)
+        layout.replace_dir(tmp, final)  # re-saving an iteration replaces it only now that the new one is whole
         layout.write_tracker(root, state.iteration)
         print(f"saved checkpoint iteration {state.iteration} to {final}", flush=True)
     dist.barrier()
@@ -167,12 +159,7 @@ def _sharded_state(args, chunks, optimizer, scheduler, margs, state, is_loading:
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    model_sd = {}
-    if len(chunks) == 1:
-        model_sd["model"] = unwrap(chunks[0]).sharded_state_dict()
-    else:
-        for i, c in enumerate(chunks):
-            model_sd[f"model{i}"] = unwrap(c).sharded_state_dict()
+    model_sd = {key: unwrap(c).sharded_state_dict() for key, c in zip(layout.chunk_keys(len(chunks)), chunks)}
     sd = dict(model_sd)
     sd.update(_common(args, margs, state, scheduler))
     sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
@@ -196,46 +183,29 @@ def _save_torch_dist(args, margs, chunks, optimizer, scheduler, state, tmp: str)
 # ---------------------------------------------------------------- load
 
 def _load_model_chunks(chunks: list, state: dict) -> None:
-    """Megatron-LM's keys: ``model`` for one chunk, ``model0``, ``model1``, ... with virtual stages."""
-    if len(chunks) == 1:
-        unwrap(chunks[0]).load_state_dict(state["model"], strict=True)
-    else:
-        for i, c in enumerate(chunks):
-            unwrap(c).load_state_dict(state[f"model{i}"], strict=True)
-
-
-def read_args(load_dir: str) -> tuple[ModelArgs, argparse.Namespace, int | str, str]:
-    """(model args, stored args, iteration, format) of the checkpoint the tracker of ``load_dir`` names."""
-    info = open_checkpoint(load_dir)
-    return info.args, info.ns, info.iteration, info.format
+    for key, c in zip(layout.chunk_keys(len(chunks)), chunks):
+        unwrap(c).load_state_dict(state[key], strict=True)
 
 
 def load(args, margs: ModelArgs, chunks: list, optimizer, scheduler) -> TrainState:
     """Restore weights (and unless finetuning: optimizer, scheduler, RNG, progress) from ``args.load``."""
     from megatron.core import parallel_state as ps
 
-    _, ns, iteration, fmt = read_args(args.load)
-    release = iteration == "release"
-    weights_only = args.finetune or release
-    same_layout = (getattr(ns, "tensor_model_parallel_size", None) == args.tensor_model_parallel_size
-                   and getattr(ns, "pipeline_model_parallel_size", None) == args.pipeline_model_parallel_size
-                   and getattr(ns, "virtual_pipeline_model_parallel_size", None) == args.vpp)
-    if fmt == "torch_dist":
-        return _load_torch_dist(args, margs, chunks, optimizer, scheduler, iteration, weights_only)
-    if not same_layout:
-        if not weights_only:
-            raise ResumeError(
-                f"{args.load} was saved at TP={ns.tensor_model_parallel_size} PP={ns.pipeline_model_parallel_size}"
-                f" VPP={getattr(ns, 'virtual_pipeline_model_parallel_size', None)}; resuming optimizer state "
-                "needs the same layout (use --finetune to load weights only, or convert it first)")
-        _load_other_layout(args, chunks, iteration)
+    info = open_checkpoint(args.load)
+    if args.finetune or info.iteration == "release":
+        load_weights(args, chunks)
         return TrainState()
-    path = layout.rank_file(args.load, iteration, ps.get_tensor_model_parallel_rank(),
+    if (info.tp, info.pp, info.vpp) != (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                        args.vpp):
+        raise ResumeError(
+            f"{args.load} was saved at TP={info.tp} PP={info.pp} VPP={info.vpp}; resuming optimizer state "
+            "needs the same layout (use --finetune to load weights only, or convert it first)")
+    if info.format == "torch_dist":
+        return _load_torch_dist(args, margs, chunks, optimizer, scheduler, info.iter_dir)
+    path = layout.rank_file(args.load, info.iteration, ps.get_tensor_model_parallel_rank(),
                             ps.get_pipeline_model_parallel_rank(), args.pipeline_model_parallel_size)
     sd = layout.load_rank_file(path)
     _load_model_chunks(chunks, sd)
-    if weights_only:
-        return TrainState()
     if not args.no_load_optim:
         if "optimizer" not in sd:
             raise ResumeError(f"{path} holds no optimizer state (pass --no-load-optim or --finetune)")
@@ -277,33 +247,31 @@ def _load_dp_zero(opt, param_state) -> None:
             opt.optimizer.state[p]["step"] = step.clone()
 
 
-def _load_other_layout(args, chunks: list, iteration) -> None:
-    """Weights of a checkpoint with another TP/PP: through the converter's loader."""
-    try:
-        from megatron_patch.checkpointing.megatron_format import load_megatron_into_model
-    except ImportError:
-        raise ResumeError(f"{args.load} has another TP/PP layout; convert it to this layout first "
-                          "(python -m toolkits.checkpoint mcore2mcore)") from None
+def load_weights(args, chunks: list) -> None:
+    """Weights only, from a checkpoint of any layout or format, through the library's one loader."""
+    from megatron_patch.checkpointing.sources import load_into_model, open_source
+
+    source = open_source(args.load)
     for i, c in enumerate(chunks):
-        load_megatron_into_model(unwrap(c), args.load, vp_stage=i if args.vpp else None)
+        load_into_model(unwrap(c), source, vp_stage=i if args.vpp else None)
 
 
-def _load_torch_dist(args, margs, chunks, optimizer, scheduler, iteration, weights_only: bool) -> TrainState:
+def _load_torch_dist(args, margs, chunks, optimizer, scheduler, iter_dir: str) -> TrainState:
     from megatron.core import dist_checkpointing
 
-    iter_dir = os.path.join(args.load, layout.iteration_dir_name(iteration))
-    load_optim = not weights_only and not args.no_load_optim
+    from megatron_patch.checkpointing.torch_dist import read_metadata
+
+    read_metadata(iter_dir)  # through the allow-list before megatron's plain pickle.load sees the file
+    load_optim = not args.no_load_optim
     sd = _sharded_state(args, chunks, optimizer, scheduler, margs, TrainState(), is_loading=True)
     if not load_optim:
         sd.pop("optimizer")
-    if weights_only or args.no_load_rng:
+    if args.no_load_rng:
         sd.pop("rng_state")
     # common.pt holds the args Namespace; megatron-core loads it with torch's weights_only default.
     with torch.serialization.safe_globals([argparse.Namespace]):
         loaded = dist_checkpointing.load(sd, iter_dir)
     _load_model_chunks(chunks, loaded)
-    if weights_only:
-        return TrainState()
     if load_optim:
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["opt_param_scheduler"])

@@ -157,10 +157,6 @@ def as_iterators(batches: list[dict], num_chunks: int):
     return [iter(batches) for _ in range(num_chunks)]
 
 
-def describe(dataset) -> str:
-    return f"{type(dataset).__name__}({len(dataset)} samples)" if dataset is not None else "none"
-
-
 def validate_sizes(train, needed: int) -> None:
     if train is None or len(train) == 0:
         raise DataError("the training split is empty: check --split and the amount of data")

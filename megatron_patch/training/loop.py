@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -20,11 +19,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_patch.models.family import ModelArgs
+from megatron_patch import dtypes
+from megatron_patch.models.config import ModelArgs
+from megatron_patch.models.flops import flops_per_token
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -33,27 +33,12 @@ class TrainState:
     consumed_train_samples: int = 0
 
 
-def vpp_size(args, margs: ModelArgs) -> Optional[int]:
-    """Virtual stages per pipeline rank from ``--num-layers-per-virtual-pipeline-stage``."""
-    per = args.num_layers_per_virtual_pipeline_stage
-    if per is None:
-        return None
-    pp = args.pipeline_model_parallel_size
-    if margs.num_layers % (per * pp):
-        raise ValueError(f"{margs.num_layers} layers cannot be split into PP={pp} stages of virtual stages "
-                         f"with {per} layers each")
-    return margs.num_layers // (per * pp)
-
-
 def transformer_config_for(args, margs: ModelArgs):
     from megatron_patch.models.builder import transformer_config
 
-    pp = args.pipeline_model_parallel_size
-    if margs.num_layers % pp:
-        raise ValueError(f"{margs.num_layers} layers are not divisible by PP={pp}")
     cfg = transformer_config(
-        margs, tp=args.tensor_model_parallel_size, pp=pp, vpp=args.vpp,
-        params_dtype=_DTYPES[args.params_dtype], sequence_parallel=args.sequence_parallel,
+        margs, tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size, vpp=args.vpp,
+        params_dtype=dtypes.BY_NAME[args.params_dtype], sequence_parallel=args.sequence_parallel,
         recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers,
         calculate_per_token_loss=True,
@@ -111,7 +96,7 @@ def build_optimizer(args, chunks: list):
     cfg = OptimizerConfig(
         optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
-        clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16, params_dtype=_DTYPES[args.params_dtype],
+        clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16, params_dtype=dtypes.BY_NAME[args.params_dtype],
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(cfg, chunks)
@@ -214,17 +199,6 @@ def evaluate(args, chunks: list, dataset, device) -> Optional[float]:
     return None if acc is None else (acc[0] / acc[1].clamp(min=1)).item()
 
 
-def flops_per_token(margs: ModelArgs, seq: int) -> float:
-    """Training FLOPs per token: 6 x matmul parameters plus causal attention scores (fwd + bwd)."""
-    h, L = margs.hidden_size, margs.num_layers
-    qkv = h * (margs.num_attention_heads + 2 * margs.num_query_groups) * margs.kv_channels
-    proj = margs.num_attention_heads * margs.kv_channels * h
-    mlp = 3 * h * margs.ffn_hidden_size
-    dense = L * (qkv + proj + mlp) + h * margs.vocab_size
-    attn = L * 2 * seq * margs.num_attention_heads * margs.kv_channels  # QK^T and AV, halved by causality
-    return 6.0 * dense + 3.0 * attn
-
-
 def train(args: argparse.Namespace, margs: ModelArgs, chunks: list, optimizer, scheduler, state: TrainState,
           datasets, metrics, save_fn) -> TrainState:
     """Run iterations ``state.iteration+1 .. --train-iters``; saves through ``save_fn(state)``."""
@@ -268,6 +242,3 @@ def train(args: argparse.Namespace, margs: ModelArgs, chunks: list, optimizer, s
             break
     return state
 
-
-def is_finite(x: float) -> bool:
-    return not (math.isnan(x) or math.isinf(x))

@@ -172,11 +172,6 @@ def split_sizes(n: int, split: str) -> list[int]:
 
 def build_sft_datasets(args, tok):
     """(train, valid, test) SFT datasets from the JSONL files in ``--data-path``."""
-    from megatron_patch.models.builder import resolve_transformer_impl
-
-    if args.sft_pack_sequences and resolve_transformer_impl(args.transformer_impl) == "transformer_engine":
-        raise DataError("--sft-pack-sequences uses an explicit attention mask, which the Transformer Engine "
-                        "layers here do not take; add --transformer-impl local")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     report = SFTReport()
     convs = read_conversations(list(args.data_path), tok, args.seq_length, report)

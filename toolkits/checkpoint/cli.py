@@ -7,29 +7,31 @@ and exit status 2; a failed ``--verify`` prints the diff and exits 1. Nothing is
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
 from typing import Optional
 
+from megatron_patch import dtypes
+from megatron_patch.checkpointing.layout import CKPT_FORMATS
+from megatron_patch.models.builder import TRANSFORMER_IMPLS
 from toolkits.checkpoint import convert
 from toolkits.checkpoint.verify import DEFAULT_TOL
 
 
-def _layout_args(p: argparse.ArgumentParser, required: bool) -> None:
+def _layout_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("target layout")
-    g.add_argument("--target-tensor-parallel-size", "--tp", dest="tp", type=int, required=required, default=1,
-                   help="tensor-parallel size of the output checkpoint")
-    g.add_argument("--target-pipeline-parallel-size", "--pp", dest="pp", type=int, required=required, default=1,
-                   help="pipeline-parallel size of the output checkpoint")
+    g.add_argument("--target-tensor-parallel-size", "--tp", dest="tp", type=int, default=1,
+                   help="tensor-parallel size of the output checkpoint (default 1)")
+    g.add_argument("--target-pipeline-parallel-size", "--pp", dest="pp", type=int, default=1,
+                   help="pipeline-parallel size of the output checkpoint (default 1)")
     g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
                    help="layers on the first pipeline stage (uneven split, Megatron-LM semantics)")
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
                    help="layers on the last pipeline stage (uneven split, Megatron-LM semantics)")
-    g.add_argument("--ckpt-format", choices=("torch", "torch_dist"), default="torch",
+    g.add_argument("--ckpt-format", choices=CKPT_FORMATS, default="torch",
                    help="torch: mp_rank_* rank files; torch_dist: megatron-core dist_checkpointing")
-    g.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default=None,
+    g.add_argument("--transformer-impl", choices=[i for i in TRANSFORMER_IMPLS if i != "auto"], default=None,
                    help="state-dict names to write (default: transformer_engine if usable here, else local)")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
                    help="pad the vocab to a multiple of this x TP (default 128, or the source's value)")
@@ -38,7 +40,7 @@ def _layout_args(p: argparse.ArgumentParser, required: bool) -> None:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-dir", required=True, help="input checkpoint directory")
     p.add_argument("--save-dir", required=True, help="output directory (must not exist or be empty)")
-    p.add_argument("--params-dtype", choices=("fp32", "bf16", "fp16"), default=None,
+    p.add_argument("--params-dtype", choices=tuple(dtypes.BY_NAME), default=None,
                    help="dtype of the written weights (default: the source's dtype)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-dir")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -51,33 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("hf2mcore", help="HF safetensors directory -> Megatron checkpoint")
     _common(p)
-    _layout_args(p, required=True)
+    _layout_args(p)
     p.add_argument("--verify", action="store_true", help="compare fp32 logits with HF transformers afterwards")
     p = sub.add_parser("mcore2hf", help="Megatron checkpoint (release or training) -> HF safetensors directory")
     _common(p)
     p.add_argument("--verify", action="store_true", help="compare fp32 logits with the source checkpoint")
     p = sub.add_parser("mcore2mcore", help="Megatron checkpoint -> another TP/PP layout or format")
     _common(p)
-    _layout_args(p, required=True)
+    _layout_args(p)
     return parser
 
 
-def _total_params(args: argparse.Namespace) -> int:
-    """Parameter count of the model to convert (for the progress bar); 0 when the input is unreadable."""
-    from megatron_patch.checkpointing import weights as W
-    from megatron_patch.checkpointing.megatron_format import open_checkpoint
-    from megatron_patch.models.family import args_from_hf, read_hf_config
-
-    try:
-        margs = (args_from_hf(read_hf_config(args.load_dir)) if args.command == "hf2mcore"
-                 else open_checkpoint(args.load_dir).args)
-    except Exception:
-        return 0  # the conversion itself reports the problem
-    return sum(math.prod(s) for w, _ in W.iter_rows(margs) for s in W.expected_hf_shapes(w, margs))
-
-
 def run(args: argparse.Namespace) -> int:
-    update, close = convert.progress_bar(_total_params(args), args.command, not args.quiet)
+    update, close = convert.progress_bar(convert.total_params(args.command, args.load_dir), args.command,
+                                         not args.quiet)
     start = time.perf_counter()
     try:
         if args.command == "hf2mcore":

@@ -1,18 +1,19 @@
 """Check a Megatron checkpoint against HF transformers: fp32 logits on TP x PP real gloo processes.
 
 ``verify_checkpoint(hf_dir, ckpt_dir)`` builds megatron-core models for the checkpoint's own layout (or a
-given TP x PP), fills them with ``load_megatron_into_model``, runs ``forward_logits`` through the pipeline
-schedule and compares with the HF model's fp32 logits. The trainer's tests can reuse it as is.
+given TP x PP), fills them through the library's one loader (``load_into_model``), runs
+``forward_logits`` through the pipeline schedule and compares with ``hf_logits``, the HF model's fp32 logits.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from megatron_patch.testing import distributed
+from megatron_patch.runtime import spawn
 
 DEFAULT_TOL = 1e-5
 
@@ -33,37 +34,56 @@ class VerifyResult:
                 f"top-1 agreement {100 * self.top1_agreement:.2f}%")
 
 
-def _worker(ckpt_dir: str, tp: int, pp: int, tokens: torch.Tensor):
-    import torch.distributed as dist
+def hf_logits(model_dir: str, tokens: torch.Tensor) -> torch.Tensor:
+    """Reference logits from HF transformers in fp32 (the model loaded offline, no remote code)."""
+    from transformers import AutoModelForCausalLM
 
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, local_files_only=True,
+                                                 trust_remote_code=False).eval()
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def checkpoint_logits(ckpt_dir: str, tokens: torch.Tensor, tp: int, pp: int, ep: int = 1) -> torch.Tensor:
+    """fp32 logits of a checkpoint (Megatron or HF directory) on THIS process group's TP x PP (x EP) ranks.
+
+    Call it on every rank of a running group (e.g. inside ``spawn.run``); every rank gets the logits.
+    """
     from megatron_patch import runtime
-    from megatron_patch.checkpointing.megatron_format import load_megatron_into_model, open_checkpoint
+    from megatron_patch.checkpointing.sources import load_into_model, open_source
     from megatron_patch.models.builder import build_model, transformer_config
     from megatron_patch.models.forward import forward_logits
 
-    info = open_checkpoint(ckpt_dir)
-    ns, args = info.ns, info.args
-    same = (tp, pp) == (info.tp, info.pp)
-    first = getattr(ns, "decoder_first_pipeline_num_layers", None) if same else None
-    last = getattr(ns, "decoder_last_pipeline_num_layers", None) if same else None
-    runtime.initialize(tp=tp, pp=pp, seed=0)
-    config = transformer_config(args, tp=tp, pp=pp, params_dtype=torch.float32,
+    source = open_source(ckpt_dir)
+    info = getattr(source, "info", None)
+    same = info is not None and (tp, pp) == (info.tp, info.pp)
+    first, last = (info.first, info.last) if same else (None, None)
+    divisible = getattr(info.ns, "make_vocab_size_divisible_by", 128) if info is not None else 128
+    runtime.initialize(tp=tp, pp=pp, ep=ep, seed=0)
+    config = transformer_config(source.args, tp=tp, pp=pp, ep=ep, params_dtype=torch.float32,
                                 first_stage_layers=first, last_stage_layers=last)
-    divisible = getattr(ns, "make_vocab_size_divisible_by", 128)
-    model = build_model(args, config, transformer_impl="local", make_vocab_size_divisible_by=divisible)
-    load_megatron_into_model(model, ckpt_dir)
-    logits = forward_logits([model], tokens, args.vocab_size)
+    model = build_model(source.args, config, transformer_impl="local", make_vocab_size_divisible_by=divisible)
+    load_into_model(model, source)
+    return forward_logits([model], tokens, source.args.vocab_size)
+
+
+def _worker(ckpt_dir: str, tp: int, pp: int, ep: int, tokens: torch.Tensor):
+    import torch.distributed as dist
+
+    logits = checkpoint_logits(ckpt_dir, tokens, tp, pp, ep)
     return logits if dist.get_rank() == 0 else None
 
 
-def megatron_logits(ckpt_dir: str, tokens: torch.Tensor, tp: Optional[int] = None,
-                    pp: Optional[int] = None) -> torch.Tensor:
-    """fp32 logits of a Megatron checkpoint on TP x PP gloo processes (default: its own layout)."""
+def megatron_logits(ckpt_dir: str, tokens: torch.Tensor, tp: Optional[int] = None, pp: Optional[int] = None,
+                    ep: Optional[int] = None) -> torch.Tensor:
+    """fp32 logits of a Megatron checkpoint on TP x PP (x EP) spawned gloo processes (default: its layout)."""
     from megatron_patch.checkpointing.megatron_format import open_checkpoint
 
     info = open_checkpoint(ckpt_dir)
-    tp, pp = tp or info.tp, pp or info.pp
-    return distributed.run(_worker, tp * pp, ckpt_dir, tp, pp, tokens)[0]
+    tp, pp, ep = tp or info.tp, pp or info.pp, ep or info.ep
+    # EP is carved out of data parallelism: the smallest world holding both TP x PP and EP x PP.
+    world = math.lcm(tp, ep) * pp
+    return spawn.run(_worker, world, ckpt_dir, tp, pp, ep, tokens)[0]
 
 
 def default_tokens(vocab_size: int, batch: int = 2, seq: int = 16) -> torch.Tensor:
@@ -74,7 +94,6 @@ def verify_checkpoint(hf_dir: str, ckpt_dir: str, tp: Optional[int] = None, pp: 
                       tokens: Optional[torch.Tensor] = None, tol: float = DEFAULT_TOL) -> VerifyResult:
     """Compare the logits of ``ckpt_dir`` (megatron-core) and ``hf_dir`` (transformers), both fp32."""
     from megatron_patch.checkpointing.megatron_format import open_checkpoint
-    from megatron_patch.testing.tiny_models import hf_logits
 
     vocab = open_checkpoint(ckpt_dir).args.vocab_size
     tokens = default_tokens(vocab) if tokens is None else tokens

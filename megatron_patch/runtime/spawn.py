@@ -1,8 +1,9 @@
 """Run a function on N real processes with a real process group (gloo on CPU, NCCL on GPU).
 
-Used by the tests so that many checks share one launch: ``run(fn, world_size, *args)`` spawns the
-processes, sets torchrun's environment variables, calls ``fn(*args)`` on each and returns the
-per-rank results (rank order). Any rank's exception is re-raised with its traceback.
+``run(fn, world_size, *args)`` spawns the processes, sets torchrun's environment variables, calls
+``fn(*args)`` on each and returns the per-rank results in rank order. Any rank's exception is re-raised
+with its traceback; a rank that dies without reporting (a crash, a kill) fails the run at once instead of
+after the timeout. The converter's ``--verify`` and torch_dist helper, the tests and the benchmarks use it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import queue as queue_mod
 import socket
+import time
 import traceback
 
 import torch.multiprocessing as mp
@@ -48,21 +50,27 @@ def run(fn, world_size: int, *args, timeout: float = 600):
     for p in procs:
         p.start()
     results, errors = {}, []
-    for _ in range(world_size):
-        try:
-            rank, ok, value = queue.get(timeout=timeout)
-        except queue_mod.Empty:
-            errors.append(f"timed out after {timeout}s; exit codes {[p.exitcode for p in procs]}")
-            break
-        if ok:
-            results[rank] = value
-        else:
-            errors.append(f"rank {rank}:\n{value}")
-            break
-    for p in procs:
-        p.join(timeout=5 if errors else timeout)
-        if p.is_alive():
-            p.kill()
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) < world_size and not errors:
+            try:
+                rank, ok, value = queue.get(timeout=1.0)
+            except queue_mod.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                if dead:
+                    errors.append(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode} before reporting")
+                elif time.monotonic() > deadline:
+                    errors.append(f"timed out after {timeout}s; exit codes {[p.exitcode for p in procs]}")
+                continue
+            if ok:
+                results[rank] = value
+            else:
+                errors.append(f"rank {rank}:\n{value}")
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors or len(results) < world_size else timeout)
+            if p.is_alive():
+                p.kill()
     if errors:
         raise RuntimeError("distributed run failed\n" + "\n".join(errors))
     return [results[r] for r in range(world_size)]

@@ -1,0 +1,189 @@
+"""megatron-core's torch_dist checkpoints (PyTorch Distributed Checkpoint files), read without megatron-core.
+
+A torch_dist iteration folder holds ``metadata.json`` (megatron's backend names), ``.metadata`` (a pickle
+of PyTorch DCP's ``Metadata``: every tensor's global shape, its saved chunks and where each chunk's bytes
+are), ``__<rank>_<i>.distcp`` data files (one ``torch.save`` record per chunk) and the common state
+(``common.pt`` up to megatron-core 0.18). Tensors are stored with global shapes, so the layout the
+checkpoint was saved at does not matter: decoder-layer tensors are stacked on a leading layer axis
+(``decoder.layers.<name>``, shape ``[num_layers, ...]``) under the Transformer Engine spellings.
+
+Why not ``dist_checkpointing.load``: it unpickles ``.metadata`` with plain ``pickle`` (a crafted checkpoint
+runs code), needs a process group and a built model, and loads whole tensors. ``TorchDistSource`` reads the
+metadata through an allow-list of DCP's own classes (``read_metadata``) and then only the chunks that hold
+the requested layer, so converting from torch_dist streams like the torch format does. Every reader of
+torch_dist in this project (the converter, the trainer's ``--load``) validates ``.metadata`` here first.
+
+Writing stays with megatron-core (``save``): its sharded state dict is the format's definition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import pickle
+from typing import Optional, Union
+
+import torch
+
+from megatron_patch.checkpointing import layout
+from megatron_patch.checkpointing.layout import CheckpointError
+from megatron_patch.checkpointing.mapping import EXPERT, GLOBAL, Mapping
+from megatron_patch.checkpointing.transforms import strip_vocab
+
+METADATA = ".metadata"
+COMMON = "common.pt"
+_DCP = "torch.distributed.checkpoint"
+# The classes a legitimate DCP ``.metadata`` pickle refers to (torch 2.6 .. 2.13, megatron-core 0.15 ..).
+_SAFE_METADATA = {
+    (f"{_DCP}.metadata", n) for n in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {
+    (f"{_DCP}.planner", n) for n in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")
+} | {(f"{_DCP}.filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+     ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Resolves only the allow-listed DCP classes and torch dtypes; anything else is refused by name."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _SAFE_METADATA or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                  (torch.dtype, torch.layout,
+                                                                                   torch.memory_format))):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in torch_dist metadata")
+
+
+def read_metadata(iter_dir: str):
+    """The DCP ``Metadata`` of a torch_dist folder, unpickled through the allow-list."""
+    path = os.path.join(iter_dir, METADATA)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{iter_dir} has no {METADATA}: an incomplete torch_dist checkpoint")
+    try:
+        with open(path, "rb") as f:
+            md = _MetadataUnpickler(f).load()
+    except Exception as e:  # noqa: BLE001 - any failure is a bad file
+        raise CheckpointError(f"refusing {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+            from None
+    if type(md).__name__ != "Metadata" or not isinstance(getattr(md, "state_dict_metadata", None), dict):
+        raise CheckpointError(f"{path} is not a PyTorch distributed checkpoint metadata file")
+    return md
+
+
+def read_common(iter_dir: str) -> dict:
+    """The common (non-sharded) state of a torch_dist checkpoint: ``args``, ``iteration``, ..."""
+    path = os.path.join(iter_dir, COMMON)
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    try:
+        common = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path} is not a readable torch_dist common file: {str(e).splitlines()[0]}") \
+            from None
+    if not isinstance(common, dict):
+        raise CheckpointError(f"{path} does not hold a dict")
+    return common
+
+
+class TorchDistSource:
+    """Whole Megatron tensors of a torch_dist checkpoint, read chunk by chunk from the ``.distcp`` files."""
+
+    def __init__(self, info):
+        from megatron_patch.models.family import family_of
+
+        self.info, self.args = info, info.args
+        self.weights = family_of(self.args).weights(self.args)
+        md = read_metadata(info.iter_dir)
+        self.tensors = {k: v for k, v in md.state_dict_metadata.items() if hasattr(v, "chunks")}
+        # (key, chunk offsets) -> (file, byte offset, length) of that chunk's torch.save record.
+        self.where = {}
+        for idx, st in md.storage_data.items():
+            if getattr(st, "transform_descriptors", None):
+                raise CheckpointError(f"{info.iter_dir}: compressed/transformed DCP records are not supported")
+            self.where[(idx.fqn, tuple(idx.offset) if idx.offset is not None else None)] = st
+        for st in self.where.values():
+            path = os.path.normpath(os.path.join(info.iter_dir, st.relative_path))
+            if os.path.dirname(path) != os.path.normpath(info.iter_dir):
+                raise CheckpointError(f"{info.iter_dir}: metadata names a data file outside the checkpoint "
+                                      f"({st.relative_path!r})")
+
+    def fork(self) -> "TorchDistSource":
+        return self  # stateless between reads: safe to share
+
+    def release(self) -> None:
+        pass
+
+    def key(self, m: Mapping) -> str:
+        # torch_dist keys are the Transformer Engine spellings, layers stacked under ``decoder.layers.``. A
+        # tied output layer is not stored: it is the embedding.
+        if m.tied:
+            m = next(w for w in self.weights if w.scope == GLOBAL and w.vocab and not w.tied and w is not m
+                     and w.stage != m.stage)
+        return m.name(True) if m.scope == GLOBAL else "decoder.layers." + m.name(True).format(j="")
+
+    def read(self, key: str, lead: tuple[int, ...] = ()) -> torch.Tensor:
+        """``tensor[lead]`` of the global tensor ``key`` (e.g. one layer of a layer-stacked tensor)."""
+        meta = self.tensors.get(key)
+        if meta is None:
+            raise CheckpointError(f"torch_dist checkpoint {self.info.iter_dir} has no tensor {key}")
+        k, size = len(lead), tuple(meta.size)
+        out = torch.empty(size[k:], dtype=meta.properties.dtype)
+        covered = 0
+        for chunk in meta.chunks:
+            off, sz = tuple(chunk.offsets), tuple(chunk.sizes)
+            if any(not (o <= i < o + s) for i, o, s in zip(lead, off, sz)):
+                continue
+            data = self._load_chunk(key, off, sz)
+            piece = data[tuple(i - o for i, o in zip(lead, off))]
+            out[tuple(slice(o, o + s) for o, s in zip(off[k:], sz[k:]))].copy_(piece)
+            covered += piece.numel()
+        if covered != out.numel():
+            raise CheckpointError(f"torch_dist checkpoint {self.info.iter_dir}: tensor {key}{list(lead)} is "
+                                  "not fully covered by its chunks (a missing .distcp file?)")
+        return out
+
+    def _load_chunk(self, key: str, off: tuple, sz: tuple) -> torch.Tensor:
+        st = self.where.get((key, off))
+        if st is None:
+            raise CheckpointError(f"torch_dist metadata of {self.info.iter_dir} has no storage entry for {key}")
+        path = os.path.join(self.info.iter_dir, st.relative_path)
+        try:
+            with open(path, "rb") as f:
+                f.seek(st.offset)
+                raw = f.read(st.length)
+            if len(raw) != st.length:
+                raise CheckpointError(f"{path} is truncated")
+            t = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"cannot read {key} from {path}: {str(e).splitlines()[0]}") from None
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != sz:
+            raise CheckpointError(f"{path}: record of {key} does not have the shape its metadata gives")
+        return t
+
+    def parts(self, m: Mapping, layer: Optional[int] = None, expert: Optional[int] = None) -> list[torch.Tensor]:
+        lead = () if m.scope == GLOBAL else (layer,) if m.scope != EXPERT else (layer, expert)
+        t = self.read(self.key(m), lead)
+        parts = list(torch.chunk(t, m.n_parts, dim=0)) if m.n_parts > 1 else [t]
+        if m.vocab:
+            parts = [strip_vocab(x, self.args.vocab_size) for x in parts]
+        return parts
+
+    def stage_of(self, m: Mapping, layer: Optional[int]) -> int:
+        return 0
+
+
+def save(chunks, iter_dir: str, args_ns: argparse.Namespace, iteration: Union[int, str] = 0, **extra) -> None:
+    """``dist_checkpointing.save`` of model chunks (every rank calls it), with Megatron-LM's common entries."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_patch.checkpointing.megatron_format import checkpoint_entries
+
+    chunks = chunks if isinstance(chunks, list) else [chunks]
+    state = dict(checkpoint_entries(args_ns, iteration), **extra)
+    for key, m in zip(layout.chunk_keys(len(chunks)), chunks):
+        state[key] = m.sharded_state_dict()
+    os.makedirs(iter_dir, exist_ok=True)
+    dist_checkpointing.save(state, iter_dir)

@@ -1,0 +1,173 @@
+"""``ModelArgs`` and the one table that relates its fields to HF ``config.json`` keys and to megatron-core's
+``TransformerConfig``.
+
+``ModelArgs`` field names ARE Megatron-LM's argument names (``num_layers``, ``num_query_groups``,
+``untie_embeddings_and_output_weights``, ...), so one object fills a ``TransformerConfig``, the ``args``
+namespace of a Megatron checkpoint and the trainer's arguments. ``FIELDS`` says, once per field, which HF
+key holds it, which ``TransformerConfig`` field takes it, its type and its default. Everything that
+translates a config in any direction walks that table: ``args_from_hf`` (HF -> ModelArgs),
+``hf_config_dict`` (ModelArgs -> HF), ``megatron_args`` (ModelArgs <-> checkpoint args) and
+``builder.transformer_config`` (ModelArgs -> TransformerConfig).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from megatron_patch.models.rope import RopeSpec
+
+
+class ModelConfigError(ValueError):
+    """A HF config this project cannot build a model from (the message names the field)."""
+
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Field:
+    """One model hyperparameter in all its spellings."""
+
+    name: str  # ModelArgs attribute == Megatron-LM argument name
+    hf: tuple[str, ...] = ()  # HF config.json keys, the first present wins; written back under hf[0]
+    tc: Optional[str] = None  # TransformerConfig field
+    default: Any = REQUIRED  # REQUIRED: the HF config must have it; None: derived from other fields
+    kind: type = int  # int | float | bool
+    invert: bool = False  # HF stores the negation (``tie_word_embeddings`` vs ``untie_...``)
+    moe: bool = False  # only mixture-of-experts configs have it
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("num_layers", ("num_hidden_layers",), "num_layers"),
+    Field("hidden_size", ("hidden_size",), "hidden_size"),
+    Field("ffn_hidden_size", ("intermediate_size",), "ffn_hidden_size"),
+    Field("num_attention_heads", ("num_attention_heads",), "num_attention_heads"),
+    Field("num_query_groups", ("num_key_value_heads",), "num_query_groups", default=None),
+    Field("kv_channels", ("head_dim",), "kv_channels", default=None),
+    Field("vocab_size", ("vocab_size",)),
+    Field("max_position_embeddings", ("max_position_embeddings",), default=4096),
+    Field("norm_epsilon", ("rms_norm_eps",), "layernorm_epsilon", default=1e-6, kind=float),
+    Field("untie_embeddings_and_output_weights", ("tie_word_embeddings",), default=False, kind=bool, invert=True),
+    Field("add_qkv_bias", ("attention_bias",), "add_qkv_bias", default=False, kind=bool),
+    Field("qk_layernorm", (), "qk_layernorm", default=False, kind=bool),
+    # Mixture of experts (None / 0 for dense models).
+    Field("num_experts", ("num_experts", "num_local_experts"), "num_moe_experts", default=None, moe=True),
+    Field("moe_ffn_hidden_size", ("moe_intermediate_size",), "moe_ffn_hidden_size", default=None, moe=True),
+    Field("moe_router_topk", ("num_experts_per_tok",), "moe_router_topk", default=None, moe=True),
+    Field("moe_aux_loss_coeff", ("router_aux_loss_coef",), "moe_aux_loss_coeff", default=0.0, kind=float,
+          moe=True),
+    Field("moe_shared_expert_intermediate_size", ("shared_expert_intermediate_size",),
+          "moe_shared_expert_intermediate_size", default=None, moe=True),
+)
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """The architecture of one model, under Megatron-LM's argument names (see ``FIELDS``)."""
+
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    vocab_size: int
+    max_position_embeddings: int
+    norm_epsilon: float
+    untie_embeddings_and_output_weights: bool
+    add_qkv_bias: bool
+    qk_layernorm: bool
+    rope: RopeSpec = field(default_factory=RopeSpec)
+    num_experts: Optional[int] = None
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_router_topk: Optional[int] = None
+    moe_aux_loss_coeff: float = 0.0
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    # Routing and layer pattern (family-derived, no single HF key): see models/qwen_moe.py, mixtral.py.
+    moe_router_pre_softmax: bool = False
+    moe_shared_expert_gate: bool = False
+    moe_layer_freq: Optional[tuple[int, ...]] = None  # 1 = MoE layer, 0 = dense; None = every layer MoE
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.num_experts)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.is_moe and (self.moe_layer_freq is None or bool(self.moe_layer_freq[layer]))
+
+    def padded_vocab_size(self, divisible_by: int, tp: int) -> int:
+        """Megatron pads the vocab to a multiple of ``divisible_by * tp`` so each TP shard is even."""
+        multiple = divisible_by * tp
+        return -(-self.vocab_size // multiple) * multiple
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if d["moe_layer_freq"] is not None:
+            d["moe_layer_freq"] = list(d["moe_layer_freq"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        d = dict(d)
+        d["rope"] = RopeSpec(**d["rope"])
+        if d.get("moe_layer_freq") is not None:
+            d["moe_layer_freq"] = tuple(d["moe_layer_freq"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ModelConfigError(f"unknown model argument(s) {', '.join(unknown)}")
+        return cls(**d)
+
+
+def _typed(value: Any, f: Field, where: str) -> Any:
+    """Check the JSON type of a config value (a string for a number is refused, not coerced)."""
+    if f.kind is bool:
+        if not isinstance(value, bool):
+            raise ModelConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ModelConfigError(f"{where} must be a number, got {type(value).__name__} {value!r}")
+    if f.kind is int:
+        if value != int(value):
+            raise ModelConfigError(f"{where} must be an integer, got {value!r}")
+        value = int(value)
+        if value < 1:
+            raise ModelConfigError(f"{where} must be >= 1, got {value}")
+        return value
+    value = float(value)
+    if value < 0:
+        raise ModelConfigError(f"{where} must be >= 0, got {value}")
+    return value
+
+
+def read_fields(hf_config: dict) -> dict:
+    """The ``FIELDS`` values of a HF config dict: typed, defaulted, required ones checked."""
+    values = {}
+    for f in FIELDS:
+        key = next((k for k in f.hf if hf_config.get(k) is not None), None)
+        if key is None:
+            if f.default is REQUIRED:
+                raise ModelConfigError(f"config is missing the required field {f.hf[0]!r}")
+            values[f.name] = f.default
+            continue
+        value = _typed(hf_config[key], f, f"config field {key!r}")
+        values[f.name] = (not value) if f.invert else value
+    return values
+
+
+def hf_fields(args: ModelArgs) -> dict:
+    """``FIELDS`` back to HF keys (the inverse of ``read_fields``; unset MoE fields are left out)."""
+    out = {}
+    for f in FIELDS:
+        value = getattr(args, f.name)
+        if f.hf and value is not None and (args.is_moe or not f.moe):
+            out[f.hf[0]] = (not value) if f.invert else value
+    return out
+
+
+def transformer_config_fields(args: ModelArgs) -> dict:
+    """``TransformerConfig`` keyword arguments of the table fields that have one."""
+    return {f.tc: getattr(args, f.name) for f in FIELDS if f.tc and (args.is_moe or not f.moe)}

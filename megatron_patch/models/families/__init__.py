@@ -1,0 +1,1 @@
+"""The model families: one module each, imported (and so registered) by ``models.family`` on first use."""
