@@ -48,10 +48,11 @@ def test_preprocess_roundtrip_and_bad_lines(tmp_path, tok_dir):
         preprocess([str(tmp_path / "missing.jsonl")], str(tmp_path / "o2"), tok_dir, progress=False)
     with pytest.raises(PreprocessError, match=":2: malformed JSON"):
         preprocess([str(src)], str(tmp_path / "o3"), tok_dir, strict=True, progress=False)
-    assert not list(tmp_path.glob("o3*")), "strict failure left partial output"
+    assert not list(tmp_path.glob("o3*")) and not list(tmp_path.glob(".o3*")), "strict failure left partial output"
 
 
-def test_preprocess_cli_multiprocess(tmp_path, tok_dir, capsys):
+def test_preprocess_cli(tmp_path, tok_dir, capsys):
+    """The command line (--workers N against one process: tests/test_preprocess.py)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from toolkits.data.preprocess import main
@@ -59,7 +60,7 @@ def test_preprocess_cli_multiprocess(tmp_path, tok_dir, capsys):
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"text": " ".join(WORDS[i:i + 5])}) + "\n" for i in range(10)))
     assert main(["--input", str(src), "--output-prefix", str(tmp_path / "o"), "--tokenizer-model", tok_dir,
-                 "--workers", "2", "--quiet"]) == 0
+                 "--quiet"]) == 0
     assert "10 documents" in capsys.readouterr().out
     assert len(IndexedDataset(str(tmp_path / "o"))) == 10
     assert main(["--input", str(tmp_path / "nope.jsonl"), "--output-prefix", str(tmp_path / "x"),

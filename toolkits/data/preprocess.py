@@ -4,24 +4,51 @@
 
 Tokenizes with the HF tokenizer in ``--tokenizer-model`` (no special tokens added, EOS appended to
 every document so GPTDataset sees document boundaries), in ``--workers`` processes, and writes with
-megatron-core's own ``IndexedDatasetBuilder``. Lines that are not JSON objects, lack the key, or hold
-empty text are skipped, counted and reported (file and line number); ``--strict`` makes the first one
-fatal. Output is written to temporary files and renamed into place only when complete.
+megatron-core's own ``IndexedDatasetBuilder``. The output bytes do not depend on ``--workers``.
+
+Bad lines are skipped, counted and reported as ``file:line: reason``; ``--strict`` makes the first one
+fatal. A bad line is one that is not valid UTF-8 (it is not decoded with replacement characters: the
+document would silently change), not a JSON object, lacks the key, holds a non-string, or holds text the
+tokenizer cannot encode (a lone surrogate such as ``"\\ud800"``). Blank-text lines are counted as empty.
+
+Documents longer than ``--piece-chars`` characters are tokenized piece by piece (bounded memory), with
+tokens equal to whole-text tokenization where ``toolkits.data.pieces`` can show it; otherwise the
+document is named in an "inexact cuts" warning.
+
+Output goes to temporary files (``DIR/.NAME.bin.tmp-HOST-PID-RANDOM`` for ``--output-prefix DIR/NAME``)
+that are renamed into place only when complete; SIGTERM/SIGINT remove them and exit with 128 + the
+signal number; temporary files left by dead runs are removed by the next run (``toolkits.data.outputs``).
+Existing outputs are replaced only with ``--overwrite``. Every expected failure (bad arguments,
+unreadable input, missing tokenizer files, unwritable or full output directory) ends in one
+``error: ...`` line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
+import contextlib
 import json
 import multiprocessing as mp
 import os
+import re
+import signal
 import sys
 import time
+import warnings
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence
 
-_TOKENIZER = None
-_KEY = "text"
+import numpy as np
+
+from toolkits.data import outputs
+from toolkits.data.pieces import PIECE_CHARS, Cutter, cutter_for, encode_texts
+
+CHUNK_LINES = 256  # lines per task: enough to amortise a worker round trip
+CHUNK_BYTES = 4 << 20  # ...and at most this much raw text per task (one longer line is a task of its own)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class PreprocessError(ValueError):
@@ -34,143 +61,278 @@ class Report:
     tokens: int = 0
     malformed: list = field(default_factory=list)  # "file:line: reason"
     empty: int = 0
+    inexact: list = field(default_factory=list)  # "file:line: N cuts ..." (see toolkits.data.pieces)
+    removed_stale: list = field(default_factory=list)  # temp files of dead runs removed before starting
     seconds: float = 0.0
 
     def summary(self) -> str:
         bad = len(self.malformed)
         tps = self.tokens / self.seconds if self.seconds else 0.0
+        inexact = f"; {len(self.inexact)} documents with inexact cuts" if self.inexact else ""
         return (f"{self.documents} documents, {self.tokens} tokens in {self.seconds:.1f}s ({tps:,.0f} tokens/s); "
-                f"skipped {bad} malformed and {self.empty} empty lines")
+                f"skipped {bad} malformed and {self.empty} empty lines{inexact}")
 
 
-def _init_worker(tokenizer_dir: str, key: str) -> None:
-    global _TOKENIZER, _KEY
+class Row(NamedTuple):
+    """One input line's outcome, in input order."""
+
+    path: str
+    lineno: int
+    status: str  # "ok" | "empty" | "bad"
+    value: Any  # token ids (np.ndarray) when "ok", the reason when "bad"
+    nbytes: int  # input bytes consumed (progress)
+    inexact_cuts: int = 0
+
+
+@dataclass
+class _Worker:
+    tok: Any
+    key: str
+    dtype: np.dtype
+    cutter: Cutter
+
+
+_STATE: Optional[_Worker] = None
+
+
+def _load_tokenizer(tokenizer_dir: str) -> Any:
     from transformers import AutoTokenizer
 
-    _TOKENIZER = AutoTokenizer.from_pretrained(tokenizer_dir)
-    _KEY = key
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except Exception as e:  # transformers raises OSError, ValueError, JSONDecodeError, ... for bad files
+        raise PreprocessError(f"cannot load the tokenizer in {tokenizer_dir}: {_first_line(e)}") from None
+    if tok.eos_token_id is None:
+        raise PreprocessError(f"the tokenizer in {tokenizer_dir} has no eos_token")
+    return tok
 
 
-def _encode_one(item: tuple[str, int, str]):
-    path, lineno, line = item
+def _set_state(tok: Any, key: str, dtype: str, piece_chars: int) -> None:
+    global _STATE
+    _STATE = _Worker(tok, key, np.dtype(dtype), cutter_for(tok, piece_chars))
+
+
+def _init_worker(tokenizer_dir: str, key: str, dtype: str, piece_chars: int) -> None:
+    # Ctrl-C reaches the whole process group; only the parent acts on it (and terminates the pool).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _set_state(_load_tokenizer(tokenizer_dir), key, dtype, piece_chars)
+
+
+def _parse(raw: bytes, key: str) -> tuple[str, Any]:
+    """("ok", text) | ("empty", None) | ("bad", reason) for one raw line."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return "bad", f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1})"
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
-        return path, lineno, "bad", f"malformed JSON ({e.msg})", len(line)
-    if not isinstance(obj, dict) or _KEY not in obj:
-        return path, lineno, "bad", f"no {_KEY!r} field", len(line)
-    text = obj[_KEY]
+        return "bad", f"malformed JSON ({e.msg})"
+    if not isinstance(obj, dict) or key not in obj:
+        return "bad", f"no {key!r} field"
+    text = obj[key]
     if not isinstance(text, str):
-        return path, lineno, "bad", f"{_KEY!r} is not a string", len(line)
+        return "bad", f"{key!r} is not a string"
+    m = _SURROGATE.search(text)  # JSON's "\ud800" escapes decode to code points UTF-8 cannot encode
+    if m:
+        return "bad", f"{key!r} is not encodable text (lone surrogate U+{ord(m.group()):04X} at character {m.start()})"
     if not text.strip():
-        return path, lineno, "empty", None, len(line)
-    return path, lineno, "ok", text, len(line)
+        return "empty", None
+    return "ok", text
 
 
-def _encode(items: list[tuple[str, int, str]]) -> list[tuple]:
-    """A chunk of (file, line, raw) -> (file, line, "ok"|"empty"|"bad", ids or reason, characters read).
-
-    Texts are tokenized as one batch: the fast tokenizer then runs its Rust loop over all of them.
-    """
-    rows = [_encode_one(it) for it in items]
-    ok = [i for i, r in enumerate(rows) if r[2] == "ok"]
-    if ok:
-        encoded = _TOKENIZER([rows[i][3] for i in ok], add_special_tokens=False)["input_ids"]
-        for i, ids in zip(ok, encoded):
-            ids.append(_TOKENIZER.eos_token_id)
-            rows[i] = rows[i][:3] + (ids,) + rows[i][4:]
+def _encode(items: list) -> list[Row]:
+    """A chunk of (file, line, raw bytes) -> Rows. Consumes ``items``: each raw line is dropped once parsed
+    so that a huge document is held once (as text), not three times (bytes, str, text)."""
+    st = _STATE
+    rows, texts, ok = [], [], []
+    for j, (path, lineno, raw) in enumerate(items):
+        items[j] = None
+        status, value = _parse(raw, st.key)
+        rows.append(Row(path, lineno, status, None if status == "ok" else value, len(raw)))
+        if status == "ok":
+            ok.append(j)
+            texts.append(value)
+        del raw, value
+    encoded = encode_texts(st.tok, texts, st.cutter, st.dtype, st.tok.eos_token_id)
+    del texts
+    for j, enc in zip(ok, encoded):
+        if enc.ids is None:
+            rows[j] = rows[j]._replace(status="bad", value=enc.error)
+        else:
+            rows[j] = rows[j]._replace(value=enc.ids, inexact_cuts=enc.inexact_cuts)
     return rows
 
 
-def _chunks(it, n: int):
-    buf = []
-    for x in it:
-        buf.append(x)
-        if len(buf) == n:
+def _lines(paths: Sequence[str]) -> Iterator[tuple[str, int, bytes]]:
+    """(file, line number, raw bytes) for every non-blank line. Lines end at b"\\n" only (JSONL); a UTF-8
+    byte-order mark at the start of a file is dropped."""
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                for i, raw in enumerate(f, 1):
+                    if i == 1 and raw.startswith(codecs.BOM_UTF8):
+                        raw = raw[len(codecs.BOM_UTF8):]
+                    if raw.strip():
+                        yield path, i, raw
+        except OSError as e:
+            raise PreprocessError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _chunks(items: Iterable, max_lines: int, max_bytes: int) -> Iterator[list]:
+    buf, size = [], 0
+    for item in items:
+        buf.append(item)
+        size += len(item[2])
+        if len(buf) >= max_lines or size >= max_bytes:
             yield buf
-            buf = []
+            buf, size = [], 0
     if buf:
         yield buf
 
 
-def _lines(paths: Sequence[str]) -> Iterator[tuple[str, int, str]]:
-    for path in paths:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    yield path, i, line
+def _results(chunks: Iterator[list], workers: int, tok: Any, init_args: tuple) -> Iterator[list[Row]]:
+    """Encoded chunks in input order. With workers, at most 2 x workers chunks are in flight: Pool.imap
+    would read the whole input into its task queue ahead of the workers."""
+    if workers == 1:
+        _set_state(tok, *init_args[1:])
+        for chunk in chunks:
+            yield _encode(chunk)
+        return
+    with mp.get_context("spawn").Pool(workers, _init_worker, init_args) as pool:  # exit = terminate
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_encode, (chunk,)))
+            del chunk
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 
-def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_dir: str, workers: int = 1,
-               key: str = "text", strict: bool = False, overwrite: bool = False, progress: bool = True) -> Report:
-    """Tokenize ``inputs`` into ``output_prefix.bin/.idx``; returns the counts."""
-    import numpy as np
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder, get_bin_path, get_idx_path
-    from transformers import AutoTokenizer
+def _import_builder():
+    # megatron-core warns at import about each optional accelerator library it cannot find (Transformer
+    # Engine, Apex): noise for a data tool that would bury its one-line error messages.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    return DType, IndexedDatasetBuilder
 
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def _writing(what: str) -> Iterator[None]:
+    """OS errors while writing (disk full, I/O error, quota) as one-line PreprocessErrors."""
+    try:
+        yield
+    except OSError as e:
+        raise PreprocessError(f"cannot write {what}: {e.strerror or _first_line(e)}") from None
+
+
+def _check_arguments(inputs: Sequence[str], tokenizer_dir: str, finals: Sequence[str], overwrite: bool) -> None:
+    """The cheap checks, before any heavy import or file is created."""
     for p in inputs:
         if not os.path.isfile(p):
             raise PreprocessError(f"input file {p} does not exist")
     if not os.path.isdir(tokenizer_dir):
         raise PreprocessError(f"tokenizer directory {tokenizer_dir} does not exist")
-    bin_path, idx_path = get_bin_path(output_prefix), get_idx_path(output_prefix)
-    for p in (bin_path, idx_path):
+    if not any(os.path.isfile(os.path.join(tokenizer_dir, f)) for f in _TOKENIZER_FILES):
+        raise PreprocessError(f"no tokenizer files in {tokenizer_dir} (expected tokenizer.json or "
+                              f"tokenizer_config.json)")
+    for p in finals:
         if os.path.exists(p) and not overwrite:
             raise PreprocessError(f"{p} exists (pass --overwrite to replace it)")
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    if tok.eos_token_id is None:
-        raise PreprocessError(f"the tokenizer in {tokenizer_dir} has no eos_token")
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)) or ".", exist_ok=True)
-    tmp_bin, tmp_idx = bin_path + ".tmp", idx_path + ".tmp"
-    builder = IndexedDatasetBuilder(tmp_bin, dtype=DType.optimal_dtype(len(tok)))
-    report = Report()
-    total = sum(os.path.getsize(p) for p in inputs)
-    bar = None
-    if progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr)
-    start = time.perf_counter()
-    pool = mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer_dir, key)) if workers > 1 else None
+
+def _temp_outputs(finals: Sequence[str], report: Report) -> outputs.TempOutputs:
+    out_dir = os.path.dirname(os.path.abspath(finals[0]))
     try:
-        if pool is None:
-            _init_worker(tokenizer_dir, key)
-            results = map(_encode, _chunks(_lines(inputs), 256))
-        else:
-            results = pool.imap(_encode, _chunks(_lines(inputs), 256))
-        for path, lineno, status, value, nbytes in (row for chunk in results for row in chunk):
-            if status == "ok":
-                builder.add_document(np.asarray(value, dtype=np.int64), [len(value)])
-                report.documents += 1
-                report.tokens += len(value)
-            elif status == "empty":
-                report.empty += 1
-            else:
-                msg = f"{path}:{lineno}: {value}"
-                if strict:
-                    raise PreprocessError(msg)
-                report.malformed.append(msg)
-            if bar is not None:
-                bar.update(nbytes)
-        builder.finalize(tmp_idx)
+        os.makedirs(out_dir, exist_ok=True)
+        report.removed_stale = outputs.remove_stale(finals)
+        return outputs.TempOutputs(finals)
+    except OSError as e:
+        raise PreprocessError(f"cannot write to {out_dir}: {e.strerror or _first_line(e)}") from None
+
+
+def _record(row: Row, builder: Any, report: Report, strict: bool) -> None:
+    if row.status == "ok":
+        builder.add_document(row.value, [len(row.value)])
+        report.documents += 1
+        report.tokens += len(row.value)
+        if row.inexact_cuts:
+            report.inexact.append(f"{row.path}:{row.lineno}: {row.inexact_cuts} inexact cuts")
+    elif row.status == "empty":
+        report.empty += 1
+    else:
+        msg = f"{row.path}:{row.lineno}: {row.value}"
+        if strict:
+            raise PreprocessError(msg)
+        report.malformed.append(msg)
+
+
+def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_dir: str, workers: int = 1,
+               key: str = "text", strict: bool = False, overwrite: bool = False, progress: bool = True,
+               piece_chars: int = PIECE_CHARS) -> Report:
+    """Tokenize ``inputs`` into ``output_prefix.bin/.idx``; returns the counts.
+
+    Raises PreprocessError for every expected failure, with nothing left behind; an interruption
+    (KeyboardInterrupt, :class:`toolkits.data.outputs.Interrupted`) removes the temporary files too.
+    """
+    bin_path, idx_path = output_prefix + ".bin", output_prefix + ".idx"  # megatron-core's get_bin/idx_path
+    _check_arguments(inputs, tokenizer_dir, (bin_path, idx_path), overwrite)
+    report = Report()
+    temps = builder = results = bar = None
+    try:
+        temps = _temp_outputs((bin_path, idx_path), report)
+        tmp_bin, tmp_idx = temps.paths
+        tok = _load_tokenizer(tokenizer_dir)
+        DType, IndexedDatasetBuilder = _import_builder()
+        dtype = DType.optimal_dtype(len(tok))
+        with _writing(bin_path):
+            builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=sum(os.path.getsize(p) for p in inputs), unit="B", unit_scale=True,
+                       desc="tokenizing", file=sys.stderr)
+        start = time.perf_counter()
+        chunks = _chunks(_lines(inputs), CHUNK_LINES, CHUNK_BYTES)
+        results = _results(chunks, workers, tok, (tokenizer_dir, key, np.dtype(dtype).name, piece_chars))
+        for chunk in results:
+            for row in chunk:
+                with _writing(bin_path):
+                    _record(row, builder, report, strict)
+                if bar is not None:
+                    bar.update(row.nbytes)
+        with _writing(bin_path):
+            builder.data_file.flush()  # so that a full disk is blamed on the .bin, not on finalize's .idx
+        with _writing(idx_path):
+            builder.finalize(tmp_idx)
+        report.seconds = time.perf_counter() - start
+        if report.documents == 0:
+            raise PreprocessError(f"no usable documents in {', '.join(inputs)} "
+                                  f"({len(report.malformed)} malformed, {report.empty} empty lines)")
+        try:
+            with _writing(f"{output_prefix}.bin/.idx"):
+                temps.commit(overwrite)
+        except outputs.OutputExists as e:
+            raise PreprocessError(f"{e} appeared while writing (another run?); it was not replaced") from None
     except BaseException:
-        for p in (tmp_bin, tmp_idx):
-            if os.path.exists(p):
-                os.remove(p)
+        if results is not None:
+            results.close()  # stops the worker pool first
+        if builder is not None:
+            with contextlib.suppress(OSError):
+                builder.data_file.close()  # a full disk fails the final flush again
+        if temps is not None:
+            temps.discard()
         raise
     finally:
-        if pool is not None:
-            pool.terminate()
         if bar is not None:
             bar.close()
-    if report.documents == 0:
-        os.remove(tmp_bin)
-        os.remove(tmp_idx)
-        raise PreprocessError(f"no usable documents in {', '.join(inputs)} "
-                              f"({len(report.malformed)} malformed, {report.empty} empty lines)")
-    os.replace(tmp_bin, bin_path)
-    os.replace(tmp_idx, idx_path)
-    report.seconds = time.perf_counter() - start
     return report
 
 
@@ -181,10 +343,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-model", required=True, help="HF tokenizer directory")
     p.add_argument("--json-key", default="text", help="the field holding the document text")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--piece-chars", type=int, default=PIECE_CHARS,
+                   help="longer documents are tokenized in pieces of about this many characters (memory bound)")
     p.add_argument("--strict", action="store_true", help="stop at the first malformed line")
     p.add_argument("--overwrite", action="store_true", help="replace existing PREFIX.bin/.idx")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def _warn_list(kind: str, msgs: list, limit: int = 20) -> None:
+    for msg in msgs[:limit]:
+        print(f"warning: {kind} {msg}", file=sys.stderr)
+    if len(msgs) > limit:
+        print(f"warning: ... and {len(msgs) - limit} more", file=sys.stderr)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -192,19 +363,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.workers < 1:
         print("error: --workers must be >= 1", file=sys.stderr)
         return 2
+    if a.piece_chars < 1:
+        print("error: --piece-chars must be >= 1", file=sys.stderr)
+        return 2
     try:
-        report = preprocess(a.input, a.output_prefix, a.tokenizer_model, a.workers, a.json_key, a.strict,
-                            a.overwrite, progress=not a.quiet)
+        with outputs.signals_raise():
+            report = preprocess(a.input, a.output_prefix, a.tokenizer_model, a.workers, a.json_key, a.strict,
+                                a.overwrite, progress=not a.quiet, piece_chars=a.piece_chars)
     except PreprocessError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for msg in report.malformed[:20]:
-        print(f"warning: skipped {msg}", file=sys.stderr)
-    if len(report.malformed) > 20:
-        print(f"warning: ... and {len(report.malformed) - 20} more malformed lines", file=sys.stderr)
+    except outputs.Interrupted as e:
+        print(f"error: interrupted by {e}; temporary files removed", file=sys.stderr)
+        return 128 + e.signum
+    for path in report.removed_stale:
+        print(f"note: removed stale temporary file {path}", file=sys.stderr)
+    _warn_list("skipped", report.malformed)
+    _warn_list("tokens may differ from whole-text tokenization near", report.inexact)
     print(f"wrote {a.output_prefix}.bin/.idx: {report.summary()}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if status >= 128:
+        # Interrupted, temp files already removed: exit now, like the signal's default action would,
+        # instead of the seconds-long interpreter teardown that torch and megatron-core bring.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
