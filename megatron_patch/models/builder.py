@@ -104,31 +104,52 @@ def transformer_config(
     return TransformerConfig(**kw)
 
 
-def layer_spec(args: ModelArgs, transformer_impl: str, attention_impl: str = "auto"):
-    """megatron's own layer spec; for the local spec, core attention per ``attention_impl`` (auto: sdpa).
+def layer_spec(args: ModelArgs, config, transformer_impl: str, attention_impl: str = "auto",
+               vp_stage: Optional[int] = None):
+    """megatron's own spec for this rank's decoder layers (dense/MoE per ``moe_layer_freq``).
 
-    The Transformer Engine spec is returned untouched (TE has its own fused attention).
+    Transformer Engine: megatron's TE spec untouched (grouped-GEMM experts). Local spec: megatron's local
+    layers with two modules swapped in copies of the spec (megatron's own is never edited): core attention
+    per ``attention_impl`` (auto: torch SDPA, ``models/attention.py``) and the norms (``models/norm.py``,
+    which also works with sequence parallelism).
     """
     from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
+        get_gpt_decoder_block_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
     if attention_impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
-    if resolve_transformer_impl(transformer_impl) == "transformer_engine":
+    te = resolve_transformer_impl(transformer_impl) == "transformer_engine"
+    if te and not args.is_moe:
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=args.qk_layernorm)
-    spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization="RMSNorm")
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization="RMSNorm",
+                                       vp_stage=vp_stage)
+    if te:
+        return block
+    from megatron_patch.models.norm import RMSNorm
+
+    block.layer_specs = [_local_layer(s, attention_impl, RMSNorm) for s in block.layer_specs]
+    block.layer_norm = RMSNorm
+    return block
+
+
+def _local_layer(spec, attention_impl: str, norm):
+    from dataclasses import replace
+
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    from megatron_patch.models.attention import SDPAttention
+
+    def swap(submodules, **mods):
+        return replace(submodules, **{k: v for k, v in mods.items() if getattr(submodules, k) is not IdentityOp})
+
+    attn = spec.submodules.self_attention
+    attn_sub = swap(attn.submodules, q_layernorm=norm, k_layernorm=norm)
     if attention_impl in ("auto", "sdpa"):
-        from dataclasses import replace
-
-        from megatron_patch.models.attention import SDPAttention
-
-        # Swap only self_attention.submodules.core_attention; copies, so megatron's spec is never edited.
-        attn = spec.submodules.self_attention
-        attn = replace(attn, submodules=replace(attn.submodules, core_attention=SDPAttention))
-        spec = replace(spec, submodules=replace(spec.submodules, self_attention=attn))
-    return spec
+        attn_sub = replace(attn_sub, core_attention=SDPAttention)
+    sub = swap(spec.submodules, input_layernorm=norm, pre_mlp_layernorm=norm)
+    return replace(spec, submodules=replace(sub, self_attention=replace(attn, submodules=attn_sub)))
 
 
 def build_model(
@@ -161,7 +182,7 @@ def build_model(
     tp = config.tensor_model_parallel_size
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(args, transformer_impl, attention_impl),
+        transformer_layer_spec=layer_spec(args, config, transformer_impl, attention_impl, vp_stage),
         vocab_size=args.padded_vocab_size(make_vocab_size_divisible_by, tp),
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,
