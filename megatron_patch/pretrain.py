@@ -92,6 +92,7 @@ def run(args, margs, teardown: bool = True) -> int:
         return 2
     config = loop.transformer_config_for(args, margs)
     runtime.initialize(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size, vpp=args.vpp,
+                       ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
                        seed=args.seed)
     try:
         try:

@@ -101,19 +101,17 @@ def rank_dirs(iter_dir: str) -> list[str]:
     return names
 
 
-def check_rank_files(iter_dir: str, tp: int, pp: int, ep: int = 1) -> None:
-    """Every rank file of a TP x PP x EP layout is present, and no other rank folder is."""
-    expected = {rank_dir_name(t, p, pp, e, ep) for t in range(tp) for p in range(pp) for e in range(ep)}
-    extra = sorted(set(rank_dirs(iter_dir)) - expected)
+def check_rank_files(iter_dir: str, files, pp: int, ep: int) -> None:
+    """Every rank file of a layout (``placement.torch_rank_files``) is present, and no other rank folder is."""
+    expected = [rank_dir_name(f.tp_rank, f.pp_rank, pp, f.ep_rank, ep) for f in files]
+    extra = sorted(set(rank_dirs(iter_dir)) - set(expected))
     if extra:
-        raise CheckpointError(f"{iter_dir} holds rank folder {extra[0]}, which a TP={tp} PP={pp} EP={ep} "
-                              "checkpoint does not have (do its args match its files?)")
-    for t in range(tp):
-        for p in range(pp):
-            for e in range(ep):
-                f = os.path.join(iter_dir, rank_dir_name(t, p, pp, e, ep), RANK_FILE)
-                if not os.path.isfile(f):
-                    raise CheckpointError(f"missing rank file {f}")
+        raise CheckpointError(f"{iter_dir} holds rank folder {extra[0]}, which its args' layout does not have "
+                              "(do its args match its files?)")
+    for name in expected:
+        f = os.path.join(iter_dir, name, RANK_FILE)
+        if not os.path.isfile(f):
+            raise CheckpointError(f"missing rank file {f}")
 
 
 def load_rank_file(path: str, mmap: bool = False) -> dict:

@@ -40,6 +40,7 @@ class Mapping:
     shapes: Shapes  # shapes of the HF tensors, from the model args
     tp_dim: Optional[int] = None  # None: replicated; 0: column-parallel; 1: row-parallel
     te: Optional[str] = None  # Transformer Engine spelling, where it differs
+    dist: Optional[str] = None  # torch_dist spelling, where it differs from both (experts: a global axis)
     scope: str = LAYER
     stage: Optional[str] = None  # GLOBAL scope: FIRST or LAST pipeline stage
     vocab: bool = False  # padded to Megatron's vocab size
@@ -209,7 +210,7 @@ def attention(args: ModelArgs, prefix: str = "model.layers.{i}.", attn: str = "s
 
 
 def gated_mlp(megatron: str, hf: str, ffn: Callable[[ModelArgs], int], names=("gate_proj", "up_proj", "down_proj"),
-              te: Optional[str] = None, **kw) -> list[Mapping]:
+              te: Optional[str] = None, dist: Optional[str] = None, **kw) -> list[Mapping]:
     """A SwiGLU MLP: ``{megatron}linear_fc1`` = [gate; up] (column-parallel), ``linear_fc2`` = down (row)."""
     gate, up, down = names
 
@@ -219,11 +220,13 @@ def gated_mlp(megatron: str, hf: str, ffn: Callable[[ModelArgs], int], names=("g
     def fc2(a):
         return ((a.hidden_size, ffn(a)),)
 
-    te_fc1 = te.format(w="linear_fc1") if te else None
-    te_fc2 = te.format(w="linear_fc2") if te else None
+    def spell(template, w):
+        return template.replace("{w}", w) if template else None
+
     return [Gated(megatron + "linear_fc1.weight", (f"{hf}{gate}.weight", f"{hf}{up}.weight"), fc1, tp_dim=0,
-                  te=te_fc1, **kw),
-            Mapping(megatron + "linear_fc2.weight", (f"{hf}{down}.weight",), fc2, tp_dim=1, te=te_fc2, **kw)]
+                  te=spell(te, "linear_fc1"), dist=spell(dist, "linear_fc1"), **kw),
+            Mapping(megatron + "linear_fc2.weight", (f"{hf}{down}.weight",), fc2, tp_dim=1, te=spell(te, "linear_fc2"),
+                    dist=spell(dist, "linear_fc2"), **kw)]
 
 
 def dense_mlp(prefix: str = "model.layers.{i}.", mlp: str = "mlp.", norm: str = "post_attention_layernorm",
@@ -233,6 +236,31 @@ def dense_mlp(prefix: str = "model.layers.{i}.", mlp: str = "mlp.", norm: str = 
     return [Mapping("pre_mlp_layernorm.weight", (f"{prefix}{norm}.weight",), _hidden,
                     te="mlp.linear_fc1.layer_norm_weight", on_layer=on),
             *gated_mlp("mlp.", prefix + mlp, lambda a: a.ffn_hidden_size, on_layer=on)]
+
+
+def _router(a: ModelArgs):
+    return ((a.num_experts, a.hidden_size),)
+
+
+def moe_mlp(prefix: str = "model.layers.{i}.", mlp: str = "mlp.", router: str = "gate", experts: str = "experts.{e}.",
+            names=("gate_proj", "up_proj", "down_proj"), shared: Optional[str] = None,
+            shared_gate: Optional[str] = None, norm: str = "post_attention_layernorm") -> list[Mapping]:
+    """A MoE layer's MLP: pre-MLP norm (not fused under TE: the router reads its output too), the router,
+    the experts (SequentialMLP ``local_experts.{j}`` / TE grouped GEMM ``weight{j}``, split over expert-TP
+    ranks) and an optional shared expert with an optional sigmoid gate (split over TP ranks)."""
+    p = prefix + mlp
+    out = [Mapping("pre_mlp_layernorm.weight", (f"{prefix}{norm}.weight",), _hidden, on_layer=_moe),
+           Mapping("mlp.router.weight", (f"{p}{router}.weight",), _router, on_layer=_moe),
+           *gated_mlp("mlp.experts.local_experts.{j}.", p + experts, lambda a: a.moe_ffn_hidden_size, names,
+                      te="mlp.experts.{w}.weight{j}", dist="mlp.experts.experts.{w}.weight", scope=EXPERT,
+                      on_layer=_moe)]
+    if shared:
+        out += gated_mlp("mlp.shared_experts.", p + shared, lambda a: a.moe_shared_expert_intermediate_size, names,
+                         on_layer=_moe)
+    if shared_gate:
+        out.append(Mapping("mlp.shared_experts.gate_weight", (f"{p}{shared_gate}.weight",),
+                           lambda a: ((1, a.hidden_size),), on_layer=_moe))
+    return out
 
 
 def decoder(args: ModelArgs, mlp: list[Mapping], attn: Optional[list[Mapping]] = None) -> list[Mapping]:

@@ -193,7 +193,11 @@ def open_checkpoint(ckpt_dir: str, hf_config: Optional[str] = None) -> Checkpoin
                           _layout_arg(ns, "decoder_first_pipeline_num_layers"),
                           _layout_arg(ns, "decoder_last_pipeline_num_layers"))
     if fmt == "torch":
-        layout.check_rank_files(iter_dir, tp, pp, ep)
+        try:
+            files = placement.torch_rank_files(tp, pp, ep, info.etp)
+        except ValueError as e:
+            raise CheckpointError(f"{iter_dir}: {e}") from None
+        layout.check_rank_files(iter_dir, files, pp, ep)
     return info
 
 
@@ -218,8 +222,14 @@ class TorchSource:
             for v, chunk in enumerate(self.chunks):
                 for local, g in enumerate(placement.stage_layers(info.layout, p, v if info.vpp else None)):
                     self.where[g] = (p, chunk, local)
+        # Which file holds a shard: (EP rank, expert-TP rank) -> TP rank, for experts, and TP rank -> an EP
+        # rank, for dense tensors (every EP rank's file holds them; with ETP < TP not every pair exists).
+        self.expert_file, self.dense_file = {}, {}
+        for f in placement.torch_rank_files(info.tp, info.pp, info.ep, info.etp):
+            self.expert_file.setdefault((f.ep_rank, f.etp_rank), f.tp_rank)
+            self.dense_file.setdefault(f.tp_rank, f.ep_rank)
         self._cache: dict[tuple[int, int, int], dict] = {}
-        self.te = is_te_state(self._rank(0, 0, 0)[self.chunks[0]])
+        self.te = is_te_state(self._rank(0, 0, self.dense_file[0])[self.chunks[0]])
 
     def _rank(self, tp_rank: int, pp_rank: int, ep_rank: int) -> dict:
         k = (tp_rank, pp_rank, ep_rank)
@@ -261,8 +271,11 @@ class TorchSource:
     def stage_of(self, m: Mapping, layer: Optional[int]) -> int:
         return self.locate(m, layer, 0 if m.scope == EXPERT else None)[0]
 
-    def _tp_size(self, m: Mapping) -> int:
-        return self.info.etp if m.expert_tp else self.info.tp
+    def _shard_files(self, m: Mapping, e: int) -> list[tuple[int, int]]:
+        """(TP rank, EP rank) of the file holding each TP (expert-TP) shard of a tensor, in shard order."""
+        if m.expert_tp:
+            return [(self.expert_file[(e, k)], e) for k in range(self.info.etp)]
+        return [(t, self.dense_file[t]) for t in range(self.info.tp)]
 
     def _tensor(self, t: int, p: int, e: int, chunk: str, key: str) -> torch.Tensor:
         state = self._rank(t, p, e)[chunk]
@@ -273,7 +286,7 @@ class TorchSource:
 
     def parts(self, m: Mapping, layer: Optional[int] = None, expert: Optional[int] = None) -> list[torch.Tensor]:
         p, chunk, key, e = self.locate(m, layer, expert)
-        shards = [self._tensor(t, p, e, chunk, key) for t in range(self._tp_size(m))]
+        shards = [self._tensor(t, p, fe, chunk, key) for t, fe in self._shard_files(m, e)]
         parts = placement.merge(shards, m.n_parts, m.tp_dim)
         if m.vocab:
             parts = [strip_vocab(x, self.args.vocab_size) for x in parts]
@@ -287,8 +300,8 @@ class TorchSource:
         tensor is never resident whole: the caller writes each shard's rows where they belong.
         """
         p, chunk, key, e = self.locate(m, layer, expert)
-        for t in range(self._tp_size(m)):
-            x = self._tensor(t, p, e, chunk, key)
-            yield t, x
+        for k, (t, fe) in enumerate(self._shard_files(m, e)):
+            x = self._tensor(t, p, fe, chunk, key)
+            yield k, x
             del x
-            self._cache.pop((t, p, e), None)
+            self._cache.pop((t, p, fe), None)

@@ -15,6 +15,7 @@ Nothing here knows about families: the mappings say what a tensor is, this modul
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -129,6 +130,40 @@ def expert_home(expert: int, num_experts: int, ep: int) -> tuple[int, int]:
     """(EP rank, local index) of global expert ``expert``."""
     n = local_experts(num_experts, ep)
     return expert // n, expert % n
+
+
+@dataclass(frozen=True, order=True)
+class RankFile:
+    """One ``mp_rank_*`` file of a torch-format checkpoint and the expert-TP rank of the experts it holds."""
+
+    tp_rank: int
+    pp_rank: int
+    ep_rank: int
+    etp_rank: int
+
+
+def torch_rank_files(tp: int, pp: int, ep: int = 1, etp: Optional[int] = None) -> list[RankFile]:
+    """The rank files Megatron-LM writes for a TP x PP x EP (expert-TP ``etp``) layout.
+
+    Each file is written by a rank whose expert-data-parallel rank is 0, and named by its (TP, PP, EP)
+    ranks (``layout.rank_dir_name``): it holds the dense tensors of its TP rank and its EP rank's experts cut
+    for its expert-TP rank. Ranks follow megatron-core's default order ``tp-cp-ep-dp-pp``: dense rank
+    ``tp_i + tp * (dp_i + dp * pp_i)``, expert rank ``etp_i + etp * (ep_i + ep * (edp_i + edp * pp_i))``.
+    With ETP == TP (the default) the files are every (TP, PP, EP) combination with ``etp_rank == tp_rank``;
+    with ETP < TP some combinations do not exist. ETP > TP cannot be written in this format (two ranks would
+    write one file) and is refused.
+    """
+    etp = tp if etp is None else etp
+    if etp > tp:
+        raise ValueError(f"expert tensor parallel size {etp} > tensor parallel size {tp} cannot be stored in the "
+                         "torch format (ranks would share a file); use --ckpt-format torch_dist")
+    per_stage = math.lcm(tp, etp * ep)
+    files = {}
+    for p in range(pp):
+        for r in range(per_stage):
+            if r // (etp * ep) == 0:  # expert-data-parallel rank 0
+                files.setdefault((r % tp, p, (r // etp) % ep), RankFile(r % tp, p, (r // etp) % ep, r % etp))
+    return sorted(files.values())
 
 
 # ----------------------------------------------------------------------------- what a chunk holds

@@ -86,6 +86,19 @@ def read_common(iter_dir: str) -> dict:
     return common
 
 
+# megatron's local layer spec saves its separate norms under the names the TE spec fuses them into
+# (``sharded_state_dict_keys_map`` of ``get_gpt_layer_local_spec``), in MoE layers too.
+_LOCAL_KEYS_MAP = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                   "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+
+
+def _local_dist_name(name: str) -> Optional[str]:
+    for local, dist in _LOCAL_KEYS_MAP.items():
+        if name.startswith(local):
+            return dist + name[len(local):]
+    return None
+
+
 class TorchDistSource:
     """Whole Megatron tensors of a torch_dist checkpoint, read chunk by chunk from the ``.distcp`` files."""
 
@@ -114,13 +127,30 @@ class TorchDistSource:
     def release(self) -> None:
         pass
 
-    def key(self, m: Mapping) -> str:
-        # torch_dist keys are the Transformer Engine spellings, layers stacked under ``decoder.layers.``. A
-        # tied output layer is not stored: it is the embedding.
+    def locate(self, m: Mapping, layer: Optional[int], expert: Optional[int]) -> tuple[str, tuple[int, ...]]:
+        """(key, leading indices) of one mapping instance.
+
+        Layer tensors are stacked under ``decoder.layers.<name>`` when every layer has the same modules, and
+        stored per layer as ``decoder.layers.<global i>.<name>`` otherwise (dense and MoE layers mixed). The
+        name is the mapping's torch_dist spelling (experts: one global axis), else its TE spelling, else
+        what megatron's local spec maps the local name to. A tied output layer is not stored: it is the
+        embedding.
+        """
         if m.tied:
-            m = next(w for w in self.weights if w.scope == GLOBAL and w.vocab and not w.tied and w is not m
-                     and w.stage != m.stage)
-        return m.name(True) if m.scope == GLOBAL else "decoder.layers." + m.name(True).format(j="")
+            m = next(w for w in self.weights if w.scope == GLOBAL and w.vocab and not w.tied)
+        names = [n for n in (m.dist, m.te, m.megatron, _local_dist_name(m.megatron)) if n and "{" not in n]
+        for name in dict.fromkeys(names):
+            if m.scope == GLOBAL:
+                if name in self.tensors:
+                    return name, ()
+                continue
+            extra = (expert,) if m.scope == EXPERT else ()
+            if f"decoder.layers.{layer}.{name}" in self.tensors:
+                return f"decoder.layers.{layer}.{name}", extra
+            if f"decoder.layers.{name}" in self.tensors:
+                return f"decoder.layers.{name}", (layer, *extra)
+        raise CheckpointError(f"torch_dist checkpoint {self.info.iter_dir} has no tensor for {m.megatron}"
+                              + (f" of layer {layer}" if layer is not None else ""))
 
     def read(self, key: str, lead: tuple[int, ...] = ()) -> torch.Tensor:
         """``tensor[lead]`` of the global tensor ``key`` (e.g. one layer of a layer-stacked tensor)."""
@@ -164,8 +194,7 @@ class TorchDistSource:
         return t
 
     def parts(self, m: Mapping, layer: Optional[int] = None, expert: Optional[int] = None) -> list[torch.Tensor]:
-        lead = () if m.scope == GLOBAL else (layer,) if m.scope != EXPERT else (layer, expert)
-        t = self.read(self.key(m), lead)
+        t = self.read(*self.locate(m, layer, expert))
         parts = list(torch.chunk(t, m.n_parts, dim=0)) if m.n_parts > 1 else [t]
         if m.vocab:
             parts = [strip_vocab(x, self.args.vocab_size) for x in parts]

@@ -63,9 +63,10 @@ def transformer_config(
     last_stage_layers: Optional[int] = None,
     ep: int = 1,
     etp: Optional[int] = None,
+    moe_token_dispatcher_type: str = "alltoall",
     **overrides,
 ):
-    """A megatron-core ``TransformerConfig`` for Llama/Qwen-style decoders."""
+    """A megatron-core ``TransformerConfig`` for Llama/Qwen-style decoders (dense or MoE)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     check_parallel_layout(args, tp, pp, vpp, first_stage_layers, last_stage_layers)
@@ -100,8 +101,32 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
     )
+    if args.is_moe:
+        kw.update(moe_config(args, moe_token_dispatcher_type))
     kw.update(overrides)
     return TransformerConfig(**kw)
+
+
+MOE_DISPATCHERS = ("alltoall", "allgather", "flex")
+
+
+def moe_config(args: ModelArgs, dispatcher: str) -> dict:
+    """TransformerConfig fields that make megatron's MoE route exactly as the HF model does."""
+    if dispatcher not in MOE_DISPATCHERS:
+        raise ValueError(f"moe token dispatcher must be one of {MOE_DISPATCHERS}, got {dispatcher!r}")
+    if dispatcher == "flex" and not torch.cuda.is_available():
+        raise ValueError("the 'flex' MoE token dispatcher needs DeepEP on CUDA GPUs; use alltoall or allgather here")
+    return dict(
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=args.moe_router_pre_softmax,
+        moe_shared_expert_gate=args.moe_shared_expert_gate,
+        moe_layer_freq=list(args.moe_layer_freq) if args.moe_layer_freq is not None else 1,
+        moe_router_load_balancing_type="aux_loss",
+        moe_expert_capacity_factor=None,  # no token dropping: every token reaches its top-k experts, as in HF
+        moe_token_dispatcher_type=dispatcher,
+        moe_router_dtype="fp32",  # HF computes the routing softmax in fp32
+        moe_grouped_gemm=False,  # build_model sets it to follow the layer spec (TE: grouped GEMM)
+    )
 
 
 def layer_spec(args: ModelArgs, config, transformer_impl: str, attention_impl: str = "auto",
@@ -179,6 +204,8 @@ def build_model(
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=ignore_virtual, vp_stage=vp_stage)
     config.apply_rope_fusion = fused_rope.configure(rope_impl)
+    if args.is_moe:  # the TE spec's experts are a grouped GEMM, the local spec's a SequentialMLP
+        config.moe_grouped_gemm = resolve_transformer_impl(transformer_impl) == "transformer_engine"
     tp = config.tensor_model_parallel_size
     model = GPTModel(
         config=config,

@@ -65,6 +65,7 @@ def initialize(
     from megatron.core import parallel_state
 
     use_cuda = torch.cuda.is_available()
+    cpu.fix_missing_te_names()
     if not use_cuda:
         cpu.enable()
     if not dist.is_initialized():

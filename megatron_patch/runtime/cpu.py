@@ -21,7 +21,24 @@ Each adaptation, and why it is needed:
    ``Tensor.type()`` with no argument reports CPU float tensors under their CUDA names. Only the
    no-argument form is changed, and the patch is applied once (never wrapped twice).
 6. Stream and synchronization calls (``synchronize``, ``current_stream``, ``Stream``, ``Event``,
-   ``empty_cache``, ``nvtx``) -> no-ops or inert stand-ins.
+   ``empty_cache``, ``nvtx``) -> no-ops or inert stand-ins. Their methods return inert stand-ins too: the MoE
+   alltoall dispatcher calls ``stream.record_event().synchronize()``.
+
+On the MoE path (megatron-core 0.16 .. 0.19):
+
+7. ``moe_utils.maybe_move_tensor_to_cpu(t, as_numpy=True)`` converts only CUDA tensors, so on CPU the
+   alltoall dispatcher's split sizes stay tensors where torch's ``all_to_all_single`` wants lists of ints:
+   CPU tensors are converted too (patched in ``moe_utils`` and in ``token_dispatcher``, which imported it).
+8. gloo's ``all_gather`` / ``reduce_scatter`` need equal sizes; megatron's sequence-parallel gather and
+   scatter with ``output_split_sizes`` / ``input_split_sizes`` (the alltoall dispatcher with TP > 1) pass
+   unequal ones: those two cases are done as an equal-size gather of padded slices, and as an all-reduce
+   followed by taking this rank's slice.
+
+Independent of the device (``fix_missing_te_names``, applied by ``runtime.initialize`` everywhere):
+
+9. ``moe_utils.RouterGatingLinearFunction`` tests ``te_general_gemm is not None``, a name imported only when
+   Transformer Engine is installed: without TE every router call raises NameError (GPU or not). The name is
+   defined as None when missing, which selects megatron's own torch matmul path.
 """
 
 from __future__ import annotations
@@ -69,13 +86,13 @@ class _CudaToCpuMode(TorchFunctionMode):
 
 
 class _InertStream:
-    """Stand-in for ``torch.cuda.Stream``/``Event``: every method is a no-op."""
+    """Stand-in for ``torch.cuda.Stream``/``Event``: every method is a no-op returning another stand-in."""
 
     def __init__(self, *args, **kwargs):
         pass
 
     def __getattr__(self, name):
-        return lambda *a, **k: None
+        return lambda *a, **k: _InertStream()
 
     def __enter__(self):
         return self
@@ -148,6 +165,8 @@ def enable() -> bool:
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()
 
+    _moe_adaptations()
+
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     _ENABLED = True
     log.debug("megatron-core CPU adaptations enabled")
@@ -156,3 +175,52 @@ def enable() -> bool:
 
 def is_enabled() -> bool:
     return _ENABLED
+
+
+def _moe_adaptations() -> None:
+    """Adaptations 7 and 8 (see the module docstring)."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    move = moe_utils.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if torch.is_tensor(tensor) and not tensor.is_cuda and as_numpy:
+            return tensor.numpy()
+        return move(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+    gather, scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        rows = max(sizes)
+        padded = input_.new_zeros((rows, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        out = input_.new_empty((rows * len(sizes), *input_.shape[1:]))
+        dist.all_gather_into_tensor(out, padded.contiguous(), group=group)
+        return torch.cat([out[r * rows: r * rows + n] for r, n in enumerate(sizes)])
+
+    def _reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.clone()
+        dist.all_reduce(total, group=group)
+        start = sum(int(n) for n in input_split_sizes[: group.rank()])
+        return total[start: start + int(input_split_sizes[group.rank()])].contiguous()
+
+    mappings._gather_along_first_dim = _gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = _reduce_scatter_along_first_dim
+
+
+def fix_missing_te_names() -> None:
+    """Adaptation 9: define ``moe_utils.te_general_gemm`` as None when Transformer Engine is absent."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None

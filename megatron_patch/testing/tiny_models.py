@@ -36,12 +36,31 @@ CONFIGS: dict[str, tuple[str, str, dict]] = {
         sliding_window=None)),  # Mistral 7B v0.2+ (no sliding window)
 }
 
+# Mixture-of-experts families (kept apart: their tests add expert-parallel layouts).
+MOE_CONFIGS: dict[str, tuple[str, str, dict]] = {
+    # Qwen3-30B-A3B shape: q/k norm, renormalized top-k, one dense layer (mlp_only_layers).
+    "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        intermediate_size=96, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+        mlp_only_layers=[1], decoder_sparse_step=1, head_dim=16, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        tie_word_embeddings=False, router_aux_loss_coef=0.01)),
+    # Qwen1.5-MoE-A2.7B shape: QKV bias, top-k not renormalized, a gated shared expert.
+    "qwen2-moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8,
+        num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
+        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False, use_sliding_window=False,
+        router_aux_loss_coef=0.01)),
+    # Mixtral-8x7B shape: every layer MoE, block_sparse_moe names.
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, rms_norm_eps=1e-5, rope_theta=1000000.0,
+        tie_word_embeddings=False, sliding_window=None, router_jitter_noise=0.0, router_aux_loss_coef=0.02)),
+}
+
 
 def hf_config(name: str, **overrides):
     """The shrunk HF config of ``name`` (with ``architectures`` set, as a saved config has it)."""
     import transformers
 
-    cls, arch, fields = CONFIGS[name]
+    cls, arch, fields = CONFIGS[name] if name in CONFIGS else MOE_CONFIGS[name]
     kw = {**_COMMON, **fields, "architectures": [arch], **overrides}
     return getattr(transformers, cls)(**kw)
 

@@ -14,7 +14,8 @@ from typing import Optional, Sequence
 
 from megatron_patch.checkpointing.layout import CKPT_FORMATS
 from megatron_patch.fusions.rope import ROPE_IMPLS
-from megatron_patch.models.builder import ATTENTION_IMPLS, TRANSFORMER_IMPLS, resolve_transformer_impl
+from megatron_patch.models.builder import (ATTENTION_IMPLS, MOE_DISPATCHERS, TRANSFORMER_IMPLS,
+                                           resolve_transformer_impl)
 
 
 class ArgumentError(ValueError):
@@ -46,6 +47,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sequence-parallel", action="store_true", help="sequence parallelism (needs TP > 1)")
     g.add_argument("--context-parallel-size", type=int, default=1,
                    help="context-parallel size; only 1 is supported by this trainer")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1,
+                   help="expert-parallel size (EP, MoE models): experts split over EP ranks, carved out of DP")
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
+                   help="tensor-parallel size of the experts (ETP, MoE models; default: TP)")
+
+    g = p.add_argument_group("mixture of experts (architecture flags must agree with the model when given)")
+    g.add_argument("--num-experts", type=int, default=None, help="number of experts (architecture)")
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="expert MLP width (architecture)")
+    g.add_argument("--moe-router-topk", type=int, default=None, help="experts per token (architecture)")
+    g.add_argument("--moe-layer-freq", default=None,
+                   help="MoE layer pattern (architecture): N (every N-th layer) or a list such as [1,0,1,1]")
+    g.add_argument("--moe-token-dispatcher-type", default="alltoall", choices=MOE_DISPATCHERS,
+                   help="how tokens reach experts on other EP ranks (flex needs DeepEP on GPUs)")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=None,
+                   help="load-balancing loss coefficient (default: the model's router_aux_loss_coef)")
+    g.add_argument("--moe-router-load-balancing-type", default="aux_loss",
+                   choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "none"],
+                   help="load-balancing loss: per micro-batch (aux_loss, HF's granularity), per sequence, global, none")
+    g.add_argument("--moe-grouped-gemm", action="store_true",
+                   help="experts as one grouped GEMM (needs Transformer Engine layers; the default there)")
 
     g = p.add_argument_group("batch")
     g.add_argument("--micro-batch-size", type=int, default=1, help="samples per micro-batch per data-parallel rank")
@@ -138,6 +159,11 @@ def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> argpars
             raise ArgumentError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if cp != 1:
         raise ArgumentError("--context-parallel-size > 1 is not supported by this trainer")
+    ep, etp = a.expert_model_parallel_size, a.expert_tensor_parallel_size
+    if ep < 1 or (etp is not None and etp < 1):
+        raise ArgumentError("--expert-model-parallel-size and --expert-tensor-parallel-size must be >= 1")
+    if world % ((etp or tp) * ep * pp):
+        raise ArgumentError(f"world size {world} is not divisible by expert TP ({etp or tp}) x EP ({ep}) x PP ({pp})")
     if world % (tp * pp * cp):
         raise ArgumentError(f"world size {world} is not divisible by TP ({tp}) x PP ({pp}) x CP ({cp})")
     a.data_parallel_size = world // (tp * pp * cp)
@@ -154,11 +180,13 @@ def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> argpars
         impl = resolve_transformer_impl(a.transformer_impl)
     except ValueError as e:
         raise ArgumentError(str(e)) from None
-    if a.sequence_parallel:
-        if impl == "local":
-            # megatron-core's local layer spec uses torch norms, which assert that SP is off.
-            raise ArgumentError("--sequence-parallel needs Transformer Engine layers (megatron-core's local "
-                                "layers reject it); install transformer-engine on a GPU machine")
+    if a.moe_grouped_gemm and impl != "transformer_engine":
+        raise ArgumentError("--moe-grouped-gemm needs Transformer Engine layers (the local spec's experts are a "
+                            "SequentialMLP)")
+    if a.moe_token_dispatcher_type == "flex" and not torch_cuda():
+        raise ArgumentError("--moe-token-dispatcher-type flex needs DeepEP on CUDA GPUs; use alltoall or allgather")
+    if a.moe_layer_freq is not None:
+        a.moe_layer_freq = parse_layer_freq(a.moe_layer_freq)
     if a.bf16 and a.fp16:
         raise ArgumentError("--bf16 and --fp16 are mutually exclusive")
     if a.num_layers_per_virtual_pipeline_stage is not None:
@@ -199,6 +227,57 @@ def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> argpars
     return a
 
 
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def parse_layer_freq(text: str):
+    """``--moe-layer-freq``: an int N, or a list literal of 0/1 (read with ``ast.literal_eval``, never eval)."""
+    import ast
+
+    try:
+        value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        raise ArgumentError(f"--moe-layer-freq {text!r} is neither an integer nor a list like [1,0,1,1]") from None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    if isinstance(value, (list, tuple)) and value and all(v in (0, 1) and not isinstance(v, bool) for v in value):
+        return list(value)
+    raise ArgumentError(f"--moe-layer-freq {text!r} must be an integer >= 1 or a list of 0/1")
+
+
+# Trainer flag -> ModelArgs field: architecture flags that, when given, must agree with the model.
+ARCHITECTURE_FLAGS = {
+    "num_experts": "num_experts",
+    "moe_ffn_hidden_size": "moe_ffn_hidden_size",
+    "moe_router_topk": "moe_router_topk",
+}
+
+
+def _model_layer_freq(margs) -> list[int]:
+    if not margs.is_moe:
+        return [0] * margs.num_layers
+    return list(margs.moe_layer_freq) if margs.moe_layer_freq is not None else [1] * margs.num_layers
+
+
+def check_architecture_flags(a: argparse.Namespace, margs) -> None:
+    """One error listing every architecture flag that disagrees with the model (checkpoint or config)."""
+    wrong = []
+    for flag, field in ARCHITECTURE_FLAGS.items():
+        given = getattr(a, flag, None)
+        if given is not None and given != getattr(margs, field):
+            wrong.append(f"--{flag.replace('_', '-')} {given} (model: {getattr(margs, field)})")
+    if a.moe_layer_freq is not None:
+        freq = a.moe_layer_freq
+        pattern = [int(i % freq == 0) for i in range(margs.num_layers)] if isinstance(freq, int) else freq
+        if pattern != _model_layer_freq(margs):
+            wrong.append(f"--moe-layer-freq {a.moe_layer_freq} (model: {_model_layer_freq(margs)})")
+    if wrong:
+        raise ArgumentError("architecture flags disagree with the model: " + "; ".join(wrong))
+
+
 def for_model(a: argparse.Namespace, margs) -> argparse.Namespace:
     """The arguments with what depends on the model (``vpp``), checked against it; a new namespace.
 
@@ -213,10 +292,15 @@ def for_model(a: argparse.Namespace, margs) -> argparse.Namespace:
             raise ArgumentError(f"{margs.num_layers} layers cannot be split into PP={pp} stages of virtual stages "
                                 f"with {per} layers each")
         vpp = margs.num_layers // (per * pp)
+    check_architecture_flags(a, margs)
+    tp, ep = a.tensor_model_parallel_size, a.expert_model_parallel_size
     try:
-        check_parallel_layout(margs, a.tensor_model_parallel_size, pp, vpp)
+        check_parallel_layout(margs, tp, pp, vpp, ep=ep, etp=a.expert_tensor_parallel_size)
     except ValueError as e:
         raise ArgumentError(str(e)) from None
+    if margs.is_moe and tp > 1 and not a.sequence_parallel:
+        raise ArgumentError("training a MoE model with --tensor-model-parallel-size > 1 needs --sequence-parallel "
+                            "(megatron-core's MoE layer requires it)")
     return argparse.Namespace(**{**vars(a), "vpp": vpp})
 
 

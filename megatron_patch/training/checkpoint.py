@@ -131,13 +131,16 @@ def _save_torch(args, margs, chunks, optimizer, scheduler, state, tmp: str) -> N
 
     rngs = _gather_rng_over_dp()
     if args.use_distributed_optimizer:
-        opt = _single(optimizer)
-        param_state = opt.get_parameter_state_dp_zero()  # collective over the DP group
-    if ps.get_data_parallel_rank() != 0:
+        # One gathered state per optimizer (MoE: dense and expert parameters have separate optimizers over
+        # separate DP groups); each is whole only on its DP group's rank 0, None elsewhere (Megatron-LM's
+        # ChainedOptimizer.save_parameter_state layout).
+        param_states = [o.get_parameter_state_dp_zero() for o in _optimizers(optimizer)]  # collectives
+        param_states = [st if o.data_parallel_group.rank() == 0 else None
+                        for o, st in zip(_optimizers(optimizer), param_states)]
+    # The file of each (TP, PP, EP) rank is written by its expert-data-parallel rank 0 (= DP rank 0 without EP).
+    if ps.get_expert_data_parallel_rank() != 0:
         return
-    rank_dir = os.path.join(tmp, layout.rank_dir_name(ps.get_tensor_model_parallel_rank(),
-                                                      ps.get_pipeline_model_parallel_rank(),
-                                                      args.pipeline_model_parallel_size))
+    rank_dir = os.path.join(tmp, _rank_dir(args))
     os.makedirs(rank_dir, exist_ok=True)
     sd = _common(args, margs, state, scheduler)
     sd.update(_model_entries(chunks))
@@ -145,14 +148,19 @@ def _save_torch(args, margs, chunks, optimizer, scheduler, state, tmp: str) -> N
     sd["rng_state"] = rngs
     torch.save(sd, os.path.join(rank_dir, layout.RANK_FILE))
     if args.use_distributed_optimizer:
-        torch.save(param_state, os.path.join(rank_dir, DISTRIB_OPTIM))
+        torch.save(param_states, os.path.join(rank_dir, DISTRIB_OPTIM))
 
 
-def _single(optimizer):
-    opts = getattr(optimizer, "chained_optimizers", [optimizer])
-    if len(opts) != 1:
-        raise ResumeError(f"expected one optimizer, found {len(opts)}")
-    return opts[0]
+def _rank_dir(args) -> str:
+    from megatron.core import parallel_state as ps
+
+    return layout.rank_dir_name(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+                                args.pipeline_model_parallel_size, ps.get_expert_model_parallel_rank(),
+                                args.expert_model_parallel_size)
+
+
+def _optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
 def _sharded_state(args, chunks, optimizer, scheduler, margs, state, is_loading: bool) -> dict:
@@ -202,8 +210,7 @@ def load(args, margs: ModelArgs, chunks: list, optimizer, scheduler) -> TrainSta
             "needs the same layout (use --finetune to load weights only, or convert it first)")
     if info.format == "torch_dist":
         return _load_torch_dist(args, margs, chunks, optimizer, scheduler, info.iter_dir)
-    path = layout.rank_file(args.load, info.iteration, ps.get_tensor_model_parallel_rank(),
-                            ps.get_pipeline_model_parallel_rank(), args.pipeline_model_parallel_size)
+    path = os.path.join(info.iter_dir, _rank_dir(args), layout.RANK_FILE)
     sd = layout.load_rank_file(path)
     _load_model_chunks(chunks, sd)
     if not args.no_load_optim:
@@ -211,13 +218,16 @@ def load(args, margs: ModelArgs, chunks: list, optimizer, scheduler) -> TrainSta
             raise ResumeError(f"{path} holds no optimizer state (pass --no-load-optim or --finetune)")
         optimizer.load_state_dict(sd["optimizer"])
         if args.use_distributed_optimizer:
-            param_state = None
-            if ps.get_data_parallel_rank() == 0:
-                dpath = os.path.join(os.path.dirname(path), DISTRIB_OPTIM)
-                if not os.path.isfile(dpath):
-                    raise ResumeError(f"{dpath} is missing (saved without --use-distributed-optimizer?)")
-                param_state = torch.load(dpath, map_location="cpu", weights_only=True)
-            _load_dp_zero(_single(optimizer), param_state)
+            states = None
+            for idx, opt in enumerate(_optimizers(optimizer)):
+                if opt.data_parallel_group.rank() == 0 and states is None:  # its own file holds its state
+                    dpath = os.path.join(os.path.dirname(path), DISTRIB_OPTIM)
+                    if not os.path.isfile(dpath):
+                        raise ResumeError(f"{dpath} is missing (saved without --use-distributed-optimizer?)")
+                    states = torch.load(dpath, map_location="cpu", weights_only=True)
+                    if not isinstance(states, list):
+                        states = [states]  # written before MoE support: one optimizer
+                _load_dp_zero(opt, states[idx] if states else None)
         scheduler.load_state_dict(sd["opt_param_scheduler"])
     if not args.no_load_rng:
         rngs = sd.get("rng_state")

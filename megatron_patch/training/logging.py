@@ -38,11 +38,13 @@ class Metrics:
             os.makedirs(os.path.dirname(os.path.abspath(self.metrics_file)), exist_ok=True)
 
     def record_step(self, iteration: int, loss: float, lr: float, grad_norm: float, tokens: int,
-                    skipped: bool) -> None:
+                    skipped: bool, load_balancing_loss: Optional[float] = None) -> None:
         if not self.reporting:
             return
         row = {"iteration": iteration, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                "skipped": skipped}
+        if load_balancing_loss is not None:  # MoE: logged apart from the LM loss (which excludes it)
+            row["load_balancing_loss"] = load_balancing_loss
         self.window.append(row)
         self.history.append(row)
         if self.metrics_file:
@@ -53,6 +55,8 @@ class Metrics:
             self.tb.add_scalar("learning-rate", lr, iteration)
             if math.isfinite(grad_norm):
                 self.tb.add_scalar("grad-norm", grad_norm, iteration)
+            if load_balancing_loss is not None:
+                self.tb.add_scalar("load_balancing_loss", load_balancing_loss, iteration)
 
     def log_window(self, iteration: int, train_iters: int, tokens_per_second: float,
                    tflops_per_gpu: Optional[float], memory_gb: Optional[float]) -> None:
@@ -64,6 +68,8 @@ class Metrics:
         skipped = sum(r["skipped"] for r in self.window)
         parts = [f"iteration {iteration:6d}/{train_iters}", f"loss {loss:.4f}", f"lr {last['lr']:.3e}",
                  f"grad norm {last['grad_norm']:.3f}", f"tokens/s {tokens_per_second:,.0f}"]
+        if "load_balancing_loss" in last:
+            parts.insert(2, "load-balancing loss " + f"{sum(r['load_balancing_loss'] for r in self.window) / n:.4f}")
         if tflops_per_gpu is not None:
             parts.append(f"TFLOP/s/GPU {tflops_per_gpu:.1f}")
         if memory_gb is not None:

@@ -36,8 +36,15 @@ class TrainState:
 def transformer_config_for(args, margs: ModelArgs):
     from megatron_patch.models.builder import transformer_config
 
+    moe = {}
+    if margs.is_moe:
+        moe = dict(moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+                   moe_router_load_balancing_type=args.moe_router_load_balancing_type)
+        if args.moe_aux_loss_coeff is not None:
+            moe["moe_aux_loss_coeff"] = args.moe_aux_loss_coeff
     cfg = transformer_config(
         margs, tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size, vpp=args.vpp,
+        ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size, **moe,
         params_dtype=dtypes.BY_NAME[args.params_dtype], sequence_parallel=args.sequence_parallel,
         recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers,
@@ -178,6 +185,23 @@ def train_step(args, chunks: list, optimizer, scheduler, batches: list[dict]):
     return total, grad_norm, ok
 
 
+def moe_load_balancing_loss(args, margs: ModelArgs, config) -> Optional[float]:
+    """The step's load-balancing loss (megatron's tracker: mean over MoE layers and micro-batches, before the
+    coefficient), reduced over PP and DP by megatron's ``track_moe_metrics``; called on every rank."""
+    if not margs.is_moe or not config.moe_aux_loss_coeff or args.moe_router_load_balancing_type == "none":
+        return None
+    from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+
+    name = "load_balancing_loss" if args.moe_router_load_balancing_type == "aux_loss" else \
+        args.moe_router_load_balancing_type.replace("aux_loss", "load_balancing_loss")
+    out: dict = {}
+    # force_initialize: a stage without MoE layers must still join the reductions.
+    track_moe_metrics(loss_scale=1.0 / args.num_microbatches, iteration=0, total_loss_dict=out,
+                      force_initialize=True, track_names=[name], num_layers=margs.num_layers,
+                      moe_layer_freq=config.moe_layer_freq)
+    return float(out[name]) if name in out else None
+
+
 def evaluate(args, chunks: list, dataset, device) -> Optional[float]:
     """Mean validation loss over ``--eval-iters`` global batches (last stage; None elsewhere)."""
     from megatron.core import parallel_state as ps
@@ -196,6 +220,9 @@ def evaluate(args, chunks: list, dataset, device) -> Optional[float]:
                 acc = total if acc is None else acc + total
     for c in chunks:
         c.train()
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+    clear_aux_losses_tracker()  # evaluation's router losses are not the next step's
     return None if acc is None else (acc[0] / acc[1].clamp(min=1)).item()
 
 
@@ -218,6 +245,7 @@ def train(args: argparse.Namespace, margs: ModelArgs, chunks: list, optimizer, s
         batches = step_batches(train_ds, state.consumed_train_samples, args.micro_batch_size,
                                args.data_parallel_size, dp_rank, args.num_microbatches, dev)
         total, grad_norm, ok = train_step(args, chunks, optimizer, scheduler, batches)
+        balance = moe_load_balancing_loss(args, margs, unwrap(chunks[0]).config)
         state.iteration += 1
         state.consumed_train_samples += args.global_batch_size
         window_iters += 1
@@ -225,7 +253,7 @@ def train(args: argparse.Namespace, margs: ModelArgs, chunks: list, optimizer, s
             metrics.record_step(state.iteration, loss=(total[0] / total[1].clamp(min=1)).item(),
                                 lr=optimizer.param_groups[0]["lr"],
                                 grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                                tokens=int(total[1].item()), skipped=not ok)
+                                tokens=int(total[1].item()), skipped=not ok, load_balancing_loss=balance)
         if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
             elapsed = time.perf_counter() - window_start
             tps = tokens_per_step * window_iters / elapsed

@@ -25,6 +25,10 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
                    help="tensor-parallel size of the output checkpoint (default 1)")
     g.add_argument("--target-pipeline-parallel-size", "--pp", dest="pp", type=int, default=1,
                    help="pipeline-parallel size of the output checkpoint (default 1)")
+    g.add_argument("--target-expert-parallel-size", "--ep", dest="ep", type=int, default=1,
+                   help="expert-parallel size of the output checkpoint (MoE models; default 1)")
+    g.add_argument("--target-expert-tensor-parallel-size", "--etp", dest="etp", type=int, default=None,
+                   help="tensor-parallel size of the experts (MoE models; default: the tensor-parallel size)")
     g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
                    help="layers on the first pipeline stage (uneven split, Megatron-LM semantics)")
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
@@ -73,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             out = convert.hf2mcore(args.load_dir, args.save_dir, args.tp, args.pp, args.ckpt_format,
                                    args.transformer_impl, args.params_dtype, args.make_vocab_size_divisible_by or 128,
                                    args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers,
-                                   args.overwrite, args.workers, update)
+                                   args.overwrite, args.workers, update, args.ep, args.etp)
         elif args.command == "mcore2hf":
             out = convert.mcore2hf(args.load_dir, args.save_dir, args.params_dtype, args.overwrite, args.workers,
                                    update)
@@ -81,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             out = convert.mcore2mcore(args.load_dir, args.save_dir, args.tp, args.pp, args.ckpt_format,
                                       args.transformer_impl, args.params_dtype, args.make_vocab_size_divisible_by,
                                       args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers,
-                                      args.overwrite, args.workers, update)
+                                      args.overwrite, args.workers, update, args.ep, args.etp)
     finally:
         close()
     if not args.quiet:

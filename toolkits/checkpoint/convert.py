@@ -100,32 +100,29 @@ def write_torch(src, out_root: str, args: ModelArgs, ns, tp: int, pp: int, dtype
                 etp: Optional[int] = None, workers: int = 1, progress: Progress = None) -> None:
     """Stream a torch-format ``release`` checkpoint of layout TP x PP x EP from ``src`` into ``out_root``.
 
-    Every EP rank's file holds the same dense tensors and its own experts (Megatron-LM's layout); the experts
-    are split over ``etp`` expert-tensor-parallel ranks, held by the files of TP ranks ``t % etp``.
+    The files are Megatron-LM's (``placement.torch_rank_files``): each holds the dense tensors of its TP
+    rank and the experts of its EP rank, cut for its expert-TP rank.
     """
     pipeline = placement.PipelineLayout(args.num_layers, pp, None, first, last)
     entries = checkpoint_entries(ns, "release")
     etp = tp if etp is None else etp
+    files = placement.torch_rank_files(tp, pp, ep, etp)
     n_local = placement.local_experts(args.num_experts, ep) if args.is_moe else 0
 
-    def put(writers, s, key, m, layer, expert, e_rank):
-        """Write one tensor's slices to the rank files of EP rank ``e_rank`` (all EP ranks when None)."""
-        size = etp if m.scope == EXPERT else tp
-        targets = [(t, writers[(t, e)]) for t in range(tp)
-                   for e in ([e_rank] if e_rank is not None else range(ep))]
+    def emit(s, key: str, m, layer, expert, targets, size: int) -> None:
+        """Write one tensor's ``size`` slices; ``targets`` = (slice index, writer) pairs."""
         if m.row_blocks and m.tp_dim == 0 and isinstance(s, HFSource):
-            shards = {}
-            for r in range(size):  # one TP rank's rows at a time: the whole tensor is never resident
+            for r in range(size):  # one slice's rows at a time: the whole tensor is never resident
                 x = s.rank_rows(m, layer, expert, size, r, padded_vocab)
                 if x is None:
                     break
-                shards[r] = x.to(dtype)
-                for t, w in targets:
-                    if t % size == r:
-                        w.add(key, shards[r])
+                x = x.to(dtype)
+                for k, w in targets:
+                    if k == r:
+                        w.add(key, x)
                 if progress:
                     progress(x.numel())
-                del shards[r], x
+                del x
             else:
                 return
         parts = [x.to(dtype) for x in s.parts(m, layer, expert)]
@@ -133,24 +130,26 @@ def write_torch(src, out_root: str, args: ModelArgs, ns, tp: int, pp: int, dtype
             parts = [pad_vocab(x, padded_vocab) for x in parts]
         for r in range(size):
             piece = placement.shard(parts, size, r, m.tp_dim)
-            for t, w in targets:
-                if t % size == r:
+            for k, w in targets:
+                if k == r:
                     w.add(key, piece)
         if progress:
             progress(sum(x.numel() for x in parts))
 
     def stage(p: int) -> None:
         s = src.fork()
-        writers = {(t, e): RankFileWriter(layout.rank_file(out_root, "release", t, p, pp, e, ep))
-                   for t in range(tp) for e in range(ep)}
+        mine = [f for f in files if f.pp_rank == p]
+        writers = {f: RankFileWriter(layout.rank_file(out_root, "release", f.tp_rank, p, pp, f.ep_rank, ep))
+                   for f in mine}
         for key, m, layer, expert in placement.rank_entries(src.weights, args, pipeline, p, None, te, p == 0,
                                                             p == pp - 1, ep, 0):
             s.release()
-            if m.scope == EXPERT:  # ``expert`` is EP rank 0's; rank e holds expert e * n_local + j
+            if m.scope == EXPERT:  # ``expert`` is local index j on EP rank 0; EP rank e holds e * n_local + j
                 for e in range(ep):
-                    put(writers, s, key, m, layer, expert + e * n_local, e)
+                    emit(s, key, m, layer, e * n_local + expert,
+                         [(f.etp_rank, writers[f]) for f in mine if f.ep_rank == e], etp)
             else:
-                put(writers, s, key, m, layer, expert, None)
+                emit(s, key, m, layer, None, [(f.tp_rank, writers[f]) for f in mine], tp)
             if te and layer is not None and key.endswith("mlp.linear_fc2.weight"):
                 prefix = key[: -len("mlp.linear_fc2.weight")]
                 for mod in TE_EXTRA_STATE:
@@ -250,11 +249,19 @@ def hf2mcore(load_dir: str, save_dir: str, tp: int = 1, pp: int = 1, ckpt_format
     src = HFSource(load_dir)
     dtype = _dtype(params_dtype, cfg.get("torch_dtype") or cfg.get("dtype") or "fp32")
     impl = transformer_impl or resolve_transformer_impl("auto")
-    check_parallel_layout(src.args, tp, pp, None, first_stage_layers, last_stage_layers, ep, etp)
+    _check_layout(src.args, tp, pp, first_stage_layers, last_stage_layers, ep, etp, ckpt_format)
     src.preflight()
     body = _megatron_body(load_dir, src, ckpt_format, dtype, impl, make_vocab_size_divisible_by, tp, pp,
                           first_stage_layers, last_stage_layers, ep, etp, workers, progress)
     return _with_output(save_dir, overwrite, body)
+
+
+def _check_layout(args: ModelArgs, tp: int, pp: int, first: Optional[int], last: Optional[int], ep: int,
+                  etp: Optional[int], ckpt_format: str) -> None:
+    """The target layout fits the model (and the format can store it), before anything is read."""
+    check_parallel_layout(args, tp, pp, None, first, last, ep, etp)
+    if ckpt_format == "torch":
+        placement.torch_rank_files(tp, pp, ep, etp)  # ETP > TP cannot be named in this format
 
 
 def _megatron_body(load_dir: str, src, ckpt_format: str, dtype: torch.dtype, impl: str, divisible: int, tp: int,
@@ -315,7 +322,7 @@ def mcore2mcore(load_dir: str, save_dir: str, tp: int = 1, pp: int = 1, ckpt_for
     dtype = _dtype(params_dtype, getattr(old, "params_dtype", "fp32"))
     impl = transformer_impl or getattr(old, "transformer_impl", None) or resolve_transformer_impl("auto")
     divisible = make_vocab_size_divisible_by or getattr(old, "make_vocab_size_divisible_by", 128)
-    check_parallel_layout(info.args, tp, pp, None, first_stage_layers, last_stage_layers, ep, etp)
+    _check_layout(info.args, tp, pp, first_stage_layers, last_stage_layers, ep, etp, ckpt_format)
     body = _megatron_body(load_dir, info.source(), ckpt_format, dtype, impl, divisible, tp, pp, first_stage_layers,
                           last_stage_layers, ep, etp, workers, progress)
     return _with_output(save_dir, overwrite, body)
