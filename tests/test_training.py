@@ -31,6 +31,7 @@ LAYOUTS = {
     "tp2_pp2_vpp_torchdist": (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
                                "--num-layers-per-virtual-pipeline-stage", "1"],
                                  "torch_dist"),
+    "dp4_distopt_torchdist": (["--use-distributed-optimizer"], "torch_dist"),
 }
 
 
@@ -56,6 +57,10 @@ def _jobs_worker(cfg: str, tmp: str, sft: dict):
         job(base + ["--metrics-file", f"{d}/full.jsonl"])
         job(base + ["--save", f"{d}/ckpt", "--exit-interval", str(N), "--metrics-file", f"{d}/first.jsonl"])
         job(base + ["--load", f"{d}/ckpt", "--save", f"{d}/ckpt", "--metrics-file", f"{d}/second.jsonl"])
+    # Sequence parallelism on the local spec (TP=2): the same trajectory as without it.
+    for sp in (True, False):
+        job(_common(cfg) + ["--tensor-model-parallel-size", "2", "--train-iters", "3", "--metrics-file",
+                            f"{tmp}/tp2_sp{int(sp)}.jsonl"] + (["--sequence-parallel"] if sp else []))
     # SFT with packing, TP=2 x PP=2 (attention masks through the pipeline).
     job(["--model-config", cfg, "--sft", "--sft-pack-sequences", "--data-path", sft["data"],
          "--tokenizer-model", sft["tokenizer"], "--seq-length", "64", "--micro-batch-size", "1",
@@ -108,6 +113,12 @@ def test_resume_is_exact(runs, name):
     tracker = open(os.path.join(d, "ckpt", "latest_checkpointed_iteration.txt")).read().strip()
     assert tracker == str(2 * N)
     assert not [n for n in os.listdir(os.path.join(d, "ckpt")) if n.startswith(".")], "temporary folder left"
+
+
+def test_sequence_parallel_equals_no_sequence_parallel(runs):
+    with_sp, without = _losses(f"{runs}/tp2_sp1.jsonl"), _losses(f"{runs}/tp2_sp0.jsonl")
+    assert len(with_sp) == len(without) == 3
+    assert max(abs(a - b) / abs(b) for a, b in zip(with_sp, without)) <= 1e-6, (with_sp, without)
 
 
 def test_sft_packed_trains(runs):

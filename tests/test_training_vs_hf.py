@@ -67,15 +67,19 @@ def _trainer_worker(ckpts: dict, tmp: str):
 
 def trainer_batches(vocab: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(tokens, labels) [GBS, SEQ] of each iteration, from the trainer's own data functions."""
+    return trainer_batches_for(vocab, SEQ, GBS, ITERS, SEED)
+
+
+def trainer_batches_for(vocab: int, seq: int, gbs: int, iters: int, seed: int):
     from megatron_patch.training.data import MockDataset, collate, microbatch_indices
 
-    ds = MockDataset(vocab, SEQ, SEED, ITERS * GBS)  # what pretrain.build_datasets makes for --mock-data
+    ds = MockDataset(vocab, seq, seed, iters * gbs)  # what pretrain.build_datasets makes for --mock-data
     out = []
-    for it in range(ITERS):
+    for it in range(iters):
         # One micro-batch of the whole global batch on one rank: the global batch's sample indices.
-        (idx,) = microbatch_indices(it * GBS, GBS, 1, 0, 1)
+        (idx,) = microbatch_indices(it * gbs, gbs, 1, 0, 1)
         b = collate([ds[i] for i in idx])
-        assert torch.equal(b["loss_mask"], torch.ones(GBS, SEQ)) and torch.equal(b["position_ids"][0], torch.arange(SEQ))
+        assert torch.equal(b["loss_mask"], torch.ones(gbs, seq)) and torch.equal(b["position_ids"][0], torch.arange(seq))
         out.append((b["tokens"], b["labels"]))
     return out
 

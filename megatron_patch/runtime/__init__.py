@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_patch.runtime import cpu
+from megatron_patch.runtime import compat, cpu
 
 __all__ = ["initialize", "teardown", "device", "on_gpu"]
 
@@ -65,7 +65,7 @@ def initialize(
     from megatron.core import parallel_state
 
     use_cuda = torch.cuda.is_available()
-    cpu.fix_missing_te_names()
+    compat.fix_missing_te_names()
     if not use_cuda:
         cpu.enable()
     if not dist.is_initialized():

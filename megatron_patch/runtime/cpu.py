@@ -34,11 +34,7 @@ On the MoE path (megatron-core 0.16 .. 0.19):
    unequal ones: those two cases are done as an equal-size gather of padded slices, and as an all-reduce
    followed by taking this rank's slice.
 
-Independent of the device (``fix_missing_te_names``, applied by ``runtime.initialize`` everywhere):
-
-9. ``moe_utils.RouterGatingLinearFunction`` tests ``te_general_gemm is not None``, a name imported only when
-   Transformer Engine is installed: without TE every router call raises NameError (GPU or not). The name is
-   defined as None when missing, which selects megatron's own torch matmul path.
+Fixes that do not depend on the device live in ``runtime/compat.py``.
 """
 
 from __future__ import annotations
@@ -217,10 +213,3 @@ def _moe_adaptations() -> None:
     mappings._gather_along_first_dim = _gather_along_first_dim
     mappings._reduce_scatter_along_first_dim = _reduce_scatter_along_first_dim
 
-
-def fix_missing_te_names() -> None:
-    """Adaptation 9: define ``moe_utils.te_general_gemm`` as None when Transformer Engine is absent."""
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None

@@ -83,8 +83,8 @@ def _gather_rng_over_dp() -> list:
 def checkpoint_args(args, margs: ModelArgs, state: TrainState) -> argparse.Namespace:
     return to_namespace(
         margs, args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.params_dtype,
-        args.transformer_impl, args.make_vocab_size_divisible_by,
-        virtual_pipeline_model_parallel_size=args.vpp, data_parallel_size=args.data_parallel_size,
+        args.transformer_impl, args.make_vocab_size_divisible_by, ep=args.expert_model_parallel_size,
+        etp=args.expert_tensor_parallel_size, virtual_pipeline_model_parallel_size=args.vpp, data_parallel_size=args.data_parallel_size,
         consumed_train_samples=state.consumed_train_samples, iteration=state.iteration,
         micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
         seq_length=args.seq_length, ckpt_format=args.ckpt_format,
@@ -170,7 +170,10 @@ def _sharded_state(args, chunks, optimizer, scheduler, margs, state, is_loading:
     model_sd = {key: unwrap(c).sharded_state_dict() for key, c in zip(layout.chunk_keys(len(chunks)), chunks)}
     sd = dict(model_sd)
     sd.update(_common(args, margs, state, scheduler))
-    sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+    # megatron-core's default distributed-optimizer layout ("fully_sharded_model_space") relies on flattened
+    # ranges its own ShardedTensor now refuses; "dp_reshardable" is what Megatron-LM saves by default.
+    sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                   metadata={"distrib_optim_sharding_type": "dp_reshardable"})
     # Every rank's RNG state is its own shard of a (PP, TP, DP) grid of objects.
     pp, tp, dp = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
                   ps.get_data_parallel_world_size())
@@ -203,11 +206,14 @@ def load(args, margs: ModelArgs, chunks: list, optimizer, scheduler) -> TrainSta
     if args.finetune or info.iteration == "release":
         load_weights(args, chunks)
         return TrainState()
-    if (info.tp, info.pp, info.vpp) != (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                                        args.vpp):
+    etp = args.expert_tensor_parallel_size or args.tensor_model_parallel_size
+    if (info.tp, info.pp, info.vpp, info.ep, info.etp) != (args.tensor_model_parallel_size,
+                                                           args.pipeline_model_parallel_size, args.vpp,
+                                                           args.expert_model_parallel_size, etp):
         raise ResumeError(
-            f"{args.load} was saved at TP={info.tp} PP={info.pp} VPP={info.vpp}; resuming optimizer state "
-            "needs the same layout (use --finetune to load weights only, or convert it first)")
+            f"{args.load} was saved at TP={info.tp} PP={info.pp} VPP={info.vpp} EP={info.ep} ETP={info.etp}; "
+            "resuming optimizer state needs the same layout (use --finetune to load weights only, or convert "
+            "it first)")
     if info.format == "torch_dist":
         return _load_torch_dist(args, margs, chunks, optimizer, scheduler, info.iter_dir)
     path = os.path.join(info.iter_dir, _rank_dir(args), layout.RANK_FILE)
@@ -236,6 +242,40 @@ def load(args, margs: ModelArgs, chunks: list, optimizer, scheduler) -> TrainSta
                               f"{args.data_parallel_size} (pass --no-load-rng)")
         set_rng_state(rngs[ps.get_data_parallel_rank()])
     return TrainState(iteration=int(sd["iteration"]), consumed_train_samples=int(sd["consumed_train_samples"]))
+
+
+def _init_empty_adam_state(optimizer) -> None:
+    """Zero Adam state (step 0) for parameters that have none yet, before a torch_dist optimizer load.
+
+    Building the sharded optimizer state for loading calls ``DistributedOptimizer.state_dict()``, which
+    without TE/apex reads every parameter's ``step`` and asserts they agree: on a fresh optimizer there are
+    none. The values are placeholders that the load overwrites.
+    """
+    for opt in _optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p.data),
+                                          exp_avg_sq=torch.zeros_like(p.data))
+
+
+def _steps_from_param_groups(inner) -> None:
+    """Each parameter's Adam ``step`` from its param group, as its own tensor, after a torch_dist load.
+
+    megatron's ``dp_reshardable`` optimizer state restores the step count into the param groups (from the
+    checkpoint) but then copies the per-parameter state of the sharded template over it, which carries the
+    placeholder step 0 from ``_init_empty_adam_state``: an Adam step after resume would bias-correct as
+    step 1. Each parameter gets its own tensor (see ``_load_dp_zero`` for why a shared one is wrong).
+    """
+    for group in inner.param_groups:
+        if "step" not in group:
+            continue
+        for p in group["params"]:
+            if "step" in inner.state[p]:
+                inner.state[p]["step"] = torch.tensor(float(group["step"]))
 
 
 def _load_dp_zero(opt, param_state) -> None:
@@ -273,6 +313,8 @@ def _load_torch_dist(args, margs, chunks, optimizer, scheduler, iter_dir: str) -
 
     read_metadata(iter_dir)  # through the allow-list before megatron's plain pickle.load sees the file
     load_optim = not args.no_load_optim
+    if load_optim:
+        _init_empty_adam_state(optimizer)
     sd = _sharded_state(args, chunks, optimizer, scheduler, margs, TrainState(), is_loading=True)
     if not load_optim:
         sd.pop("optimizer")
@@ -283,7 +325,10 @@ def _load_torch_dist(args, margs, chunks, optimizer, scheduler, iter_dir: str) -
         loaded = dist_checkpointing.load(sd, iter_dir)
     _load_model_chunks(chunks, loaded)
     if load_optim:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # in fp32 the main parameters are views of the model's (leaf) parameters
+            optimizer.load_state_dict(loaded["optimizer"])
+        for opt in _optimizers(optimizer):
+            _steps_from_param_groups(opt.optimizer)
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if "rng_state" in loaded:
         set_rng_state(loaded["rng_state"])

@@ -40,8 +40,10 @@ def transformer_config_for(args, margs: ModelArgs):
     if margs.is_moe:
         moe = dict(moe_token_dispatcher_type=args.moe_token_dispatcher_type,
                    moe_router_load_balancing_type=args.moe_router_load_balancing_type)
-        if args.moe_aux_loss_coeff is not None:
-            moe["moe_aux_loss_coeff"] = args.moe_aux_loss_coeff
+        from megatron_patch.runtime.compat import aux_loss_coeff_scale
+
+        coeff = margs.moe_aux_loss_coeff if args.moe_aux_loss_coeff is None else args.moe_aux_loss_coeff
+        moe["moe_aux_loss_coeff"] = coeff * aux_loss_coeff_scale(args.tensor_model_parallel_size)
     cfg = transformer_config(
         margs, tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size, vpp=args.vpp,
         ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size, **moe,
