@@ -14,6 +14,8 @@ cold. Prints a table and appends JSON lines to ``benchmarks/results/bench_conver
 
   python benchmarks/bench_convert.py                         # ~1.1B params, 2.2 GB
   python benchmarks/bench_convert.py --layers 4 --vocab 8000 # quick
+  python benchmarks/bench_convert.py --moe --layers 8 --hidden 1024 --heads 16 --experts 32 --moe-ffn 512 \
+      --ep 2                                               # Qwen3-MoE shape, ~1 GB, TP=2 x EP=2 x PP=2
 """
 
 from __future__ import annotations
@@ -44,6 +46,20 @@ def synthetic_checkpoint(out: str, layers: int, hidden: int, ffn: int, heads: in
     return 2 * common.write_synthetic_hf(out, cfg, max_shard_bytes=2 * 1000**3)  # several shards, as real models
 
 
+def synthetic_moe_checkpoint(out: str, layers: int, hidden: int, moe_ffn: int, experts: int, heads: int,
+                             kv_heads: int, vocab: int) -> int:
+    """Write a random bf16 Qwen3-MoE-shaped HF checkpoint (per-expert tensors, as hub files have them)."""
+    from benchmarks import common
+
+    cfg = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=hidden,
+               intermediate_size=4 * hidden, moe_intermediate_size=moe_ffn, num_experts=experts,
+               num_experts_per_tok=4, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+               head_dim=hidden // heads, vocab_size=vocab, max_position_embeddings=4096, rms_norm_eps=1e-6,
+               rope_theta=1000000.0, hidden_act="silu", tie_word_embeddings=False)
+    return 2 * common.write_synthetic_hf(out, cfg, max_shard_bytes=500 * 1000**2)
+
+
 def drop_cache(path: str) -> None:
     for dirpath, _, files in os.walk(path):
         for f in files:
@@ -70,7 +86,8 @@ def io_floor(src: str, dst: str) -> None:
 
 def child(argv: list[str]) -> None:
     """Run one measured step in this (fresh) process; print seconds and peak RSS as JSON."""
-    step, src, dst, tp, pp, workers = argv[0], argv[1], argv[2], int(argv[3]), int(argv[4]), int(argv[5])
+    step, src, dst = argv[0], argv[1], argv[2]
+    tp, pp, workers, ep = (int(x) for x in argv[3:7])
     t0 = time.perf_counter()
     if step == "floor":
         io_floor(src, dst)
@@ -81,7 +98,7 @@ def child(argv: list[str]) -> None:
         from toolkits.checkpoint import convert
 
         if step == "hf2mcore":
-            convert.hf2mcore(src, dst, tp, pp, transformer_impl="local", workers=workers)
+            convert.hf2mcore(src, dst, tp, pp, transformer_impl="local", workers=workers, ep=ep)
         else:
             convert.mcore2hf(src, dst, workers=workers)
     seconds = time.perf_counter() - t0
@@ -101,10 +118,10 @@ def peak_rss_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def measure(step: str, src: str, dst: str, tp: int, pp: int, workers: int) -> dict:
+def measure(step: str, src: str, dst: str, tp: int, pp: int, workers: int, ep: int = 1) -> dict:
     drop_cache(src)
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", step, src, dst, str(tp), str(pp),
-                          str(workers)], check=True, capture_output=True, text=True,
+                          str(workers), str(ep)], check=True, capture_output=True, text=True,
                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -119,6 +136,11 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--pp", type=int, default=2)
+    p.add_argument("--moe", action="store_true",
+                   help="a Qwen3-MoE-shaped checkpoint (--experts, --moe-ffn; dense sizes as given) at --ep")
+    p.add_argument("--experts", type=int, default=32)
+    p.add_argument("--moe-ffn", type=int, default=512)
+    p.add_argument("--ep", type=int, default=2)
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--workdir", default="/tmp/bench_convert", help="scratch directory (removed afterwards)")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
@@ -127,12 +149,18 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     hf, mc, back, floor = (os.path.join(work, n) for n in ("hf", "mcore", "hf_back", "floor"))
     try:
-        nbytes = synthetic_checkpoint(hf, args.layers, args.hidden, args.ffn, args.heads, args.kv_heads, args.vocab)
+        ep = args.ep if args.moe else 1
+        if args.moe:
+            nbytes = synthetic_moe_checkpoint(hf, args.layers, args.hidden, args.moe_ffn, args.experts, args.heads,
+                                              args.kv_heads, args.vocab)
+        else:
+            nbytes = synthetic_checkpoint(hf, args.layers, args.hidden, args.ffn, args.heads, args.kv_heads,
+                                          args.vocab)
         params = nbytes // 2
         base = measure("baseline", hf, floor, 1, 1, 1)["peak_rss_kb"] * 1024 / 1e9
         res = {"floor": measure("floor", hf, floor, 1, 1, 1)}
         shutil.rmtree(floor)
-        res["hf2mcore"] = measure("hf2mcore", hf, mc, args.tp, args.pp, args.workers)
+        res["hf2mcore"] = measure("hf2mcore", hf, mc, args.tp, args.pp, args.workers, ep)
         res["mcore2hf"] = measure("mcore2hf", mc, back, args.tp, args.pp, args.workers)
     finally:
         if not args.keep:
@@ -149,12 +177,14 @@ def main() -> None:
         work_gb = max(rss_gb - base, 0.0) if step != "floor" else rss_gb
         rows.append([step, f"{r['seconds']:.1f}", f"{gb / r['seconds']:.2f}", f"{rss_gb:.2f}",
                      f"{rss_gb / gb:.2f}", f"{work_gb:.2f}", f"{ratio:.2f}"])
-        records.append(dict(step=step, params=params, checkpoint_gb=gb, tp=args.tp, pp=args.pp, workers=args.workers,
+        records.append(dict(step=step, model="moe" if args.moe else "dense", params=params, checkpoint_gb=gb,
+                            tp=args.tp, pp=args.pp, ep=ep, workers=args.workers,
                             seconds=r["seconds"], gb_per_s=gb / r["seconds"], peak_rss_gb=rss_gb,
                             rss_over_checkpoint=rss_gb / gb, import_baseline_rss_gb=base,
                             ratio_to_floor=ratio))
     headers = ["step", "seconds", "GB/s", "peak RSS GB", "RSS/ckpt", "RSS-imports GB", "x floor"]
-    print(f"checkpoint: {params / 1e9:.2f}B params, {gb:.2f} GB bf16, TP={args.tp} x PP={args.pp}, "
+    print(f"checkpoint: {'MoE ' if args.moe else ''}{params / 1e9:.2f}B params, {gb:.2f} GB bf16, TP={args.tp} x "
+          f"PP={args.pp}{f' x EP={ep}' if args.moe else ''}, "
           f"{args.workers} workers; importing the converter (torch) alone: {base:.2f} GB RSS")
     if format_table:
         print(format_table(headers, rows))

@@ -3,6 +3,7 @@
 # Family:      FAMILY=llama3|qwen2.5|qwen3|... applies examples/$FAMILY/defaults.sh (only unset variables)
 # Model:       LOAD (Megatron checkpoint: converted or trained)  or  MODEL_CONFIG (HF config.json, from scratch)
 # Parallelism: TP=1 PP=1 VPP= (layers per virtual stage) SP=0|1 DISTRIBUTED_OPTIMIZER=1
+# MoE:         EP=1 ETP= (expert TP, default TP) MOE_DISPATCHER=alltoall|allgather|flex MOE_AUX_LOSS_COEFF=
 # Batch:       MBS=1 GBS=8 SEQ_LEN=2048
 # Schedule:    LR=1e-5 MIN_LR=1e-6 DECAY=cosine TRAIN_ITERS=1000 WARMUP=10 WEIGHT_DECAY=0.1 CLIP_GRAD=1.0
 # Precision:   PRECISION=bf16|fp16|fp32 (default bf16 on GPU, fp32 on CPU)
@@ -67,6 +68,10 @@ ARGS=(
 [ -n "${MODEL_CONFIG:-}" ] && ARGS+=(--model-config "$MODEL_CONFIG")
 [ -n "${VPP:-}" ] && ARGS+=(--num-layers-per-virtual-pipeline-stage "$VPP")
 [ "${SP:-0}" = 1 ] && ARGS+=(--sequence-parallel)
+[ "${EP:-1}" != 1 ] && ARGS+=(--expert-model-parallel-size "$EP")
+[ -n "${ETP:-}" ] && ARGS+=(--expert-tensor-parallel-size "$ETP")
+[ -n "${MOE_DISPATCHER:-}" ] && ARGS+=(--moe-token-dispatcher-type "$MOE_DISPATCHER")
+[ -n "${MOE_AUX_LOSS_COEFF:-}" ] && ARGS+=(--moe-aux-loss-coeff "$MOE_AUX_LOSS_COEFF")
 [ "${DISTRIBUTED_OPTIMIZER:-1}" = 1 ] && ARGS+=(--use-distributed-optimizer)
 [ -n "${TENSORBOARD_DIR:-}" ] && ARGS+=(--tensorboard-dir "$TENSORBOARD_DIR")
 case "$PRECISION" in
