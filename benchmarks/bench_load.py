@@ -2,12 +2,14 @@
 
 A synthetic Llama-shaped HF checkpoint (random bf16 weights, written without building a HF model) is
 converted with the converter's library function (``toolkits.checkpoint.convert.hf2mcore``) to a
-torch-format Megatron checkpoint at TP = ``--tp``. Then each of ``--tp`` real ranks (gloo on CPU, NCCL on
-GPU) builds its ``GPTModel`` shard (untimed) and times, in turn:
+torch-format Megatron checkpoint at TP = ``--tp`` x PP = ``--pp``. Then each of the TP x PP real ranks (gloo on
+CPU, NCCL on GPU) builds its ``GPTModel`` shard (untimed) and times, in turn:
 
   raw   reading its rank file into a preallocated buffer (plain ``readinto``: the disk-speed floor);
-  load  ``load_into_model(model, source)``: open, unpickle, re-slice through the weight table,
-        copy into the model's parameters (on GPU that includes the host-to-device copy).
+  load  ``load_into_model(model, source)`` from the converted checkpoint: open, unpickle, re-slice through
+        the weight mappings, copy into the model's parameters (on GPU that includes the host-to-device copy);
+  hf    ``load_into_model`` straight from the HF safetensors (``--load HF_DIR``: no conversion step), each
+        rank reading only the rows of its slices.
 
 Both are timed cold (the checkpoint's pages dropped from the page cache with
 ``posix_fadvise(DONTNEED)`` right before; the files are fsynced first, so every page is clean and can
@@ -15,6 +17,7 @@ be dropped) and warm (straight after, pages cached). The ratio load/raw is the c
 the bytes themselves; 1.0 means loading runs at disk (or page-cache) speed. Median of ``--repeats``.
 
   python benchmarks/bench_load.py                      # ~220M params (0.44 GB bf16), CPU, TP=1
+  python benchmarks/bench_load.py --tp 2 --pp 2        # the same at TP=2 x PP=2 (4 ranks)
   python benchmarks/bench_load.py --size 1b            # Llama-3.2-1B shape (2.5 GB)
 """
 
@@ -98,7 +101,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _rank_worker(ckpt_dir: str, repeats: int) -> dict:
+def _rank_worker(ckpt_dir: str, hf_dir: str, repeats: int) -> dict:
     """On each rank: build the model shard, then time raw reads and loads, cold and warm."""
     import torch.distributed as dist
 
@@ -107,13 +110,14 @@ def _rank_worker(ckpt_dir: str, repeats: int) -> dict:
     from megatron_patch import runtime
     from megatron_patch.checkpointing import layout
     from megatron_patch import dtypes
+    from megatron_patch.checkpointing.hf import HFSource
     from megatron_patch.checkpointing.megatron_format import open_checkpoint
     from megatron_patch.checkpointing.sources import load_into_model
     from megatron_patch.models.builder import build_model, transformer_config
 
     info = open_checkpoint(ckpt_dir)
     runtime.initialize(tp=info.tp, pp=info.pp, seed=1)
-    tp_rank = ps.get_tensor_model_parallel_rank()
+    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     dtype = dtypes.parse(getattr(info.ns, "params_dtype", "bf16"))
     t0 = time.perf_counter()
     model = build_model(info.args, transformer_config(info.args, tp=info.tp, pp=info.pp, params_dtype=dtype),
@@ -121,12 +125,12 @@ def _rank_worker(ckpt_dir: str, repeats: int) -> dict:
                         make_vocab_size_divisible_by=getattr(info.ns, "make_vocab_size_divisible_by", 128))
     model.to(runtime.device())
     build_s = time.perf_counter() - t0
-    own = layout.rank_file(ckpt_dir, info.iteration, tp_rank, 0, info.pp)
-    # load reads every source rank file it needs; evict all of them before a cold run.
-    every = [os.path.join(root, f) for root, _, files in os.walk(info.iter_dir) for f in files]
+    own = layout.rank_file(ckpt_dir, info.iteration, tp_rank, pp_rank, info.pp)
+    # load reads every source rank file it needs; evict all of them (and the HF shards) before a cold run.
+    every = [os.path.join(root, f) for d in (info.iter_dir, hf_dir) for root, _, files in os.walk(d) for f in files]
     nbytes = os.path.getsize(own)
     buf = memoryview(bytearray(nbytes + CHUNK))  # allocated and zeroed (touched) before any timing
-    times: dict[str, list[float]] = {"raw_cold": [], "load_cold": [], "raw_warm": [], "load_warm": []}
+    times: dict[str, list[float]] = {f"{k}_{m}": [] for m in ("cold", "warm") for k in ("raw", "load", "hf")}
 
     def timed(kind: str, fn) -> None:
         dist.barrier()  # ranks share the disk: start each phase together, as a real job does
@@ -141,19 +145,20 @@ def _rank_worker(ckpt_dir: str, repeats: int) -> dict:
     def load():
         load_into_model(model, open_checkpoint(ckpt_dir).source())
 
+    def hf():
+        load_into_model(model, HFSource(hf_dir))
+
     for _ in range(repeats):
-        drop_from_page_cache(every)
-        timed("raw_cold", raw)
-        drop_from_page_cache(every)
-        timed("load_cold", load)
-        timed("raw_warm", raw)
-        timed("load_warm", load)
+        for kind, fn in (("raw", raw), ("load", load), ("hf", hf)):
+            drop_from_page_cache(every)
+            timed(f"{kind}_cold", fn)
+            timed(f"{kind}_warm", fn)
     params = sum(p.numel() for p in model.parameters())
-    return {"tp_rank": tp_rank, "bytes": nbytes, "rank_params": params, "build_s": build_s,
+    return {"tp_rank": tp_rank, "pp_rank": pp_rank, "bytes": nbytes, "rank_params": params, "build_s": build_s,
             **{k: statistics.median(v) for k, v in times.items()}, "samples": times}
 
 
-def run(size: str, tp: int, repeats: int, workdir: Optional[str], keep: bool) -> dict:
+def run(size: str, tp: int, pp: int, repeats: int, workdir: Optional[str], keep: bool) -> dict:
     from megatron_patch.runtime import spawn
     from toolkits.checkpoint.convert import hf2mcore
 
@@ -164,12 +169,11 @@ def run(size: str, tp: int, repeats: int, workdir: Optional[str], keep: bool) ->
         params = common.write_synthetic_hf(hf_dir, hf_config(size))
         write_s = time.perf_counter() - t
         t = time.perf_counter()
-        hf2mcore(hf_dir, ckpt, tp=tp, pp=1, ckpt_format="torch", params_dtype="bf16", transformer_impl="local")
+        hf2mcore(hf_dir, ckpt, tp=tp, pp=pp, ckpt_format="torch", params_dtype="bf16", transformer_impl="local")
         convert_s = time.perf_counter() - t
-        shutil.rmtree(hf_dir)  # only the converted checkpoint should compete for the page cache
         os.sync()  # written pages must be clean before posix_fadvise can drop them
-        ranks = spawn.run(_rank_worker, tp, ckpt, repeats)
-        return {"size": size, "params": params, "tp": tp, "repeats": repeats, "write_hf_s": write_s,
+        ranks = spawn.run(_rank_worker, tp * pp, ckpt, hf_dir, repeats)
+        return {"size": size, "params": params, "tp": tp, "pp": pp, "repeats": repeats, "write_hf_s": write_s,
                 "filesystem": filesystem(ckpt),
                 "convert_s": convert_s, "workdir": root, "ranks": ranks}
     finally:
@@ -181,7 +185,7 @@ def report(out: dict, out_dir: Optional[str]) -> None:
     rows, records = [], []
     for r in out["ranks"]:
         gb = r["bytes"] / 1e9
-        rec = {"size": out["size"], "params": out["params"], "tp": out["tp"], "repeats": out["repeats"],
+        rec = {"size": out["size"], "params": out["params"], "tp": out["tp"], "pp": out["pp"], "repeats": out["repeats"],
                "filesystem": out["filesystem"],
                "convert_s": out["convert_s"], **{k: v for k, v in r.items() if k != "samples"},
                "samples": r["samples"]}
@@ -189,17 +193,23 @@ def report(out: dict, out_dir: Optional[str]) -> None:
             rec[f"raw_{mode}_gbps"] = gb / r[f"raw_{mode}"]
             rec[f"load_{mode}_gbps"] = gb / r[f"load_{mode}"]
             rec[f"ratio_{mode}"] = r[f"load_{mode}"] / r[f"raw_{mode}"]
+            rec[f"hf_ratio_{mode}"] = r[f"hf_{mode}"] / r[f"raw_{mode}"]
         # 100B bf16 = 200 GB; at TP=8 a rank holds 25 GB. Linear in bytes at this rank's measured rate.
         rec["projected_25gb_rank_s"] = 25.0 / rec["load_cold_gbps"]
         records.append(rec)
-        rows.append([r["tp_rank"], f"{gb:.3f}", f"{r['raw_cold']:.3f}", f"{r['load_cold']:.3f}",
-                     f"{rec['ratio_cold']:.2f}", f"{r['raw_warm']:.3f}", f"{r['load_warm']:.3f}",
-                     f"{rec['ratio_warm']:.2f}", f"{rec['load_cold_gbps']:.2f}"])
-    print(f"bench_load: size={out['size']} ({out['params'] / 1e6:.0f}M params, bf16) TP={out['tp']} "
+        rows.append([f"{r['tp_rank']}/{r['pp_rank']}", f"{gb:.3f}", f"{r['raw_cold']:.3f}", f"{r['load_cold']:.3f}",
+                     f"{rec['ratio_cold']:.2f}", f"{r['hf_cold']:.3f}", f"{rec['hf_ratio_cold']:.2f}",
+                     f"{r['raw_warm']:.3f}", f"{r['load_warm']:.3f}", f"{rec['ratio_warm']:.2f}",
+                     f"{r['hf_warm']:.3f}", f"{rec['hf_ratio_warm']:.2f}"])
+    print(f"bench_load: size={out['size']} ({out['params'] / 1e6:.0f}M params, bf16) TP={out['tp']} PP={out['pp']} "
           f"repeats={out['repeats']} (median); conversion took {out['convert_s']:.1f} s; device "
           f"{'cuda' if torch.cuda.is_available() else 'cpu'}; checkpoint on {out['filesystem']}")
-    print(common.format_table(["rank", "GB", "raw cold s", "load cold s", "load/raw", "raw warm s",
-                               "load warm s", "load/raw", "load GB/s"], rows))
+    print(common.format_table(["tp/pp rank", "GB", "raw cold s", "load cold s", "load/raw", "hf cold s", "hf/raw",
+                               "raw warm s", "load warm s", "load/raw", "hf warm s", "hf/raw"], rows))
+    worst_hf = max(records, key=lambda x: x["hf_ratio_cold"])
+    print(f"HF-direct start / raw read (worst rank): cold {worst_hf['hf_ratio_cold']:.2f}, warm "
+          f"{max(x['hf_ratio_warm'] for x in records):.2f}; converted load / raw: cold "
+          f"{max(x['ratio_cold'] for x in records):.2f}, warm {max(x['ratio_warm'] for x in records):.2f}")
     worst = max(records, key=lambda x: x["ratio_cold"])
     print(f"cold load/raw (worst rank) = {worst['ratio_cold']:.2f}; at {worst['load_cold_gbps']:.2f} GB/s a rank's "
           f"25 GB share of a 100B bf16 model (TP=8) would load in {worst['projected_25gb_rank_s']:.0f} s")
@@ -209,21 +219,22 @@ def report(out: dict, out_dir: Optional[str]) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default="small", help="model shape (default: small, ~220M)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the checkpoint = ranks loading it")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the checkpoint and of the loading ranks")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (ranks = TP x PP)")
     p.add_argument("--repeats", type=int, default=3, help="cold+warm rounds per rank (median reported)")
     p.add_argument("--workdir", default=None, help="where the checkpoint is written (default: the system temp dir; "
                    "put it on the disk you want to measure)")
     p.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     p.add_argument("--out", default=None, help="results directory (default: benchmarks/results)")
     a = p.parse_args(argv)
-    if a.tp < 1 or a.repeats < 1:
-        p.error("--tp and --repeats must be >= 1")
-    if torch.cuda.is_available() and a.tp > torch.cuda.device_count():
-        p.error(f"--tp {a.tp} needs {a.tp} GPUs (one rank per GPU); this machine has {torch.cuda.device_count()}")
+    if a.tp < 1 or a.pp < 1 or a.repeats < 1:
+        p.error("--tp, --pp and --repeats must be >= 1")
+    if torch.cuda.is_available() and a.tp * a.pp > torch.cuda.device_count():
+        p.error(f"TP x PP = {a.tp * a.pp} ranks need as many GPUs; this machine has {torch.cuda.device_count()}")
     if a.workdir and not os.path.isdir(a.workdir):
         p.error(f"--workdir {a.workdir} does not exist")
     warnings.filterwarnings("ignore")
-    report(run(a.size, a.tp, a.repeats, a.workdir, a.keep), a.out)
+    report(run(a.size, a.tp, a.pp, a.repeats, a.workdir, a.keep), a.out)
     return 0
 
 

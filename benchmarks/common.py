@@ -108,14 +108,12 @@ def write_synthetic_hf(out_dir: str, cfg: dict, seed: int = 0, dtype: torch.dtyp
     """A random HF checkpoint (config.json + safetensors shards + index) of the architecture ``cfg`` describes,
     written tensor by tensor without building a model: names and shapes come from the family's weight
     mappings, so any registered family (MoE included) works. Returns the parameter count."""
+    from megatron_patch.checkpointing import hf_writer
     from megatron_patch.checkpointing.hf_writer import MAX_SHARD_BYTES, HFShardWriter
-    from megatron_patch.checkpointing.mapping import exported, iter_tensors
     from megatron_patch.models.family import args_from_hf, family_of
 
     args = args_from_hf(cfg)
-    weights = exported(family_of(args).weights(args))
-    plan = [(name, tuple(shape), dtype) for m, layer, expert in iter_tensors(weights, args)
-            for name, shape in zip(m.hf_names(layer, expert), m.shapes(args))]
+    plan = hf_writer.plan(family_of(args).weights(args), args, dtype)
     os.makedirs(out_dir, exist_ok=True)
     writer = HFShardWriter(out_dir, plan, max_shard_bytes or MAX_SHARD_BYTES)
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # random numbers for 1B+ params: much faster on a GPU

@@ -13,22 +13,51 @@ import warnings
 from typing import Optional, Sequence
 
 
-def model_args_for(args):
-    from megatron_patch.checkpointing.megatron_format import open_checkpoint
-    from megatron_patch.models.family import args_from_hf, read_hf_config
+def hf_config_for(args) -> Optional[dict]:
+    """The HF config.json of the run: ``--model-config``, else the one ``--load`` carries (HF directory or a
+    converted checkpoint), else None."""
+    from megatron_patch.models.family import read_hf_config
 
     if args.model_config:
-        path = args.model_config
-        d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(path) and not os.path.isfile(path):
-            raise FileNotFoundError(f"--model-config {path} does not exist")
-        if os.path.isfile(path) and os.path.basename(path) != "config.json":
-            import json
+        if not os.path.exists(args.model_config):
+            raise FileNotFoundError(f"--model-config {args.model_config} does not exist")
+        return read_hf_config(args.model_config)
+    if args.load and os.path.isfile(os.path.join(args.load, "config.json")):
+        return read_hf_config(args.load)
+    return None
 
-            with open(path) as f:
-                return args_from_hf(json.load(f))
-        return args_from_hf(read_hf_config(d))
-    return open_checkpoint(args.load).args
+
+def model_args_for(args):
+    """The model architecture: ``--model-config``, else the ``--load`` HF directory or Megatron checkpoint.
+
+    A HF directory given to ``--load`` is checked whole (every tensor present with its shape, every shard
+    readable) here, before any process group exists; with ``--model-config`` too, both must describe the
+    same architecture.
+    """
+    from megatron_patch.checkpointing.megatron_format import open_checkpoint
+    from megatron_patch.checkpointing.sources import is_hf_dir
+    from megatron_patch.models.family import args_from_hf
+
+    margs = args_from_hf(hf_config_for(args)) if args.model_config else None
+    if args.load and is_hf_dir(args.load):
+        from megatron_patch.checkpointing.hf import HFSource
+
+        source = HFSource(args.load)
+        if margs is not None and margs != source.args:
+            raise ValueError(f"--load {args.load} holds a {source.args.architecture} that differs from "
+                             f"--model-config ({margs.architecture}{_first_difference(margs, source.args)})")
+        source.preflight()
+        return source.args
+    return margs if margs is not None else open_checkpoint(args.load).args
+
+
+def _first_difference(a, b) -> str:
+    import dataclasses
+
+    for f in dataclasses.fields(a):
+        if getattr(a, f.name) != getattr(b, f.name):
+            return f": {f.name} {getattr(b, f.name)} vs {getattr(a, f.name)}"
+    return ""
 
 
 def build_datasets(args, margs):
@@ -114,11 +143,17 @@ def run(args, margs, teardown: bool = True) -> int:
         def save_fn(s):
             checkpoint.save(args, margs, chunks, optimizer, scheduler, s)
 
+        def save_hf_fn(s):
+            checkpoint.save_hf(args, margs, chunks, s, hf_config_for(args))
+
         last_saved = state.iteration if args.load and not args.finetune else -1
-        state = loop.train(args, margs, chunks, optimizer, scheduler, state, datasets, metrics, save_fn)
+        state = loop.train(args, margs, chunks, optimizer, scheduler, state, datasets, metrics, save_fn,
+                           save_hf_fn)
         if args.save and (args.save_interval is None or state.iteration % args.save_interval) \
                 and state.iteration != last_saved:
             save_fn(state)
+        if args.save_hf and (args.save_hf_interval is None or state.iteration % args.save_hf_interval):
+            save_hf_fn(state)
         metrics.close()
         return 0
     finally:

@@ -142,8 +142,9 @@ def main() -> int:
     t_train = time.perf_counter()
     sh(torchrun + train_args + ["--load", mc_dir, "--finetune", "--train-iters", str(total_iters),
                                 "--exit-interval", str(a.iters)], env)
-    step(f"7/8 resume from the saved checkpoint for {a.resume_iters} more iterations")
-    sh(torchrun + train_args + ["--load", ckpt, "--train-iters", str(total_iters)], env)
+    step(f"7/8 resume from the saved checkpoint for {a.resume_iters} more iterations, saving HF directly too")
+    hf_direct = os.path.join(w, "hf_trained_direct")
+    sh(torchrun + train_args + ["--load", ckpt, "--train-iters", str(total_iters), "--save-hf", hf_direct], env)
     train_seconds = time.perf_counter() - t_train
 
     step("8/8 convert the trained checkpoint back to HF and generate with transformers")
@@ -152,6 +153,11 @@ def main() -> int:
     for name in os.listdir(tok_dir):  # the converter writes weights and config; the tokenizer travels with them
         if not os.path.exists(os.path.join(out_hf, name)):
             shutil.copy(os.path.join(tok_dir, name), out_hf)
+    same = same_tensors(out_hf, hf_direct)
+    print(f"--save-hf (written by the training ranks) == mcore2hf of the checkpoint: {same}")
+    if not same:
+        print("error: the direct HF save and the converted checkpoint differ", file=sys.stderr)
+        return 1
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -180,12 +186,27 @@ def main() -> int:
     print(f"files           : corpus {corpus}\n                  tokenizer {tok_dir}\n"
           f"                  data {prefix}.bin/.idx\n                  Megatron (converted) {mc_dir}\n"
           f"                  Megatron (trained) {ckpt}\n                  HF (trained) {out_hf}\n"
+          f"                  HF (trained, --save-hf) {hf_direct}\n"
           f"                  loss curve {png}\n                  metrics {metrics}")
     print(f"wall time       : {time.perf_counter() - t0:.0f}s")
     if not last < first - 1.0:
         print(f"error: the loss did not fall clearly ({first:.3f} -> {last:.3f})", file=sys.stderr)
         return 1
     return 0
+
+
+def same_tensors(a: str, b: str) -> bool:
+    from safetensors.torch import load_file
+
+    def tensors(d):
+        out = {}
+        for f in sorted(os.listdir(d)):
+            if f.endswith(".safetensors"):
+                out.update(load_file(os.path.join(d, f)))
+        return out
+
+    x, y = tensors(a), tensors(b)
+    return sorted(x) == sorted(y) and all(x[k].dtype == y[k].dtype and x[k].equal(y[k]) for k in x)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import os
 import struct
 import threading
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
@@ -42,11 +43,25 @@ class _Slot:
     nbytes: int
 
 
+def plan(weights, args, dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """``(name, shape, dtype)`` of every HF tensor of a model, in file order, from its weight mappings."""
+    from megatron_patch.checkpointing.mapping import exported, iter_tensors
+
+    return [(name, tuple(shape), dtype) for m, layer, expert in iter_tensors(exported(weights), args)
+            for name, shape in zip(m.hf_names(layer, expert), m.shapes(args))]
+
+
 class HFShardWriter:
-    """Plan with ``(name, shape, dtype)`` in file order, ``write(name, tensor)`` each once, then ``finish()``."""
+    """Plan with ``(name, shape, dtype)`` in file order, ``write(name, tensor)`` each once, then ``finish()``.
+
+    Several processes may write one checkpoint: every one builds the writer from the same plan (so the same
+    shards and offsets), one with ``create=True`` (it creates the files and writes their headers) before the
+    others open them with ``create=False``; each writes its own tensors, and the creator calls ``finish``
+    with the names the others wrote.
+    """
 
     def __init__(self, out_dir: str, plan: list[tuple[str, tuple[int, ...], torch.dtype]],
-                 max_shard_bytes: int = MAX_SHARD_BYTES):
+                 max_shard_bytes: int = MAX_SHARD_BYTES, create: bool = True):
         self.dir = out_dir
         groups: list[list] = [[]]
         size = 0
@@ -74,9 +89,12 @@ class HFShardWriter:
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)  # safetensors aligns the data start to 8 bytes
             start = 8 + len(raw)
-            fd = os.open(os.path.join(out_dir, shard), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.pwrite(fd, struct.pack("<Q", len(raw)) + raw, 0)
-            os.ftruncate(fd, start + pos)
+            if create:
+                fd = os.open(os.path.join(out_dir, shard), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.pwrite(fd, struct.pack("<Q", len(raw)) + raw, 0)
+                os.ftruncate(fd, start + pos)
+            else:
+                fd = os.open(os.path.join(out_dir, shard), os.O_WRONLY)
             self._fds[shard] = fd
             for name, shape, dtype, nbytes in group:
                 self.slots[name] = _Slot(shard, start + header[name]["data_offsets"][0], shape, dtype, nbytes)
@@ -132,8 +150,12 @@ class HFShardWriter:
         while done < len(view):
             done += os.pwrite(fd, view[done:], slot.offset + at + done)
 
-    def finish(self) -> None:
-        missing = [n for n in self.slots if n not in self._written]
+    @property
+    def written(self) -> set[str]:
+        return set(self._written)
+
+    def finish(self, written_elsewhere: Iterable[str] = ()) -> None:
+        missing = [n for n in self.slots if n not in self._written and n not in set(written_elsewhere)]
         if missing:
             raise RuntimeError(f"{len(missing)} planned tensors were never written, e.g. {missing[:3]}")
         for fd in self._fds.values():
@@ -144,6 +166,13 @@ class HFShardWriter:
                  "weight_map": {name: s.shard for name, s in self.slots.items()}}
         with open(os.path.join(self.dir, INDEX), "w") as f:
             json.dump(index, f, indent=2)
+
+    def close(self) -> None:
+        """A non-creating writer's end: its writes on disk, its files closed."""
+        for fd in self._fds.values():
+            os.fsync(fd)
+            os.close(fd)
+        self._fds.clear()
 
     def abort(self) -> None:
         for fd in self._fds.values():

@@ -294,14 +294,13 @@ class TorchSource:
 
     def rank_shards(self, m: Mapping, layer: Optional[int],
                     expert: Optional[int] = None) -> Iterator[tuple[int, torch.Tensor]]:
-        """(source TP rank, its memory-mapped shard), one rank at a time, vocab padding kept.
+        """(shard index, its memory-mapped shard), one TP (expert-TP) rank at a time, vocab padding kept.
 
-        Each rank file is unmapped before the next one is opened (once the caller drops the shard), so a
-        tensor is never resident whole: the caller writes each shard's rows where they belong.
+        The caller writes each shard's rows where they belong and drops their pages from the mapping as it
+        goes (``HFShardWriter.write_mapped_rows``), so a tensor is never resident whole; the rank files stay
+        mapped (re-opening one re-parses its whole pickle, which for MoE files of thousands of experts' tensors
+        would cost more than the copy) until ``release()``.
         """
         p, chunk, key, e = self.locate(m, layer, expert)
         for k, (t, fe) in enumerate(self._shard_files(m, e)):
-            x = self._tensor(t, p, fe, chunk, key)
-            yield k, x
-            del x
-            self._cache.pop((t, p, fe), None)
+            yield k, self._tensor(t, p, fe, chunk, key)

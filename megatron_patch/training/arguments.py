@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int, default=None, help="save every N iterations (and at the end)")
     g.add_argument("--ckpt-format", default="torch", choices=CKPT_FORMATS,
                    help="format of saved checkpoints")
+    g.add_argument("--save-hf", default=None,
+                   help="also write a HF directory (safetensors + config + tokenizer) here at the end of training")
+    g.add_argument("--save-hf-interval", type=int, default=None,
+                   help="with --save-hf: write it every N iterations too (the directory is replaced each time)")
     g.add_argument("--finetune", action="store_true",
                    help="load weights only from --load; start at iteration 0 with fresh optimizer")
     g.add_argument("--no-load-optim", action="store_true", help="do not load optimizer and scheduler state")
@@ -210,6 +214,8 @@ def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> argpars
         raise ArgumentError("--finetune needs --load")
     if a.save_interval is not None and (a.save_interval < 1 or a.save is None):
         raise ArgumentError("--save-interval needs --save and must be >= 1")
+    if a.save_hf_interval is not None and (a.save_hf_interval < 1 or a.save_hf is None):
+        raise ArgumentError("--save-hf-interval needs --save-hf and must be >= 1")
     if not a.mock_data:
         if not a.data_path:
             raise ArgumentError("give --data-path (or --mock-data)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Optional
 import random
 import shutil
 
@@ -199,8 +200,18 @@ def _load_model_chunks(chunks: list, state: dict) -> None:
 
 
 def load(args, margs: ModelArgs, chunks: list, optimizer, scheduler) -> TrainState:
-    """Restore weights (and unless finetuning: optimizer, scheduler, RNG, progress) from ``args.load``."""
+    """Restore weights (and unless finetuning: optimizer, scheduler, RNG, progress) from ``args.load``.
+
+    A HF directory is the iteration-0 start of a run: every rank reads only its own slices of the
+    safetensors (no conversion step, no full copy anywhere).
+    """
     from megatron.core import parallel_state as ps
+
+    from megatron_patch.checkpointing.sources import is_hf_dir
+
+    if is_hf_dir(args.load):
+        load_weights(args, chunks)
+        return TrainState()
 
     info = open_checkpoint(args.load)
     if args.finetune or info.iteration == "release":
@@ -295,6 +306,19 @@ def _load_dp_zero(opt, param_state) -> None:
     finally:
         for p, step in steps.items():
             opt.optimizer.state[p]["step"] = step.clone()
+
+
+def save_hf(args, margs: ModelArgs, chunks: list, state: TrainState, hf_config: Optional[dict]) -> str:
+    """``--save-hf``: the model as a HF directory, every rank writing its own part (``hf_export.save_hf``)."""
+    from megatron_patch import dtypes
+    from megatron_patch.checkpointing.hf_export import save_hf as write
+    from megatron_patch.models.family import hf_config_dict
+
+    out = write([unwrap(c) for c in chunks], margs, args.save_hf, hf_config or hf_config_dict(margs),
+                dtypes.BY_NAME[args.params_dtype], metadata_from=(args.tokenizer_model, args.load))
+    if dist.get_rank() == 0:
+        print(f"saved HF model (iteration {state.iteration}) to {out}", flush=True)
+    return out
 
 
 def load_weights(args, chunks: list) -> None:

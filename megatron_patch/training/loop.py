@@ -229,8 +229,9 @@ def evaluate(args, chunks: list, dataset, device) -> Optional[float]:
 
 
 def train(args: argparse.Namespace, margs: ModelArgs, chunks: list, optimizer, scheduler, state: TrainState,
-          datasets, metrics, save_fn) -> TrainState:
-    """Run iterations ``state.iteration+1 .. --train-iters``; saves through ``save_fn(state)``."""
+          datasets, metrics, save_fn, save_hf_fn=None) -> TrainState:
+    """Run iterations ``state.iteration+1 .. --train-iters``; saves through ``save_fn(state)`` (and every
+    ``--save-hf-interval`` iterations through ``save_hf_fn(state)``)."""
     from megatron.core import parallel_state as ps
 
     from megatron_patch import runtime
@@ -268,6 +269,8 @@ def train(args: argparse.Namespace, margs: ModelArgs, chunks: list, optimizer, s
             metrics.record_eval(state.iteration, val)
         if args.save and args.save_interval and state.iteration % args.save_interval == 0:
             save_fn(state)
+        if save_hf_fn and args.save_hf and args.save_hf_interval and state.iteration % args.save_hf_interval == 0:
+            save_hf_fn(state)
         if args.exit_interval and state.iteration % args.exit_interval == 0:
             break
     return state

@@ -28,6 +28,8 @@ import torch
 from megatron_patch import dtypes
 from megatron_patch.checkpointing import layout, placement
 from megatron_patch.checkpointing.hf import HFSource
+from megatron_patch.checkpointing.hf_export import copy_metadata
+from megatron_patch.checkpointing import hf_writer
 from megatron_patch.checkpointing.hf_writer import MAX_SHARD_BYTES, HFShardWriter
 from megatron_patch.checkpointing.mapping import EXPERT, exported, iter_tensors
 from megatron_patch.checkpointing.megatron_args import to_namespace
@@ -37,10 +39,6 @@ from megatron_patch.models.builder import check_parallel_layout, resolve_transfo
 from megatron_patch.models.config import ModelArgs
 from megatron_patch.models.family import hf_config_dict, read_hf_config
 
-# Files other than weights that travel with a checkpoint (so training and export need nothing else).
-METADATA_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                  "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
-                  "chat_template.jinja", "chat_template.json")
 # Transformer Engine modules keep FP8 metadata in ``_extra_state``; a fresh conversion has none, and TE's
 # ``set_extra_state`` accepts None. These are the TE modules of megatron's dense GPT layer spec.
 TE_EXTRA_STATE = ("self_attention.linear_qkv", "self_attention.core_attention", "self_attention.linear_proj",
@@ -64,12 +62,6 @@ def _dtype(name: Optional[str], fallback) -> torch.dtype:
         return dtypes.parse(name if name is not None else fallback)
     except ValueError as e:
         raise ConversionError(str(e)) from None
-
-
-def copy_metadata(src_dir: str, dst_dir: str) -> None:
-    for name in METADATA_FILES:
-        if os.path.isfile(os.path.join(src_dir, name)):
-            shutil.copy2(os.path.join(src_dir, name), os.path.join(dst_dir, name))
 
 
 def _trim_heap() -> None:
@@ -141,9 +133,12 @@ def write_torch(src, out_root: str, args: ModelArgs, ns, tp: int, pp: int, dtype
         mine = [f for f in files if f.pp_rank == p]
         writers = {f: RankFileWriter(layout.rank_file(out_root, "release", f.tp_rank, p, pp, f.ep_rank, ep))
                    for f in mine}
+        previous = object()
         for key, m, layer, expert in placement.rank_entries(src.weights, args, pipeline, p, None, te, p == 0,
                                                             p == pp - 1, ep, 0):
-            s.release()
+            if layer != previous:  # drop what the last layer mapped/opened: about one layer stays resident
+                s.release()
+                previous = layer
             if m.scope == EXPERT:  # ``expert`` is local index j on EP rank 0; EP rank e holds e * n_local + j
                 for e in range(ep):
                     emit(s, key, m, layer, e * n_local + expert,
@@ -164,24 +159,22 @@ def write_torch(src, out_root: str, args: ModelArgs, ns, tp: int, pp: int, dtype
     layout.write_tracker(out_root, "release")
 
 
-def hf_plan(weights, args: ModelArgs, dtype: torch.dtype) -> list[tuple[str, tuple, torch.dtype]]:
-    return [(name, shape, dtype) for m, layer, expert in iter_tensors(weights, args)
-            for name, shape in zip(m.hf_names(layer, expert), m.shapes(args))]
-
-
 def write_hf(src, out_dir: str, args: ModelArgs, dtype: torch.dtype, workers: int = 1,
              progress: Progress = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """Stream the HF safetensors shards + index of the model in ``src`` into ``out_dir``."""
     weights = exported(src.weights)
-    writer = HFShardWriter(out_dir, hf_plan(weights, args, dtype), max_shard_bytes)
+    writer = HFShardWriter(out_dir, hf_writer.plan(weights, args, dtype), max_shard_bytes)
     by_stage: dict[int, list] = {}
     for m, layer, expert in iter_tensors(weights, args):
         by_stage.setdefault(src.stage_of(m, layer), []).append((m, layer, expert))
 
     def stage(items) -> None:
         s = src.fork()
+        previous = object()
         for m, layer, expert in items:
-            s.release()
+            if layer != previous:  # drop what the last layer mapped/opened: about one layer stays resident
+                s.release()
+                previous = layer
             names = m.hf_names(layer, expert)
             if m.row_blocks and m.tp_dim == 0 and hasattr(s, "rank_shards"):
                 # Each source shard's rows go straight to their place in the HF tensors.

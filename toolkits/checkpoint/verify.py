@@ -44,7 +44,8 @@ def hf_logits(model_dir: str, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits
 
 
-def checkpoint_logits(ckpt_dir: str, tokens: torch.Tensor, tp: int, pp: int, ep: int = 1) -> torch.Tensor:
+def checkpoint_logits(ckpt_dir: str, tokens: torch.Tensor, tp: int, pp: int, ep: int = 1,
+                      etp: Optional[int] = None) -> torch.Tensor:
     """fp32 logits of a checkpoint (Megatron or HF directory) on THIS process group's TP x PP (x EP) ranks.
 
     Call it on every rank of a running group (e.g. inside ``spawn.run``); every rank gets the logits.
@@ -59,18 +60,18 @@ def checkpoint_logits(ckpt_dir: str, tokens: torch.Tensor, tp: int, pp: int, ep:
     same = info is not None and (tp, pp) == (info.tp, info.pp)
     first, last = (info.first, info.last) if same else (None, None)
     divisible = getattr(info.ns, "make_vocab_size_divisible_by", 128) if info is not None else 128
-    runtime.initialize(tp=tp, pp=pp, ep=ep, seed=0)
-    config = transformer_config(source.args, tp=tp, pp=pp, ep=ep, params_dtype=torch.float32,
+    runtime.initialize(tp=tp, pp=pp, ep=ep, etp=etp, seed=0)
+    config = transformer_config(source.args, tp=tp, pp=pp, ep=ep, etp=etp, params_dtype=torch.float32,
                                 first_stage_layers=first, last_stage_layers=last)
     model = build_model(source.args, config, transformer_impl="local", make_vocab_size_divisible_by=divisible)
     load_into_model(model, source)
     return forward_logits([model], tokens, source.args.vocab_size)
 
 
-def _worker(ckpt_dir: str, tp: int, pp: int, ep: int, tokens: torch.Tensor):
+def _worker(ckpt_dir: str, tp: int, pp: int, ep: int, etp: int, tokens: torch.Tensor):
     import torch.distributed as dist
 
-    logits = checkpoint_logits(ckpt_dir, tokens, tp, pp, ep)
+    logits = checkpoint_logits(ckpt_dir, tokens, tp, pp, ep, etp)
     return logits if dist.get_rank() == 0 else None
 
 
@@ -80,10 +81,12 @@ def megatron_logits(ckpt_dir: str, tokens: torch.Tensor, tp: Optional[int] = Non
     from megatron_patch.checkpointing.megatron_format import open_checkpoint
 
     info = open_checkpoint(ckpt_dir)
+    own = (tp or info.tp, pp or info.pp, ep or info.ep) == (info.tp, info.pp, info.ep)
     tp, pp, ep = tp or info.tp, pp or info.pp, ep or info.ep
-    # EP is carved out of data parallelism: the smallest world holding both TP x PP and EP x PP.
-    world = math.lcm(tp, ep) * pp
-    return spawn.run(_worker, world, ckpt_dir, tp, pp, ep, tokens)[0]
+    etp = info.etp if own else tp
+    # EP is carved out of data parallelism: the smallest world holding both TP x PP and ETP x EP x PP.
+    world = math.lcm(tp, etp * ep) * pp
+    return spawn.run(_worker, world, ckpt_dir, tp, pp, ep, etp, tokens)[0]
 
 
 def default_tokens(vocab_size: int, batch: int = 2, seq: int = 16) -> torch.Tensor:
