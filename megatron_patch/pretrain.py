@@ -97,6 +97,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         margs = model_args_for(args)
+        if args.save_hf:
+            from megatron_patch.checkpointing.hf_export import check_output
+
+            data = tuple(args.data_path or ())
+            check_output(args.save_hf, (args.load, args.model_config, args.tokenizer_model, args.save) + data)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -153,7 +153,9 @@ def main() -> int:
     for name in os.listdir(tok_dir):  # the converter writes weights and config; the tokenizer travels with them
         if not os.path.exists(os.path.join(out_hf, name)):
             shutil.copy(os.path.join(tok_dir, name), out_hf)
-    same = same_tensors(out_hf, hf_direct)
+    from megatron_patch.testing.compare import differences, hf_tensors
+
+    same = not differences(hf_tensors(out_hf), hf_tensors(hf_direct))
     print(f"--save-hf (written by the training ranks) == mcore2hf of the checkpoint: {same}")
     if not same:
         print("error: the direct HF save and the converted checkpoint differ", file=sys.stderr)
@@ -193,20 +195,6 @@ def main() -> int:
         print(f"error: the loss did not fall clearly ({first:.3f} -> {last:.3f})", file=sys.stderr)
         return 1
     return 0
-
-
-def same_tensors(a: str, b: str) -> bool:
-    from safetensors.torch import load_file
-
-    def tensors(d):
-        out = {}
-        for f in sorted(os.listdir(d)):
-            if f.endswith(".safetensors"):
-                out.update(load_file(os.path.join(d, f)))
-        return out
-
-    x, y = tensors(a), tensors(b)
-    return sorted(x) == sorted(y) and all(x[k].dtype == y[k].dtype and x[k].equal(y[k]) for k in x)
 
 
 if __name__ == "__main__":

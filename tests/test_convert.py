@@ -6,11 +6,11 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from megatron_patch.checkpointing import layout
 from megatron_patch.checkpointing.megatron_format import load_torch_rank, open_checkpoint
 from megatron_patch.runtime import spawn
+from megatron_patch.testing.compare import assert_same_tensors, hf_tensors
 from megatron_patch.testing.tiny_models import CONFIGS, VOCAB, save_tiny_model
 from toolkits.checkpoint import verify
 from toolkits.checkpoint.cli import main
@@ -20,18 +20,8 @@ LAYOUTS = [(1, 1, None, None), (2, 1, None, None), (1, 2, None, None), (2, 2, No
            (1, 2, 1, None), (2, 3, 1, 1), (1, 2, None, 3)]  # last three: uneven pipeline splits
 
 
-def hf_tensors(d):
-    out = {}
-    for f in sorted(os.listdir(d)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(d, f)))
-    return out
-
-
-def assert_same(a, b):
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+# Shared with the other conversion tests.
+hf_tensors, assert_same = hf_tensors, assert_same_tensors
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))

@@ -12,9 +12,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from megatron_patch.runtime import spawn
+from megatron_patch.testing.compare import assert_same_tensors, hf_tensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,16 +49,6 @@ def _losses(path):
     return [json.loads(line)["loss"] for line in open(path) if '"loss"' in line]
 
 
-def _tensors(d):
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(os.listdir(d)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(d, f)))
-    return out
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     from megatron_patch.testing.tiny_models import save_tiny_model
@@ -85,8 +75,7 @@ def test_save_hf_equals_the_converted_checkpoint(runs, tmp_path, name):
     saved = f"{runs}/{name}_hf"
     assert not [n for n in os.listdir(runs) if n.startswith(f".{name}_hf")], "temporary output left behind"
     exported = mcore2hf(f"{runs}/{name}_ckpt", str(tmp_path / "exported"))
-    a, b = _tensors(saved), _tensors(exported)
-    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_tensors(hf_tensors(saved), hf_tensors(exported))
     cfg = json.load(open(os.path.join(saved, "config.json")))
     assert cfg["architectures"] == json.load(open(os.path.join(exported, "config.json")))["architectures"]
     tokens = default_tokens(cfg["vocab_size"])
@@ -107,11 +96,18 @@ def test_bad_hf_inputs_are_one_line_errors(runs, tmp_path):
     (broken / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}))
     env = dict(os.environ, PYTHONWARNINGS="ignore")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
     for argv, words in (
         (["--load", hf, "--model-config", str(other)], ["differs from --model-config"]),
         (["--load", str(broken)], ["model-00001-of-00002.safetensors", "missing"]),
+        (["--load", hf, "--save-hf", hf], ["overlaps the input"]),  # would replace the source model
+        (["--load", hf, "--save-hf", os.path.dirname(hf)], ["overlaps the input"]),
+        (["--load", hf, "--save-hf", str(mine)], ["not written by --save-hf"]),
     ):
         r = subprocess.run([sys.executable, "-m", "megatron_patch.pretrain", "--mock-data", "--train-iters", "1",
                             *argv], cwd=ROOT, env=env, capture_output=True, text=True)
         lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
         assert r.returncode == 2 and len(lines) == 1 and all(w in lines[0] for w in words), r.stderr[-2000:]
+    assert (mine / "notes.txt").read_text() == "keep me" and os.path.isfile(os.path.join(hf, "config.json"))

@@ -10,9 +10,11 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from megatron_patch.runtime import spawn
+from megatron_patch.testing.compare import assert_same_tensors as assert_same
+from megatron_patch.testing.compare import hf_tensors
 from megatron_patch.testing.tiny_models import MOE_CONFIGS, VOCAB, save_tiny_model
 from toolkits.checkpoint import verify
 from toolkits.checkpoint.cli import main
@@ -80,20 +82,6 @@ def test_moe_logits_match_hf_at_expert_parallel_layouts(moe_models):
     assert len(report) == len(FAMILIES) * len(LAYOUTS) * 4
     flipped = (per_rank[0]["flipped"] - ref["qwen3-moe"]).abs().max().item()
     assert flipped > 1e-2, f"flipping the top-k renormalization changed the logits by only {flipped}"
-
-
-def hf_tensors(d):
-    out = {}
-    for f in sorted(os.listdir(d)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(d, f)))
-    return out
-
-
-def assert_same(a, b):
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -200,6 +188,13 @@ def test_moe_bad_inputs(moe_models, tmp_path, capsys):
             os.link(os.path.join(src, f), os.path.join(wrong, f))
     _fails(capsys, ["hf2mcore", "--load-dir", wrong, "--save-dir", out], "experts.1.down_proj.weight", "shape")
     assert not os.path.exists(out)
+
+
+def test_cli_verify_for_moe(moe_models, tmp_path, capsys):
+    out = str(tmp_path / "m")
+    rc = main(["hf2mcore", "--load-dir", moe_models["qwen2-moe"], "--save-dir", out, "--ep", "2",
+               "--transformer-impl", "local", "--verify", "--quiet"])
+    assert rc == 0 and "verify OK" in capsys.readouterr().out
 
 
 def test_moe_configs_are_read_as_hf_reads_them(moe_models):

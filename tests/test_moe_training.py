@@ -57,7 +57,8 @@ def _trainer_worker(ckpt, tmp):
         dist.barrier()
 
     for name, (extra, mbs) in LAYOUTS.items():
-        job(_argv(ckpt, os.path.join(tmp, f"{name}.jsonl"), extra, mbs))
+        tb = ["--tensorboard-dir", os.path.join(tmp, "tb")] if name == "ep2_dp4" else []
+        job(_argv(ckpt, os.path.join(tmp, f"{name}.jsonl"), extra + tb, mbs))
     # Resume with EP: N + N iterations with a save in between equal 2N, bit for bit (torch and torch_dist).
     for fmt in ("torch", "torch_dist"):
         base = ["--model-config", ckpt, "--mock-data", "--seq-length", str(SEQ), "--global-batch-size", str(GBS),
@@ -142,6 +143,17 @@ def test_moe_losses_match_hf_loop_with_load_balancing(runs, batches, name):
     assert len(got) == ITERS
     assert max(rel) <= RTOL, f"LM loss trajectory differs: {rel}"
     assert max(rel_aux) <= RTOL, f"load-balancing loss differs: {rel_aux}"
+
+
+def test_load_balancing_loss_reaches_tensorboard(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(runs["tmp"], "tb"))
+    acc.Reload()
+    rows = _rows(os.path.join(runs["tmp"], "ep2_dp4.jsonl"))
+    got = [e.value for e in acc.Scalars("load_balancing_loss")]
+    assert got == pytest.approx([r["load_balancing_loss"] for r in rows], rel=1e-6)
+    assert [e.value for e in acc.Scalars("lm loss")] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
 
 
 def test_load_balancing_loss_moves_the_trajectory(runs, batches):

@@ -193,6 +193,13 @@ class HFSource:
     def parts(self, m: Mapping, layer: Optional[int] = None, expert: Optional[int] = None) -> list[torch.Tensor]:
         return m.to_megatron(self.hf_tensors(m, layer, expert), self.args)
 
+    def rank_shard(self, m: Mapping, layer: Optional[int], expert: Optional[int], tp: int, rank: int,
+                   padded_vocab: int) -> Optional[torch.Tensor]:
+        """``TensorSource.rank_shard``: column-parallel tensors read row block by row block."""
+        if tp == 1 or not (m.row_blocks and m.tp_dim == 0):
+            return None
+        return self.rank_rows(m, layer, expert, tp, rank, padded_vocab)
+
     def rank_rows(self, m: Mapping, layer: Optional[int], expert: Optional[int], tp: int, rank: int,
                   padded_vocab: int) -> Optional[torch.Tensor]:
         """TP rank ``rank``'s shard of a ``row_blocks`` mapping, reading only its rows (vocab padding zeroed

@@ -25,6 +25,8 @@ from megatron_patch.checkpointing.mapping import is_te_state
 from megatron_patch.checkpointing.transforms import strip_vocab
 from megatron_patch.models.config import ModelArgs
 
+# Left in every directory save_hf writes: a later save may replace such a directory, never any other.
+MARKER = ".megatron-patch-save-hf"
 # Files besides the weights that make a HF directory usable (config, generation settings, tokenizer).
 HF_METADATA_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                      "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
@@ -35,6 +37,23 @@ def copy_metadata(src_dir: str, dst_dir: str, skip: tuple[str, ...] = ()) -> Non
     for name in HF_METADATA_FILES:
         if name not in skip and os.path.isfile(os.path.join(src_dir, name)):
             shutil.copy2(os.path.join(src_dir, name), os.path.join(dst_dir, name))
+
+
+def check_output(out_dir: str, inputs: tuple[Optional[str], ...]) -> None:
+    """Refuse an output that would replace what the user has: an input (or a folder holding one, or one inside
+    it) or an existing non-empty directory that an earlier save_hf did not write. Call before training."""
+    out = os.path.realpath(out_dir)
+    for path in inputs:
+        if not path:
+            continue
+        p = os.path.realpath(path)
+        if p == out or p.startswith(out + os.sep) or out.startswith(p + os.sep):
+            raise ValueError(f"--save-hf {out_dir} overlaps the input {path}; choose another directory")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MARKER)):
+        raise ValueError(f"--save-hf {out_dir} exists and was not written by --save-hf; choose an empty or new "
+                         "directory (nothing there is replaced)")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--save-hf {out_dir} exists and is not a directory")
 
 
 def _gather(shard: torch.Tensor, group) -> Optional[list[torch.Tensor]]:
@@ -84,6 +103,7 @@ def save_hf(chunks: list, args: ModelArgs, out_dir: str, config: dict, dtype: to
                     copy_metadata(d, tmp, skip=("config.json",))
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(cfg, f, indent=2)
+            open(os.path.join(tmp, MARKER), "w").close()
             layout.replace_dir(tmp, out_dir)
         dist.barrier()
     except BaseException:

@@ -292,6 +292,24 @@ class TorchSource:
             parts = [strip_vocab(x, self.args.vocab_size) for x in parts]
         return parts
 
+    def rank_shard(self, m: Mapping, layer: Optional[int], expert: Optional[int], tp: int, rank: int,
+                   padded_vocab: int) -> Optional[torch.Tensor]:
+        """``TensorSource.rank_shard``: when the model's TP (expert-TP) size is the checkpoint's, a rank's slice is
+        one rank file's tensor as stored (no merge and re-cut: a rank reads about its own share of the bytes)."""
+        if tp != self._tp_size(m) or (m.vocab and padded_vocab != self._padded_vocab(m)):
+            return None
+        p, chunk, key, e = self.locate(m, layer, expert)
+        t, fe = self._shard_files(m, e)[rank]
+        return self._tensor(t, p, fe, chunk, key)
+
+    def _tp_size(self, m: Mapping) -> int:
+        return self.info.etp if m.expert_tp else self.info.tp
+
+    def _padded_vocab(self, m: Mapping) -> int:
+        p, chunk, key, e = self.locate(m, None)
+        t, fe = self._shard_files(m, e)[0]
+        return self._tensor(t, p, fe, chunk, key).shape[0] * self.info.tp
+
     def rank_shards(self, m: Mapping, layer: Optional[int],
                     expert: Optional[int] = None) -> Iterator[tuple[int, torch.Tensor]]:
         """(shard index, its memory-mapped shard), one TP (expert-TP) rank at a time, vocab padding kept.

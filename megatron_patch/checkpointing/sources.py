@@ -40,6 +40,9 @@ class TensorSource(Protocol):
     def release(self) -> None:
         """Drop what has been read or mapped so far."""
 
+    # Optional: ``rank_shard(m, layer, expert, tp, rank, padded_vocab)`` -> exactly TP rank ``rank``'s slice
+    # (vocab padded), read without the rest of the tensor, or None where that is not possible.
+
 
 def is_hf_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(
@@ -79,10 +82,14 @@ def load_into_model(model, source: TensorSource, vp_stage: Optional[int] = None,
                                                         model.pre_process, model.post_process, ep, ep_rank):
         if key not in state:
             raise CheckpointError(f"model has no parameter {key}; does it match the checkpoint?")
-        parts = source.parts(m, layer, expert)
-        if m.vocab:
-            parts = [pad_vocab(x, model.vocab_size) for x in parts]
-        value = placement.shard(parts, etp if m.expert_tp else tp, etp_rank if m.expert_tp else tp_rank, m.tp_dim)
+        size, rank = (etp, etp_rank) if m.expert_tp else (tp, tp_rank)
+        value = source.rank_shard(m, layer, expert, size, rank, model.vocab_size) \
+            if hasattr(source, "rank_shard") else None
+        if value is None:  # the source cannot read just this rank's slice: whole tensor, then cut
+            parts = source.parts(m, layer, expert)
+            if m.vocab:
+                parts = [pad_vocab(x, model.vocab_size) for x in parts]
+            value = placement.shard(parts, size, rank, m.tp_dim)
         check_shape(key, value, state[key].shape)
         with torch.no_grad():
             state[key].copy_(value)
