@@ -241,7 +241,7 @@ class FiniteCheck:
     """What a source does with NaN/Inf weights: refuse (the default), or report each tensor once and go on."""
 
     def __init__(self, allow: bool = False, report: Optional[Callable[[str], None]] = None,
-                 hint: str = "pass --allow-non-finite to accept it"):
+                 hint: str = "a diverged or damaged checkpoint"):
         self.allow, self.report, self.hint = allow, report, hint
         self.found: dict[str, tuple[int, int]] = {}
         self._lock = threading.Lock()
