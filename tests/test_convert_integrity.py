@@ -36,8 +36,21 @@ def mcore_dir(hf_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def dist_dir(mcore_dir, tmp_path_factory):
-    return convert.mcore2mcore(mcore_dir, str(tmp_path_factory.mktemp("d") / "dist"), 1, 1, ckpt_format="torch_dist")
+def non_finite(hf_dir, tmp_path_factory):
+    """A model with one NaN and one Inf weight, converted with ``allow_non_finite`` to HF, torch (TP=2) and
+    torch_dist (through the helper process); the warnings each conversion reported."""
+    tmp = tmp_path_factory.mktemp("nan")
+    d = shutil.copytree(hf_dir, tmp / "hf")
+    tensors = load_file(d / "model.safetensors")
+    tensors["model.layers.2.self_attn.o_proj.weight"][3, 5] = float("nan")
+    tensors["model.norm.weight"][7] = float("inf")
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    notes = {"m": [], "dist": []}
+    m = convert.hf2mcore(str(d), str(tmp / "m"), 2, 1, transformer_impl="local", allow_non_finite=True,
+                         report=notes["m"].append)
+    dist = convert.mcore2mcore(m, str(tmp / "dist"), 1, 1, ckpt_format="torch_dist", allow_non_finite=True,
+                               report=notes["dist"].append)
+    return {"hf": str(d), "m": m, "dist": dist, "tensors": tensors, "notes": notes}
 
 
 def one_error(capsys, argv, *words):
@@ -82,13 +95,13 @@ print(json.dumps(out))
 """
 
 
-def test_crafted_torch_dist_metadata_never_runs(dist_dir, tmp_path, capsys):
+def test_crafted_torch_dist_metadata_never_runs(non_finite, tmp_path, capsys):
     marker = tmp_path / "pwned"
     payload = pickle.dumps(_CreatesAFile(str(marker)), protocol=2)
     probe = tmp_path / "probe"
     pickle.loads(pickle.dumps(_CreatesAFile(str(probe)), protocol=2)).close()
     assert probe.exists()  # the attack is real: plain pickle (what torch DCP uses) creates the file
-    evil = shutil.copytree(dist_dir, tmp_path / "evil")
+    evil = shutil.copytree(non_finite["dist"], tmp_path / "evil")
     (evil / "release" / ".metadata").write_bytes(payload)
     one_error(capsys, to_hf(evil, tmp_path / "o1"), ".metadata", "open' is not allowed")
     one_error(capsys, ["mcore2mcore", "--load-dir", evil, "--save-dir", tmp_path / "o2"], ".metadata", "not allowed")
@@ -146,7 +159,7 @@ def _flip(path, at: int) -> None:
         f.write(bytes([byte[0] ^ 0xFF]))
 
 
-def test_corrupted_bytes_are_detected_not_loaded(mcore_dir, dist_dir, tmp_path, capsys):
+def test_corrupted_bytes_are_detected_not_loaded(mcore_dir, non_finite, tmp_path, capsys):
     d = shutil.copytree(mcore_dir, tmp_path / "m")
     path = d / "release/mp_rank_01/model_optim_rng.pt"
     index = integrity.ZipIndex(str(path), str(path))
@@ -166,10 +179,12 @@ def test_corrupted_bytes_are_detected_not_loaded(mcore_dir, dist_dir, tmp_path, 
     _flip(path2, off + size - 3)
     one_error(capsys, to_hf(d2, tmp_path / "o"), "data.pkl", "CRC-32")
     # torch_dist: a byte inside a .distcp chunk record.
-    d3 = shutil.copytree(dist_dir, tmp_path / "dist")
+    d3 = shutil.copytree(non_finite["dist"], tmp_path / "dist")
     distcp = sorted((d3 / "release").glob("*.distcp"))[0]
     _flip(distcp, os.path.getsize(distcp) // 2)
-    one_error(capsys, to_hf(d3, tmp_path / "o"), distcp.name, "CRC-32")
+    assert main(to_hf(d3, tmp_path / "o", "--allow-non-finite", "--workers", "1", "--quiet")) == 2
+    errors = [x for x in capsys.readouterr().err.splitlines() if not x.startswith("warning: tensor")]
+    assert len(errors) == 1 and distcp.name in errors[0] and "CRC-32" in errors[0], errors
     assert not (tmp_path / "o").exists()
 
 
@@ -213,33 +228,28 @@ def test_tensors_the_model_has_no_place_for_are_refused_by_name(hf_dir, tmp_path
 
 # ----------------------------------------------------------------------------- non-finite weights
 
-def test_non_finite_weights_are_refused_by_name_unless_allowed(hf_dir, tmp_path, capsys):
-    d = shutil.copytree(hf_dir, tmp_path / "hf")
-    tensors = load_file(d / "model.safetensors")
-    tensors["model.layers.2.self_attn.o_proj.weight"][3, 5] = float("nan")
-    tensors["model.norm.weight"][7] = float("inf")
-    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
-    one_error(capsys, h2m(d, tmp_path / "o", "--workers", "1"), "model.layers.2.self_attn.o_proj.weight",
-              "1 NaN and 0 Inf", "--allow-non-finite")
+def test_non_finite_weights_are_refused_by_name_unless_allowed(non_finite, tmp_path, capsys):
+    one_error(capsys, h2m(non_finite["hf"], tmp_path / "o", "--workers", "1"),
+              "model.layers.2.self_attn.o_proj.weight", "1 NaN and 0 Inf", "--allow-non-finite")
     assert not (tmp_path / "o").exists()
-    m = tmp_path / "m"
-    assert main(h2m(d, m, "--tp", "2", "--allow-non-finite", "--quiet")) == 0
-    assert sorted(capsys.readouterr().err.splitlines()) == [
+    assert sorted(non_finite["notes"]["m"]) == [
         "warning: tensor model.layers.2.self_attn.o_proj.weight holds 1 NaN and 0 Inf value(s)",
         "warning: tensor model.norm.weight holds 0 NaN and 1 Inf value(s)"]
-    # A Megatron checkpoint holding them: refused with the rank file's tensor named, or converted as it is.
-    one_error(capsys, to_hf(m, tmp_path / "h"), "decoder.layers.2.self_attention.linear_proj.weight",
+    # The flag reached the torch_dist helper process, which read them from the rank files (Megatron names; the
+    # replicated norm in both TP ranks' files, column 5 of the row-parallel projection in rank 0's).
+    assert sorted(n.split(" holds")[0] for n in non_finite["notes"]["dist"]) == [
+        "warning: tensor decoder.final_layernorm.weight (rank file mp_rank_00)",
+        "warning: tensor decoder.final_layernorm.weight (rank file mp_rank_01)",
+        "warning: tensor decoder.layers.2.self_attention.linear_proj.weight (rank file mp_rank_00)"]
+    # A Megatron checkpoint holding them: refused naming the rank file's tensor, or converted as it is.
+    one_error(capsys, to_hf(non_finite["m"], tmp_path / "h"), "decoder.layers.2.self_attention.linear_proj.weight",
               "rank file mp_rank_0", "1 NaN")
-    assert main(to_hf(m, tmp_path / "h", "--allow-non-finite", "--quiet")) == 0
+    one_error(capsys, to_hf(non_finite["dist"], tmp_path / "h"), "1 NaN")  # torch_dist reader
+    assert main(to_hf(non_finite["m"], tmp_path / "h", "--allow-non-finite", "--quiet")) == 0
     capsys.readouterr()
     back = load_file(tmp_path / "h/model-00001-of-00001.safetensors")
-    assert torch.equal(back["model.norm.weight"], tensors["model.norm.weight"])
+    assert torch.equal(back["model.norm.weight"], non_finite["tensors"]["model.norm.weight"])
     assert back["model.layers.2.self_attn.o_proj.weight"][3, 5].isnan()
-    # torch_dist, written by the helper process: the flag reaches it, and the reader checks too.
-    assert main([str(a) for a in ("mcore2mcore", "--load-dir", m, "--save-dir", tmp_path / "dist", "--ckpt-format",
-                                  "torch_dist", "--allow-non-finite", "--quiet")]) == 0
-    assert "model.norm.weight" not in capsys.readouterr().err  # Megatron names: decoder.final_layernorm.weight
-    one_error(capsys, to_hf(tmp_path / "dist", tmp_path / "h2"), "1 NaN")
 
 
 # ----------------------------------------------------------------------------- config.json values

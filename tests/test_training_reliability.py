@@ -40,7 +40,7 @@ def _metrics(path: str) -> list[dict]:
     return [json.loads(line) for line in open(path)]
 
 
-def _jobs_worker(cfg: str, tmp: str, corrupted_dist: str):
+def _jobs_worker(cfg: str, tmp: str):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -72,7 +72,8 @@ def _jobs_worker(cfg: str, tmp: str, corrupted_dist: str):
     rcs = {
         "dropout": job("dropout", base + DROPOUT + ["--save", ckpt, "--exit-interval", "2",
                                                     "--metrics-file", f"{tmp}/dropout.jsonl"]),
-        "no_dropout": job("no_dropout", base + ["--train-iters", "2", "--metrics-file", f"{tmp}/no_dropout.jsonl"]),
+        "no_dropout": job("no_dropout", base + ["--train-iters", "2", "--metrics-file", f"{tmp}/no_dropout.jsonl",
+                                                "--save", f"{tmp}/dist", "--ckpt-format", "torch_dist"]),
     }
     data.step_batches = step_batches
     resume = base + DROPOUT + ["--load", ckpt]
@@ -102,7 +103,16 @@ def _jobs_worker(cfg: str, tmp: str, corrupted_dist: str):
     # torch_dist resume reads records megatron-core does not CRC-check: they are checked first.
     from megatron_patch.checkpointing.torch_dist import read_metadata
 
-    iter_dir = os.path.join(corrupted_dist, "release")
+    iter_dir = os.path.join(tmp, "dist", "iter_0000002")
+    checkpoint._verify_dcp_records(iter_dir, read_metadata(iter_dir))  # intact: passes
+    if rank == 0:
+        distcp = os.path.join(iter_dir, sorted(n for n in os.listdir(iter_dir) if n.endswith(".distcp"))[-1])
+        with open(distcp, "r+b") as f:
+            f.seek(os.path.getsize(distcp) // 2)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    dist.barrier()
     try:
         checkpoint._verify_dcp_records(iter_dir, read_metadata(iter_dir))
         crc = "not detected"
@@ -122,20 +132,8 @@ def model_config(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, model_config):
-    from megatron_patch.testing.tiny_models import save_tiny_model
-    from toolkits.checkpoint import convert
-
     tmp = str(tmp_path_factory.mktemp("runs"))
-    hf = save_tiny_model("llama3.1", f"{tmp}/hf")
-    dist_dir = convert.hf2mcore(hf, f"{tmp}/dist", 1, 1, ckpt_format="torch_dist", transformer_impl="local")
-    distcp = sorted(os.listdir(f"{dist_dir}/release"))
-    distcp = os.path.join(dist_dir, "release", next(n for n in distcp if n.endswith(".distcp")))
-    with open(distcp, "r+b") as f:
-        f.seek(os.path.getsize(distcp) // 2)
-        byte = f.read(1)
-        f.seek(-1, 1)
-        f.write(bytes([byte[0] ^ 0xFF]))
-    result = spawn.run(_jobs_worker, 2, model_config, tmp, dist_dir, timeout=900)
+    result = spawn.run(_jobs_worker, 2, model_config, tmp, timeout=900)
     return tmp, result
 
 
