@@ -257,7 +257,7 @@ def test_sigterm_stops_training_and_leaves_only_complete_checkpoints(model_confi
             proc.kill()
     err = proc.stderr.read()
     assert proc.returncode == 128 + signal.SIGTERM, err
-    assert took < 5, f"took {took:.1f}s to exit"
+    assert took < 30, f"took {took:.1f}s to exit"  # generous: a loaded machine stretches it
     assert [x for x in err.splitlines() if x.startswith("error:")] == [
         "error: interrupted by SIGTERM; no checkpoint was left half-written"], err
     assert f"note: removed stale temporary checkpoint {stale}" in "".join(out)

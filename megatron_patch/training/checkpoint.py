@@ -245,10 +245,7 @@ def load(args, margs: ModelArgs, chunks: list, optimizer, scheduler) -> TrainSta
     if args.finetune or info.iteration == "release":
         load_weights(args, chunks)
         return TrainState()
-    etp = args.expert_tensor_parallel_size or args.tensor_model_parallel_size
-    if (info.tp, info.pp, info.vpp, info.ep, info.etp) != (args.tensor_model_parallel_size,
-                                                           args.pipeline_model_parallel_size, args.vpp,
-                                                           args.expert_model_parallel_size, etp):
+    if (info.tp, info.pp, info.vpp, info.ep, info.etp) != _run_layout(args):
         raise ResumeError(
             f"{args.load} was saved at TP={info.tp} PP={info.pp} VPP={info.vpp} EP={info.ep} ETP={info.etp}; "
             "resuming optimizer state needs the same layout (use --finetune to load weights only, or convert "
@@ -451,16 +448,26 @@ def check_resume(args, info) -> None:
     """
     if args.finetune or info.iteration == "release":
         return
-    if (info.tp, info.pp, info.vpp) != (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                                        args.vpp):
+    saved, run = _layout(info.tp, info.pp, info.vpp, info.ep, info.etp), _layout(*_run_layout(args))
+    if saved != run:
         raise ResumeError(
-            f"{args.load} was saved at TP={info.tp} PP={info.pp} VPP={info.vpp}, this run is "
-            f"TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} VPP={args.vpp}; "
-            "resuming optimizer state needs the same layout (use --finetune to load the weights only, or "
-            "convert the checkpoint with mcore2mcore first)")
+            f"{args.load} was saved at {saved}, this run is {run}; resuming optimizer state needs the same "
+            "layout (use --finetune to load the weights only, or convert the checkpoint with mcore2mcore first)")
     if args.no_load_optim:
         return
     check_schedule(args, _saved_schedule(info))
+
+
+def _run_layout(args) -> tuple:
+    """(TP, PP, VPP, EP, ETP) of this run, as ``load`` compares them with the checkpoint's."""
+    etp = args.expert_tensor_parallel_size or args.tensor_model_parallel_size
+    return (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.vpp,
+            args.expert_model_parallel_size, etp)
+
+
+def _layout(tp: int, pp: int, vpp: Optional[int], ep: int, etp: int) -> str:
+    text = f"TP={tp} PP={pp} VPP={vpp}"
+    return text + (f" EP={ep} ETP={etp}" if (ep, etp) != (1, tp) else "")
 
 
 def _saved_schedule(info) -> Optional[dict]:

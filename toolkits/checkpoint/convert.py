@@ -237,16 +237,20 @@ def _with_output(save_dir: str, overwrite: bool, body: Callable[[str], None], re
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno in _OUTPUT_ERRNOS:
-            # Name the file as the user knows it: the temporary directory is gone already.
-            where = str(e.filename or "")
-            where = os.path.abspath(save_dir) + where[len(tmp):] if tmp and where.startswith(tmp) else \
-                where or os.path.abspath(save_dir)
-            raise safety.OutputError(e.errno, e.strerror, where) from None
+            raise safety.OutputError(e.errno, e.strerror, _as_output_path(e.filename, tmp, save_dir)) from None
         raise
     return os.path.abspath(save_dir)
 
 
 _OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG)
+
+
+def _as_output_path(filename, tmp: Optional[str], save_dir: str) -> str:
+    """The file an output error names, as the user knows it (the temporary directory is gone already)."""
+    name, out = str(filename or ""), os.path.abspath(save_dir)
+    if tmp and name.startswith(tmp):
+        return out + name[len(tmp):]
+    return name or out
 
 
 def _say(report: Report, line: str) -> None:
