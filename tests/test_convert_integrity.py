@@ -118,13 +118,24 @@ def test_crafted_torch_dist_metadata_never_runs(non_finite, tmp_path, capsys):
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
-def test_index_shard_outside_the_model_dir_is_refused(hf_dir, tmp_path, capsys):
+def test_paths_from_index_and_metadata_files_stay_inside_the_checkpoint(hf_dir, non_finite, tmp_path, capsys):
     d = shutil.copytree(hf_dir, tmp_path / "hf")
     shutil.move(d / "model.safetensors", tmp_path / "elsewhere.safetensors")
     names = list(load_file(tmp_path / "elsewhere.safetensors"))
     (d / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {n: "../elsewhere.safetensors" for n in names}}))
     one_error(capsys, h2m(d, tmp_path / "o"), "'../elsewhere.safetensors'", "not a file name inside")
+    # torch_dist: .metadata names each chunk's data file.
+    from megatron_patch.checkpointing.torch_dist import read_metadata
+
+    d = shutil.copytree(non_finite["dist"], tmp_path / "dist")
+    md = read_metadata(str(d / "release"))
+    for st in md.storage_data.values():
+        shutil.copy(d / "release" / st.relative_path, tmp_path / st.relative_path)
+        st.relative_path = "../../" + st.relative_path
+    (d / "release" / ".metadata").write_bytes(pickle.dumps(md))
+    one_error(capsys, to_hf(d, tmp_path / "o", "--allow-non-finite"), "data file outside the checkpoint",
+              "'../../__0_0.distcp'")
 
 
 # ----------------------------------------------------------------------------- mixed and corrupted files

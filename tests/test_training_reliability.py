@@ -229,6 +229,21 @@ def test_resume_at_another_layout_is_one_error_line_before_any_process_group(run
     assert outs[1] == ("", "")  # the other rank says nothing (no traceback, no duplicate line)
 
 
+def test_an_error_only_one_rank_finds_is_one_line_from_that_rank(model_config, tmp_path):
+    """Only the last rank writes --metrics-file: when it cannot, it alone fails; rank 0 then fails in a
+    collective with the peer gone, sees the failure reported and exits without a word (or a traceback)."""
+    (tmp_path / "afile").write_text("")
+    argv = [sys.executable, "-m", "megatron_patch.pretrain"] + _common(model_config) + [
+        "--tensor-model-parallel-size", "1", "--metrics-file", str(tmp_path / "afile" / "m.jsonl")]
+    env = dict(ENV, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(spawn.free_port()))
+    procs = [subprocess.Popen(argv, cwd=ROOT, env=dict(env, RANK=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [1, 2], outs
+    assert outs[1][1].splitlines() == [f"error: File exists: {tmp_path / 'afile'}"], outs[1][1]
+    assert outs[0][1] == "", outs[0][1]
+
+
 def test_sigterm_stops_training_and_leaves_only_complete_checkpoints(model_config, tmp_path):
     save = tmp_path / "ckpt"
     save.mkdir()
