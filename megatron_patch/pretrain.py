@@ -71,9 +71,10 @@ def _first_difference(a, b) -> str:
 
 def prepare(argv: Optional[Sequence[str]] = None):
     """Arguments and model args, with every check that needs no process group; ``StartupError`` if one fails."""
+    from megatron_patch import safety
     from megatron_patch.checkpointing.megatron_format import open_checkpoint
     from megatron_patch.checkpointing.sources import is_hf_dir
-    from megatron_patch.training import checkpoint, errors
+    from megatron_patch.training import checkpoint
     from megatron_patch.training.arguments import for_model, parse_args
 
     try:
@@ -85,7 +86,7 @@ def prepare(argv: Optional[Sequence[str]] = None):
         if info is not None:
             checkpoint.check_resume(for_model(args, margs), info)
     except (ValueError, OSError) as e:
-        raise StartupError(errors.one_line(e)) from None
+        raise StartupError(safety.one_line(e)) from None
     return args, margs
 
 
@@ -162,7 +163,7 @@ def run(args, margs, teardown: bool = True) -> int:
         errors.report(str(e))
         return 1
     except (ValueError, OSError) as e:  # DataError, MetricsError, CheckpointError, ResumeError, ...
-        errors.report(errors.one_line(e))
+        errors.report(safety.one_line(e))
         return 2
     except Exception:
         if errors.already_reported():

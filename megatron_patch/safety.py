@@ -46,6 +46,15 @@ class OutputError(OSError):
         return f"cannot write {self.filename}: {self.strerror}"
 
 
+def one_line(e: BaseException) -> str:
+    """An expected failure as one line: OS errors as ``REASON: FILE`` (``OutputError``: ``cannot write FILE:
+    REASON``), without the errno prefix; anything else as the first line of its message."""
+    if isinstance(e, OSError) and not isinstance(e, OutputError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class Interrupted(BaseException):
     """SIGTERM or SIGINT arrived. A BaseException so that no ``except Exception`` swallows it."""
 

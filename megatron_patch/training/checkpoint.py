@@ -24,6 +24,7 @@ the checkpoint's, and the learning-rate schedule too unless ``--override-opt_par
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 from typing import Optional
 import random
@@ -147,12 +148,25 @@ def save(args, margs: ModelArgs, chunks: list, optimizer, scheduler, state: Trai
             with safety.signals_blocked():
                 layout.write_tracker(root, state.iteration)
             print(f"saved checkpoint iteration {state.iteration} to {final}", flush=True)
-    except BaseException:
+    except BaseException as e:
+        # torch's and megatron's writers report a full disk as "unexpected pos" RuntimeErrors (or wrap it):
+        # ask the file system, before the removal below frees the space again.
+        full = not isinstance(e, (KeyboardInterrupt, safety.Interrupted)) and _disk_full(root)
         if rank == 0:
             shutil.rmtree(tmp[0], ignore_errors=True)
+        if full:
+            raise safety.OutputError(errno.ENOSPC, os.strerror(errno.ENOSPC), final) from None
         raise
     dist.barrier()
     return final
+
+
+def _disk_full(path: str) -> bool:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
 
 
 def _save_torch(args, margs, chunks, optimizer, scheduler, state, tmp: str) -> None:

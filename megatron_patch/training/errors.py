@@ -36,14 +36,6 @@ def new_run() -> None:
     _RUN[0] += 1
 
 
-def one_line(e: BaseException) -> str:
-    """An exception as one line (OS errors as ``REASON: FILE``, without the errno prefix)."""
-    if isinstance(e, OSError) and e.strerror:
-        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _store():
     import torch.distributed as dist
 

@@ -114,14 +114,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def error_line(e: BaseException) -> str:
-    """One line for an expected failure (OS errors name their file once, without the errno prefix)."""
-    if isinstance(e, OSError) and not isinstance(e, safety.OutputError) and e.strerror:
-        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -132,5 +124,5 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: interrupted by {e}; the partial output was removed", file=sys.stderr)
         return 128 + e.signum
     except (ValueError, FileExistsError, FileNotFoundError, KeyError, OSError) as e:
-        print(f"error: {error_line(e)}", file=sys.stderr)
+        print(f"error: {safety.one_line(e)}", file=sys.stderr)
         return 2
