@@ -223,18 +223,24 @@ def _blocks(t: torch.Tensor) -> Iterator[torch.Tensor]:
 def count_non_finite(t: torch.Tensor, mapped: bool = False) -> tuple[int, int]:
     """(NaN count, Inf count) of a floating-point tensor, in blocks (pages of a mapped tensor dropped after).
 
-    A finite sum proves every element finite, at memory speed; only a non-finite sum (a NaN/Inf, or an
-    overflow of huge values) pays for the exact, ~40x slower, element-wise count.
+    A finite sum proves every element finite, at memory speed (~10 GB/s; bf16 accumulates in fp32 inside,
+    asking for an fp32 result instead costs 20x); only a non-finite one (a NaN/Inf, or an overflow of huge
+    values) pays for the exact, ~40x slower, element-wise count.
     """
     nan = inf = 0
     for block in _blocks(t):
-        acc = torch.float32 if block.element_size() < 4 else None
-        if not torch.isfinite(block.sum(dtype=acc)):
+        if not _surely_finite(block):
             nan += int(torch.isnan(block).sum())
             inf += int(torch.isinf(block).sum())
         if mapped and block.is_contiguous():
             drop_pages(block.data_ptr(), block.nbytes)
     return nan, inf
+
+
+def _surely_finite(block: torch.Tensor) -> bool:
+    if block.dtype == torch.float16:  # a sum of ordinary values overflows fp16's range; max and min cannot
+        return bool(torch.isfinite(block.amax()) and torch.isfinite(block.amin()))
+    return bool(torch.isfinite(block.sum()))
 
 
 class FiniteCheck:
