@@ -1,8 +1,12 @@
 """Pretraining and SFT entry point: ``torchrun --nproc-per-node N -m megatron_patch.pretrain [ARGS]``.
 
-Order of work: parse and validate the arguments (no process is started for a bad combination), read
-the model architecture (``--model-config`` or the ``--load`` checkpoint) and the data, then
-initialize the process groups, build model / optimizer / scheduler, load, train, save.
+Order of work: parse and validate the arguments, read the model architecture (``--model-config`` or the
+``--load`` checkpoint) and check that the checkpoint can be resumed with these arguments (layout,
+learning-rate schedule) -- all before any process group exists, so a bad combination ends in one
+``error:`` line from rank 0 and exit status 2 (``prepare``). Then ``run`` initializes the process groups,
+builds model / optimizer / scheduler, loads, trains and saves; a failure found there is one ``error:``
+line from one rank (``training.errors``), and SIGTERM/SIGINT stop the run (a save in progress removes its
+temporary folder) with status 128 + the signal number.
 """
 
 from __future__ import annotations
@@ -11,6 +15,10 @@ import os
 import sys
 import warnings
 from typing import Optional, Sequence
+
+
+class StartupError(ValueError):
+    """A problem found before any process group exists (bad arguments, checkpoint, config)."""
 
 
 def hf_config_for(args) -> Optional[dict]:
@@ -27,8 +35,9 @@ def hf_config_for(args) -> Optional[dict]:
     return None
 
 
-def model_args_for(args):
-    """The model architecture: ``--model-config``, else the ``--load`` HF directory or Megatron checkpoint.
+def model_args_for(args, info=None):
+    """The model architecture: ``--model-config``, else the ``--load`` HF directory or Megatron checkpoint
+    (``info``: that checkpoint, if already opened).
 
     A HF directory given to ``--load`` is checked whole (every tensor present with its shape, every shard
     readable) here, before any process group exists; with ``--model-config`` too, both must describe the
@@ -48,7 +57,7 @@ def model_args_for(args):
                              f"--model-config ({margs.architecture}{_first_difference(margs, source.args)})")
         source.preflight()
         return source.args
-    return margs if margs is not None else open_checkpoint(args.load).args
+    return margs if margs is not None else (info or open_checkpoint(args.load)).args
 
 
 def _first_difference(a, b) -> str:
@@ -58,6 +67,32 @@ def _first_difference(a, b) -> str:
         if getattr(a, f.name) != getattr(b, f.name):
             return f": {f.name} {getattr(b, f.name)} vs {getattr(a, f.name)}"
     return ""
+
+
+def prepare(argv: Optional[Sequence[str]] = None):
+    """Arguments and model args, with every check that needs no process group; ``StartupError`` if one fails."""
+    from megatron_patch import safety
+    from megatron_patch.checkpointing.megatron_format import open_checkpoint
+    from megatron_patch.checkpointing.sources import is_hf_dir
+    from megatron_patch.training import checkpoint
+    from megatron_patch.training.arguments import for_model, parse_args
+
+    try:
+        args = parse_args(argv)
+        if args.load and not os.path.isdir(args.load):
+            raise FileNotFoundError(f"--load {args.load} does not exist")
+        info = open_checkpoint(args.load) if args.load and not is_hf_dir(args.load) else None
+        margs = model_args_for(args, info)
+        if info is not None:
+            checkpoint.check_resume(for_model(args, margs), info)
+        if args.save_hf:
+            from megatron_patch.checkpointing.hf_export import check_output
+
+            data = tuple(args.data_path or ())
+            check_output(args.save_hf, (args.load, args.model_config, args.tokenizer_model, args.save) + data)
+    except (ValueError, OSError) as e:
+        raise StartupError(safety.one_line(e)) from None
+    return args, margs
 
 
 def build_datasets(args, margs):
@@ -85,56 +120,74 @@ def build_datasets(args, margs):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     # megatron-core warns at import about every missing optional accelerator library.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
-    from megatron_patch.training.arguments import ArgumentError, parse_args
+    from megatron_patch import safety
+    from megatron_patch.training import errors
 
     try:
-        args = parse_args(argv)
-    except ArgumentError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.load and not os.path.isdir(args.load):
-        print(f"error: --load {args.load} does not exist", file=sys.stderr)
-        return 2
-    try:
-        margs = model_args_for(args)
-        if args.save_hf:
-            from megatron_patch.checkpointing.hf_export import check_output
-
-            data = tuple(args.data_path or ())
-            check_output(args.save_hf, (args.load, args.model_config, args.tokenizer_model, args.save) + data)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return run(args, margs)
+        with safety.signals_raise():
+            try:
+                args, margs = prepare(argv)
+            except StartupError as e:
+                errors.before_start(str(e))
+                return 2
+            return run(args, margs)
+    except safety.Interrupted as e:  # before the run started (a run reports its own)
+        errors.before_start(f"interrupted by {e}")
+        return 128 + e.signum
 
 
 def run(args, margs, teardown: bool = True) -> int:
-    """Train with parsed arguments; ``teardown=False`` keeps the process group (tests run several jobs)."""
-    import torch.distributed as dist
+    """Train with parsed arguments; ``teardown=False`` keeps the process group (tests run several jobs).
 
-    from megatron_patch import runtime
-    from megatron_patch.training import checkpoint, loop
-    from megatron_patch.training.data import DataError
-    from megatron_patch.training.logging import Metrics, MetricsError
-
+    Returns the exit status: 0, 1 (NaN/Inf loss or gradients), 2 (bad input found after start-up),
+    128 + signal number (interrupted).
+    """
+    from megatron_patch import runtime, safety
+    from megatron_patch.training import errors, loop
     from megatron_patch.training.arguments import ArgumentError, for_model
 
     try:
         args = for_model(args, margs)
     except ArgumentError as e:
-        print(f"error: {e}", file=sys.stderr)
+        errors.before_start(str(e))
         return 2
     config = loop.transformer_config_for(args, margs)
-    runtime.initialize(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size, vpp=args.vpp,
-                       ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
-                       seed=args.seed)
+    errors.new_run()
+    failed = True
     try:
-        try:
-            datasets = build_datasets(args, margs)
-            metrics = Metrics(args.metrics_file, args.tensorboard_dir)
-        except (DataError, MetricsError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        runtime.initialize(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size, vpp=args.vpp,
+                           ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
+                           seed=args.seed)
+        _train(args, margs, config)
+        failed = False
+        return 0
+    except safety.Interrupted as e:
+        errors.report(f"interrupted by {e}; no checkpoint was left half-written")
+        return 128 + e.signum
+    except loop.NonFiniteError as e:
+        errors.report(str(e))
+        return 1
+    except (ValueError, OSError) as e:  # DataError, MetricsError, CheckpointError, ResumeError, ...
+        errors.report(safety.one_line(e))
+        return 2
+    except Exception:
+        if errors.already_reported():
+            return 1  # a peer failed first and said why; this is the echo of its exit in a collective
+        raise
+    finally:
+        if teardown:
+            runtime.teardown(barrier=not failed)
+
+
+def _train(args, margs, config) -> None:
+    import torch.distributed as dist
+
+    from megatron_patch.training import checkpoint, loop
+    from megatron_patch.training.logging import Metrics
+
+    datasets = build_datasets(args, margs)
+    metrics = Metrics(args.metrics_file, args.tensorboard_dir)
+    try:
         chunks = loop.wrap_ddp(args, config, loop.build_model_chunks(args, margs, config))
         optimizer, scheduler = loop.build_optimizer(args, chunks)
         loop.install_hooks(config, chunks, optimizer)
@@ -159,12 +212,16 @@ def run(args, margs, teardown: bool = True) -> int:
             save_fn(state)
         if args.save_hf and (args.save_hf_interval is None or state.iteration % args.save_hf_interval):
             save_hf_fn(state)
-        metrics.close()
-        return 0
     finally:
-        if teardown:
-            runtime.teardown()
+        metrics.close()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if status >= 128:
+        # Interrupted and cleaned up: exit now, as the signal's default action would, not after the
+        # seconds-long interpreter teardown torch and megatron-core bring.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

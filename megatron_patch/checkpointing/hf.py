@@ -4,6 +4,11 @@ Only the tensors a rank needs are read, with plain positional reads (``os.preadv
 destination tensor at the offsets of the shard's header. Not memory-mapped on purpose: the pages of a
 mapping count as the reader's resident memory until unmapped, while ``read_rows`` can fetch just the
 rows one TP rank needs (e.g. its slice of the vocab) with no other copy.
+
+What is read is checked on the way (``integrity``): every value read passes the source's ``FiniteCheck``
+(NaN/Inf refused, or reported by name), a weight must be stored as a float (an I32 header is refused, not
+cast), shard names from the index must be plain file names in the model directory, and ``preflight``
+refuses tensors the family's mappings have no place for (``allow_extra`` skips them, naming each).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from megatron_patch import dtypes
-from megatron_patch.checkpointing import placement
+from megatron_patch.checkpointing import integrity, placement
 from megatron_patch.checkpointing.layout import CheckpointError
 from megatron_patch.checkpointing.mapping import Mapping
 from megatron_patch.checkpointing.transforms import check_shape
@@ -30,8 +35,9 @@ SINGLE = "model.safetensors"
 class HFReader:
     """Name -> shard map of a HF checkpoint directory, opening shards lazily."""
 
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, finite: Optional[integrity.FiniteCheck] = None):
         self.dir = model_dir
+        self.finite = finite or integrity.STRICT
         index = os.path.join(model_dir, INDEX)
         if os.path.isfile(index):
             with open(index) as f:
@@ -43,6 +49,11 @@ class HFReader:
             self.where = {k: SINGLE for k in self._open(SINGLE).keys()}
         else:
             raise CheckpointError(f"no {SINGLE} or {INDEX} in {model_dir}")
+        for name, shard in self.where.items():
+            # The index is data, not a path to follow: a shard outside the model directory is refused.
+            if not isinstance(shard, str) or shard in ("", ".", "..") or os.path.basename(shard) != shard:
+                raise CheckpointError(f"{index}: tensor {name} names shard {shard!r}, which is not a file name "
+                                      f"inside {model_dir}")
         for shard in sorted(set(self.where.values())):
             if not os.path.isfile(os.path.join(model_dir, shard)):
                 raise CheckpointError(f"the index names shard {shard}, which is missing from {model_dir}")
@@ -108,6 +119,7 @@ class HFReader:
         fd, dtype, shape, offset, shard = self._entry(name)
         out = torch.empty((), dtype=dtype)
         _pread_into(fd, out.reshape(1), offset, name, shard)
+        self.finite(name, out)
         return out
 
     def read_rows(self, name: str, start: int, stop: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -122,6 +134,7 @@ class HFReader:
         check_shape(name, out, rows)
         target = out if out.dtype == dtype and out.is_contiguous() else torch.empty(rows, dtype=dtype)
         _pread_into(fd, target, offset + start * row_bytes, name, shard)
+        self.finite(name, target)  # while the bytes are in cache: no extra pass over the file
         if target is not out:
             out.copy_(target)
         return out
@@ -164,16 +177,19 @@ def _pread_into(fd: int, t: torch.Tensor, offset: int, name: str, shard: str) ->
 class HFSource:
     """Megatron tensors made from a HF safetensors directory through the family's mappings."""
 
-    def __init__(self, model_dir: str, args: Optional[ModelArgs] = None, reader: Optional[HFReader] = None):
+    def __init__(self, model_dir: str, args: Optional[ModelArgs] = None, reader: Optional[HFReader] = None,
+                 finite: Optional[integrity.FiniteCheck] = None):
         from megatron_patch.models.family import args_from_hf, family_of, read_hf_config
 
         self.dir = model_dir
         self.args = args or args_from_hf(read_hf_config(model_dir))
         self.weights = family_of(self.args).weights(self.args)
         self.reader = reader or HFReader(model_dir)
+        self.finite = self.reader.finite = finite or self.reader.finite
+        self.skipped: list[str] = []  # unexpected tensors ``preflight`` was allowed to skip
 
     def fork(self) -> "HFSource":
-        return HFSource(self.dir, self.args, HFReader(self.dir))
+        return HFSource(self.dir, self.args, HFReader(self.dir), self.finite)
 
     def release(self) -> None:
         self.reader.release()
@@ -185,6 +201,8 @@ class HFSource:
             got = self.reader.shape(n)
             if tuple(got) != tuple(shape):
                 raise CheckpointError(f"tensor {n} has shape {tuple(got)}, expected {tuple(shape)}")
+            dtype = self.reader.dtype(n)
+            integrity.check_float_dtype(n, dtype, dtypes.SAFETENSORS_CODE[dtype], self.reader.where[n])
         return names
 
     def hf_tensors(self, m: Mapping, layer: Optional[int] = None, expert: Optional[int] = None) -> list[torch.Tensor]:
@@ -220,14 +238,46 @@ class HFSource:
             at += stop - start
         return out
 
-    def preflight(self) -> int:
-        """Check that every tensor exists with the right shape and every shard opens; returns the numel."""
+    def preflight(self, allow_extra: bool = False) -> int:
+        """Check that every tensor exists with the right shape and dtype, that no other tensor is in the
+        checkpoint, and that every shard opens; returns the numel.
+
+        A tensor the mappings have no place for (a bias the family does not have, a layer beyond
+        ``num_hidden_layers``) means the config does not describe these weights: refused by name, or with
+        ``allow_extra`` skipped and listed in ``self.skipped``.
+        """
         from megatron_patch.checkpointing.mapping import iter_tensors
 
-        total = 0
+        total, expected = 0, set()
         for m, layer, expert in iter_tensors(self.weights, self.args):
-            self.check(m, layer, expert)
+            expected.update(self.check(m, layer, expert))
             total += sum(torch.Size(s).numel() for s in m.shapes(self.args))
+        extra = sorted(n for n in self.reader.where if n not in expected and not self._ignorable(n))
+        if extra and not allow_extra:
+            more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+            raise CheckpointError(f"{self.dir} holds {len(extra)} tensor(s) that {self.args.architecture} with this "
+                                  f"config.json has no place for: {', '.join(extra[:3])}{more} (pass "
+                                  "--allow-extra-tensors to skip them)")
+        self.skipped = extra
         self.reader.validate_shards()
         self.reader.release()
         return total
+
+    def _ignorable(self, name: str) -> bool:
+        """Tensors HF itself ignores when loading: rotary buffers older transformers saved, and the output
+        layer of a tied model when it is an exact copy of the embedding."""
+        if name.endswith("rotary_emb.inv_freq"):
+            return True
+        tied = next((m for m in self.weights if m.tied), None)
+        if tied is None or name != "lm_head.weight":
+            return False
+        emb = tied.hf_names()[0]
+        if self.reader.shape(name) != self.reader.shape(emb):
+            return False
+        rows = self.reader.shape(emb)[0]
+        step = max(1, (64 << 20) // max(1, torch.Size(self.reader.shape(emb)[1:]).numel() * 4))
+        for a in range(0, rows, step):  # row blocks: never two whole vocab matrices in memory
+            b = min(rows, a + step)
+            if not torch.equal(self.reader.read_rows(name, a, b), self.reader.read_rows(emb, a, b)):
+                return False
+        return True

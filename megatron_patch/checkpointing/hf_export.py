@@ -80,7 +80,7 @@ def save_hf(chunks: list, args: ModelArgs, out_dir: str, config: dict, dtype: to
     weights = family_of(args).weights(args)
     plan = hf_writer.plan(weights, args, dtype)
     rank = dist.get_rank()
-    tmp = [layout.prepare_output(out_dir, overwrite) if rank == 0 else None]
+    tmp = [layout.prepare_output(out_dir, overwrite)[0] if rank == 0 else None]  # (dir, stale removed)
     dist.broadcast_object_list(tmp, src=0)
     tmp = tmp[0]
     try:

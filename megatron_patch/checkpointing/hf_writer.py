@@ -10,17 +10,19 @@ shards that hold its rows without ever being whole in memory.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 
 from megatron_patch import dtypes
+from megatron_patch.safety import OutputError
 from megatron_patch.checkpointing.hf import INDEX
 from megatron_patch.checkpointing.transforms import check_shape
 
@@ -32,6 +34,15 @@ except (OSError, AttributeError):
 _PAGE, _MADV_DONTNEED = os.sysconf("SC_PAGE_SIZE"), 4
 MAX_SHARD_BYTES = 5 * 1000**3  # transformers' default max_shard_size ("5GB")
 
+
+
+@contextlib.contextmanager
+def _naming(path: str) -> Iterator[None]:
+    """OS errors inside become ``OutputError``s naming ``path`` (one line: ``cannot write PATH: REASON``)."""
+    try:
+        yield
+    except OSError as e:
+        raise OutputError(e.errno, e.strerror or str(e), path) from None
 
 
 @dataclass
@@ -89,13 +100,18 @@ class HFShardWriter:
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)  # safetensors aligns the data start to 8 bytes
             start = 8 + len(raw)
-            if create:
-                fd = os.open(os.path.join(out_dir, shard), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                os.pwrite(fd, struct.pack("<Q", len(raw)) + raw, 0)
-                os.ftruncate(fd, start + pos)
-            else:
-                fd = os.open(os.path.join(out_dir, shard), os.O_WRONLY)
-            self._fds[shard] = fd
+            try:
+                with _naming(os.path.join(out_dir, shard)):
+                    if create:
+                        fd = os.open(os.path.join(out_dir, shard), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                        self._fds[shard] = fd
+                        os.pwrite(fd, struct.pack("<Q", len(raw)) + raw, 0)
+                        os.ftruncate(fd, start + pos)
+                    else:
+                        self._fds[shard] = os.open(os.path.join(out_dir, shard), os.O_WRONLY)
+            except BaseException:
+                self.abort()
+                raise
             for name, shape, dtype, nbytes in group:
                 self.slots[name] = _Slot(shard, start + header[name]["data_offsets"][0], shape, dtype, nbytes)
                 self.total_bytes += nbytes
@@ -147,8 +163,9 @@ class HFShardWriter:
         # A uint8 view shares the memory: no copy on the way to the file.
         view = memoryview(t.view(-1).view(torch.uint8).numpy())
         fd, done = self._fds[slot.shard], 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], slot.offset + at + done)
+        with _naming(os.path.join(self.dir, slot.shard)):  # a full disk fails here (the shard is sparse)
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], slot.offset + at + done)
 
     @property
     def written(self) -> set[str]:
@@ -158,10 +175,11 @@ class HFShardWriter:
         missing = [n for n in self.slots if n not in self._written and n not in set(written_elsewhere)]
         if missing:
             raise RuntimeError(f"{len(missing)} planned tensors were never written, e.g. {missing[:3]}")
-        for fd in self._fds.values():
-            os.fsync(fd)
+        for shard, fd in list(self._fds.items()):
+            with _naming(os.path.join(self.dir, shard)):
+                os.fsync(fd)
             os.close(fd)
-        self._fds.clear()
+            del self._fds[shard]
         index = {"metadata": {"total_size": self.total_bytes},
                  "weight_map": {name: s.shard for name, s in self.slots.items()}}
         with open(os.path.join(self.dir, INDEX), "w") as f:

@@ -17,10 +17,12 @@ import argparse
 import os
 import re
 import shutil
-import tempfile
+import zipfile
 from typing import Union
 
 import torch
+
+from megatron_patch import safety
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
@@ -114,12 +116,24 @@ def check_rank_files(iter_dir: str, files, pp: int, ep: int) -> None:
             raise CheckpointError(f"missing rank file {f}")
 
 
-def load_rank_file(path: str, mmap: bool = False) -> dict:
+def load_rank_file(path: str, mmap: bool = False, verify: bool = True) -> dict:
     """Load a rank file with ``torch.load(weights_only=True)`` (argparse.Namespace allow-listed for ``args``).
 
     ``mmap=True`` maps the file instead of reading it: tensors are paged in only when touched, so a
     reader that needs a few tensors of a large rank file stays small.
+
+    torch checks no CRC, so ``integrity`` does: the whole file before a full load; only the pickle
+    (``args``, ``iteration``, the tensor table) before a mapped one, whose tensor records the reader checks
+    as it touches them (``integrity.MappedFile``, used by ``TorchSource``). ``verify=False``: the caller
+    has checked (``TorchSource`` re-maps a file many times and checks each record once).
     """
+    from megatron_patch.checkpointing import integrity
+
+    if verify and zipfile.is_zipfile(path):  # legacy (pre-zip) torch files carry no CRCs
+        if mmap:
+            integrity.verify_record(path, "data.pkl")
+        else:
+            integrity.verify_file(path)
     # Allow-listed process-wide, not with the ``safe_globals`` context manager: that one swaps a global
     # list on enter/exit and so breaks loads running in other threads at the same time.
     torch.serialization.add_safe_globals([argparse.Namespace])
@@ -139,23 +153,41 @@ def chunk_keys(num_chunks: int) -> list[str]:
 
 # ----------------------------------------------------------------------------- safe writes
 
-def prepare_output(path: str, overwrite: bool) -> str:
-    """Check ``path`` may be written; return a fresh temporary sibling to write into."""
+def prepare_output(path: str, overwrite: bool) -> tuple[str, list[str]]:
+    """Check ``path`` may be written, remove what dead runs left beside it, and create a fresh temporary
+    sibling to write into (``.NAME.tmp-HOST-PID-RANDOM``, see ``megatron_patch.safety``).
+
+    Returns (temporary directory, stale entries removed).
+    """
     path = os.path.abspath(path)
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)) and not overwrite:
         raise FileExistsError(f"output {path} exists and is not empty (pass --overwrite to replace it)")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    removed = safety.remove_stale([path], kinds=("tmp", "old"))
+    tmp = safety.temp_name(path)
+    os.mkdir(tmp)
+    return tmp, removed
 
 
 def replace_dir(tmp: str, path: str) -> None:
-    """Move a completed temporary directory to ``path``, replacing an old one only at this point."""
+    """Move a completed temporary directory to ``path``, replacing an old one only at this point.
+
+    SIGTERM/SIGINT are deferred meanwhile: the renames happen completely or not at all.
+    """
     path = os.path.abspath(path)
-    if os.path.exists(path):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
-        os.rename(path, os.path.join(old, "x"))
-        os.rename(tmp, path)
+    with safety.signals_blocked():
+        if os.path.lexists(path):
+            old = safety.temp_name(path, "old")
+            os.rename(path, old)
+            os.rename(tmp, path)
+        else:
+            old = None
+            os.rename(tmp, path)
+        safety.fsync_dir(os.path.dirname(path))
+    if old is None:
+        return
+    if os.path.isdir(old) and not os.path.islink(old):
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.rename(tmp, path)
+        os.remove(old)  # e.g. a symlink the user pointed --save-dir at: only the link goes, not its target

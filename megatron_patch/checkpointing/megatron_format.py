@@ -3,7 +3,9 @@
 - ``open_checkpoint(ckpt_dir)``: tracker -> iteration folder, format, ``args`` namespace, ``ModelArgs``,
   layout (TP/PP/EP, virtual and uneven stages) -> ``CheckpointInfo``, whose ``source()`` reads its tensors.
 - ``TorchSource``: the whole (TP-merged, vocab-stripped) Megatron tensors of a torch-format checkpoint of
-  ANY TP/PP/EP, one mapping at a time, rank files memory-mapped.
+  ANY TP/PP/EP, one mapping at a time, rank files memory-mapped. Every tensor is checked as it is first
+  read: the CRC-32 of its zip record and its values (``integrity``); ``open_checkpoint`` checks that all
+  rank files carry the same ``iteration`` and ``args`` (so files of different checkpoints are never mixed).
 - ``RankFileWriter``: writes a rank file one tensor at a time, so a converter never holds a whole rank;
   ``save_torch_rank`` / ``load_torch_rank`` for whole rank files (tests, small states).
 
@@ -16,15 +18,17 @@ from __future__ import annotations
 
 import argparse
 import collections
+import errno
 import os
 import pickle
 import sys
+import threading
 from dataclasses import dataclass
-from typing import Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 
-from megatron_patch.checkpointing import layout, placement
+from megatron_patch.checkpointing import integrity, layout, placement
 from megatron_patch.checkpointing.layout import CheckpointError
 from megatron_patch.checkpointing.mapping import EXPERT, FIRST, GLOBAL, Mapping, is_te_state
 from megatron_patch.checkpointing.megatron_args import from_namespace
@@ -59,14 +63,40 @@ class _Pickler(pickle.Pickler):
 
 
 class RankFileWriter:
-    """Stream one ``model_optim_rng.pt``: ``add(key, tensor)`` per tensor, then ``close(**entries)``."""
+    """Stream one ``model_optim_rng.pt``: ``add(key, tensor)`` per tensor, then ``close(**entries)``.
+
+    torch's zip writer raises a bare ``RuntimeError`` on a full disk and, if it is then destroyed
+    unfinished, throws from its C++ destructor, which aborts the process. Every call to it therefore goes
+    through ``_call``: a failure finishes the writer (``write_end_of_file`` marks it finished even when it
+    fails) and becomes an ``OutputError`` naming the file; ``__del__`` finishes an abandoned writer the same
+    way. The partial file is removed with the temporary output it lives in.
+    """
 
     def __init__(self, path: str, chunk: str = "model"):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self.path, self.chunk = path, chunk
-        self._zip = torch._C.PyTorchFileWriter(path)
+        self._zip = None
+        self._zip = self._call(torch._C.PyTorchFileWriter, path)
         self._model: dict = collections.OrderedDict()
         self.bytes = 0
+
+    def _call(self, fn, *args):
+        try:
+            return fn(*args)
+        except RuntimeError as e:
+            self._finish_quietly()
+            raise _write_error(self.path, e) from None
+
+    def _finish_quietly(self) -> None:
+        zf, self._zip = self._zip, None
+        if zf is not None:
+            try:
+                zf.write_end_of_file()
+            except RuntimeError:
+                pass  # already reported; the writer now counts as finished, so its destructor cannot throw
+
+    def __del__(self) -> None:
+        self._finish_quietly()
 
     def add(self, key: str, value: Optional[torch.Tensor]) -> None:
         if value is None:  # e.g. TE _extra_state
@@ -74,23 +104,38 @@ class RankFileWriter:
             return
         t = value.detach().cpu().contiguous()
         ref = _StorageRef(str(len(self._model)), t.dtype, t.numel())
-        self._zip.write_record(f"data/{ref.key}", t.data_ptr(), t.nbytes)
+        # The tensor's own bytes as a storage slice (shares memory: no copy even for a row-block view).
+        start = t.storage_offset() * t.element_size()
+        self._call(self._zip.write_record, f"data/{ref.key}", t.untyped_storage()[start:start + t.nbytes], t.nbytes)
         self._model[key] = _TensorRef(ref, tuple(t.shape), tuple(t.stride()))
         self.bytes += t.nbytes
 
     def close(self, **entries) -> None:
         buf = _pickle_bytes({self.chunk: self._model, **entries})
-        self._zip.write_record("data.pkl", buf, len(buf))
-        self._zip.write_record(".format_version", "1", 1)
-        self._zip.write_record(".storage_alignment", "64", 2)
-        self._zip.write_record("byteorder", sys.byteorder, len(sys.byteorder))
-        self._zip.write_end_of_file()
-        del self._zip  # closes the file
+        for name, data in (("data.pkl", buf), (".format_version", "1"), (".storage_alignment", "64"),
+                           ("byteorder", sys.byteorder)):
+            self._call(self._zip.write_record, name, data, len(data))
+        self._call(self._zip.write_end_of_file)
+        self._zip = None  # closes the file
         fd = os.open(self.path, os.O_RDONLY)
         try:
             os.fsync(fd)  # the tracker is written after the rank files: they must be on disk first
         finally:
             os.close(fd)
+
+
+def _write_error(path: str, e: RuntimeError) -> OSError:
+    """An ``OutputError`` for a failed zip write: torch's message names no cause, the file system does."""
+    from megatron_patch.safety import OutputError
+
+    try:
+        st = os.statvfs(os.path.dirname(path))
+        full = st.f_bavail * st.f_frsize < (1 << 20)
+    except OSError:
+        full = False
+    if full:
+        return OutputError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    return OutputError(errno.EIO, str(e).strip().splitlines()[0] if str(e).strip() else "write failed", path)
 
 
 def _pickle_bytes(obj) -> bytes:
@@ -142,6 +187,7 @@ class CheckpointInfo:
     vpp: Optional[int] = None
     first: Optional[int] = None  # layers on the first / last pipeline stage (uneven splits)
     last: Optional[int] = None
+    dist_metadata: Any = None  # torch_dist: the DCP metadata, already read through the allow-list
 
     @property
     def layout(self) -> placement.PipelineLayout:
@@ -172,12 +218,16 @@ def open_checkpoint(ckpt_dir: str, hf_config: Optional[str] = None) -> Checkpoin
     if not os.path.isdir(iter_dir):
         raise CheckpointError(f"the tracker points at {iter_dir}, which does not exist")
     fmt = layout.detect_format(iter_dir)
+    metadata = rank0 = None
     if fmt == "torch":
         rank0 = layout.rank_dirs(iter_dir)[0]
-        ns = layout.load_rank_file(os.path.join(iter_dir, rank0, layout.RANK_FILE), mmap=True).get("args")
+        rank0_obj = layout.load_rank_file(os.path.join(iter_dir, rank0, layout.RANK_FILE), mmap=True)
+        ns = rank0_obj.get("args")
     else:
-        from megatron_patch.checkpointing.torch_dist import read_common
+        from megatron_patch.checkpointing.torch_dist import read_common, read_metadata
 
+        # Through the allow-list before anything else (megatron-core, torch DCP) unpickles it.
+        metadata = read_metadata(iter_dir)
         ns = read_common(iter_dir).get("args")
     if not isinstance(ns, argparse.Namespace):
         raise CheckpointError(f"{iter_dir} carries no 'args' namespace: cannot tell the model shape")
@@ -191,14 +241,33 @@ def open_checkpoint(ckpt_dir: str, hf_config: Optional[str] = None) -> Checkpoin
                           _layout_arg(ns, "expert_tensor_parallel_size", tp),
                           _layout_arg(ns, "virtual_pipeline_model_parallel_size"),
                           _layout_arg(ns, "decoder_first_pipeline_num_layers"),
-                          _layout_arg(ns, "decoder_last_pipeline_num_layers"))
+                          _layout_arg(ns, "decoder_last_pipeline_num_layers"), metadata)
     if fmt == "torch":
         try:
             files = placement.torch_rank_files(tp, pp, ep, info.etp)
         except ValueError as e:
             raise CheckpointError(f"{iter_dir}: {e}") from None
         layout.check_rank_files(iter_dir, files, pp, ep)
+        _check_rank_files_agree(info, rank0, rank0_obj)
     return info
+
+
+def _check_rank_files_agree(info: CheckpointInfo, rank0: str, rank0_obj: dict) -> None:
+    """Every rank file carries the same ``iteration`` and ``args``, and the iteration is the folder's.
+
+    Mapped loads: only each file's pickle is read (and CRC-checked), not its tensors.
+    """
+    entries = {}
+    for name in layout.rank_dirs(info.iter_dir):
+        obj = rank0_obj if name == rank0 else layout.load_rank_file(
+            os.path.join(info.iter_dir, name, layout.RANK_FILE), mmap=True)
+        entries[name] = (obj.get("iteration"), obj.get("args"))
+        del obj
+    integrity.check_rank_files_agree(info.iter_dir, entries)
+    iteration = entries[rank0][0]
+    if info.iteration != "release" and iteration is not None and iteration != info.iteration:
+        raise CheckpointError(f"{info.iter_dir}: its rank files are from iteration {iteration}, not "
+                              f"{info.iteration}: rank files of another checkpoint were copied in")
 
 
 # ----------------------------------------------------------------------------- reading torch format
@@ -229,29 +298,48 @@ class TorchSource:
             self.expert_file.setdefault((f.ep_rank, f.etp_rank), f.tp_rank)
             self.dense_file.setdefault(f.tp_rank, f.ep_rank)
         self._cache: dict[tuple[int, int, int], dict] = {}
+        self._mapped: dict[tuple[int, int, int], integrity.MappedFile] = {}
+        # Shared by forks: each record's CRC and each tensor's values are checked once per checkpoint.
+        self._checked: set = set()
+        self._indexes: dict[str, integrity.ZipIndex] = {}
+        self._lock = threading.Lock()
+        self.finite = integrity.STRICT
         self.te = is_te_state(self._rank(0, 0, self.dense_file[0])[self.chunks[0]])
 
     def _rank(self, tp_rank: int, pp_rank: int, ep_rank: int) -> dict:
         k = (tp_rank, pp_rank, ep_rank)
         if k not in self._cache:
             i = self.info
-            obj = layout.load_rank_file(layout.rank_file(i.root, i.iteration, tp_rank, pp_rank, i.pp, ep_rank, i.ep),
-                                        mmap=True)
+            path = layout.rank_file(i.root, i.iteration, tp_rank, pp_rank, i.pp, ep_rank, i.ep)
+            index = self._index(path)
+            obj = layout.load_rank_file(path, mmap=True, verify=False)
             for c in self.chunks:
                 if not isinstance(obj.get(c), dict):
                     raise CheckpointError(f"rank file {layout.rank_dir_name(*k[:2], i.pp, k[2], i.ep)} of "
                                           f"{i.iter_dir} has no '{c}' state dict")
+            self._mapped[k] = integrity.MappedFile(path, obj, index, self._checked, self._lock)
             self._cache[k] = obj
         return self._cache[k]
 
+    def _index(self, path: str) -> integrity.ZipIndex:
+        """The zip index of a rank file, read (and its pickle CRC-checked) once per checkpoint."""
+        index = self._indexes.get(path)
+        if index is None and os.path.isfile(path):
+            index = integrity.ZipIndex(path, path)
+            integrity.verify_record(path, "data.pkl", index)
+            with self._lock:
+                self._indexes[path] = index
+        return index
+
     def release(self) -> None:
         self._cache.clear()
+        self._mapped.clear()
 
     def fork(self) -> "TorchSource":
         """A reader with its own cache (one per worker thread)."""
         other = object.__new__(TorchSource)
         other.__dict__.update(self.__dict__)
-        other._cache = {}
+        other._cache, other._mapped = {}, {}
         return other
 
     def locate(self, m: Mapping, layer: Optional[int], expert: Optional[int] = None) -> tuple[int, str, str, int]:
@@ -279,10 +367,17 @@ class TorchSource:
 
     def _tensor(self, t: int, p: int, e: int, chunk: str, key: str) -> torch.Tensor:
         state = self._rank(t, p, e)[chunk]
+        rank_dir = layout.rank_dir_name(t, p, self.info.pp, e, self.info.ep)
         if key not in state or not isinstance(state[key], torch.Tensor):
-            raise CheckpointError(f"rank file {layout.rank_dir_name(t, p, self.info.pp, e, self.info.ep)} of "
-                                  f"{self.info.iter_dir} has no tensor {key}")
-        return state[key]
+            raise CheckpointError(f"rank file {rank_dir} of {self.info.iter_dir} has no tensor {key}")
+        x = state[key]
+        mapped = self._mapped[(t, p, e)]
+        mapped.verify(x)
+        if (mapped.path, chunk, key) not in self._checked:
+            self.finite(f"{key} (rank file {rank_dir})", x, mapped=True)
+            with self._lock:
+                self._checked.add((mapped.path, chunk, key))
+        return x
 
     def parts(self, m: Mapping, layer: Optional[int] = None, expert: Optional[int] = None) -> list[torch.Tensor]:
         p, chunk, key, e = self.locate(m, layer, expert)

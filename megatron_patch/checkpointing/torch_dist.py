@@ -11,7 +11,9 @@ Why not ``dist_checkpointing.load``: it unpickles ``.metadata`` with plain ``pic
 runs code), needs a process group and a built model, and loads whole tensors. ``TorchDistSource`` reads the
 metadata through an allow-list of DCP's own classes (``read_metadata``) and then only the chunks that hold
 the requested layer, so converting from torch_dist streams like the torch format does. Every reader of
-torch_dist in this project (the converter, the trainer's ``--load``) validates ``.metadata`` here first.
+torch_dist in this project (the converter, the trainer's ``--load``) validates ``.metadata`` here first:
+``megatron_format.open_checkpoint`` reads it, before anything else touches the folder. Each chunk record
+read is CRC-checked (torch does not) and its values pass the source's ``FiniteCheck`` (``integrity``).
 
 Writing stays with megatron-core (``save``): its sharded state dict is the format's definition.
 """
@@ -22,11 +24,12 @@ import argparse
 import io
 import os
 import pickle
+import zipfile
 from typing import Optional, Union
 
 import torch
 
-from megatron_patch.checkpointing import layout
+from megatron_patch.checkpointing import integrity, layout
 from megatron_patch.checkpointing.layout import CheckpointError
 from megatron_patch.checkpointing.mapping import EXPERT, GLOBAL, Mapping
 from megatron_patch.checkpointing.transforms import strip_vocab
@@ -76,6 +79,8 @@ def read_common(iter_dir: str) -> dict:
     """The common (non-sharded) state of a torch_dist checkpoint: ``args``, ``iteration``, ..."""
     path = os.path.join(iter_dir, COMMON)
     torch.serialization.add_safe_globals([argparse.Namespace])
+    if zipfile.is_zipfile(path):
+        integrity.verify_file(path)
     try:
         common = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
@@ -107,7 +112,8 @@ class TorchDistSource:
 
         self.info, self.args = info, info.args
         self.weights = family_of(self.args).weights(self.args)
-        md = read_metadata(info.iter_dir)
+        self.finite = integrity.STRICT
+        md = info.dist_metadata if info.dist_metadata is not None else read_metadata(info.iter_dir)
         self.tensors = {k: v for k, v in md.state_dict_metadata.items() if hasattr(v, "chunks")}
         # (key, chunk offsets) -> (file, byte offset, length) of that chunk's torch.save record.
         self.where = {}
@@ -171,6 +177,7 @@ class TorchDistSource:
         if covered != out.numel():
             raise CheckpointError(f"torch_dist checkpoint {self.info.iter_dir}: tensor {key}{list(lead)} is "
                                   "not fully covered by its chunks (a missing .distcp file?)")
+        self.finite(f"{key}{list(lead) if lead else ''}", out)
         return out
 
     def _load_chunk(self, key: str, off: tuple, sz: tuple) -> torch.Tensor:
@@ -184,6 +191,7 @@ class TorchDistSource:
                 raw = f.read(st.length)
             if len(raw) != st.length:
                 raise CheckpointError(f"{path} is truncated")
+            integrity.verify_zip_bytes(raw, f"{path} (chunk of {key} at byte {st.offset})")
             t = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         except CheckpointError:
             raise

@@ -49,38 +49,65 @@ class RopeSpec:
         return {"rope_theta": self.theta, "rope_scaling": scaling}
 
 
+def _number(value, where: str, integer: bool = False) -> float:
+    """A positive JSON number (an integer when ``integer``); anything else names the field in the error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RopeConfigError(f"{where} must be a number, got {type(value).__name__} {value!r}")
+    if integer and value != int(value):
+        raise RopeConfigError(f"{where} must be an integer, got {value!r}")
+    if not value > 0 or value == float("inf"):
+        raise RopeConfigError(f"{where} must be a positive number, got {value!r}")
+    return int(value) if integer else float(value)
+
+
 def parse_rope(hf_config: dict) -> RopeSpec:
-    """Read the rope settings of a HF ``config.json`` dict (4.x or 5.x shape)."""
+    """Read the rope settings of a HF ``config.json`` dict (4.x or 5.x shape), every value type-checked."""
     params = hf_config.get("rope_parameters")
+    if params is not None and not isinstance(params, dict):
+        raise RopeConfigError(f"config field 'rope_parameters' must be an object, got {type(params).__name__} "
+                              f"{params!r}")
     if isinstance(params, dict):
-        scaling = params
+        scaling, where = params, "rope_parameters"
         theta = params.get("rope_theta", hf_config.get("rope_theta", 10000.0))
     else:
-        scaling = hf_config.get("rope_scaling") or {}
+        scaling, where = hf_config.get("rope_scaling"), "rope_scaling"
+        if scaling is None:
+            scaling = {}
+        elif not isinstance(scaling, dict):
+            raise RopeConfigError(f"config field 'rope_scaling' must be an object or null, got "
+                                  f"{type(scaling).__name__} {scaling!r}")
         theta = hf_config.get("rope_theta", 10000.0)
+    theta = _number(theta, "config field 'rope_theta'")
     rope_type = scaling.get("rope_type", scaling.get("type", "default")) or "default"
+    if not isinstance(rope_type, str):
+        raise RopeConfigError(f"config field '{where}.rope_type' must be a string, got {rope_type!r}")
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise RopeConfigError(
             f"unsupported rope type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
     if rope_type == "default":
-        return RopeSpec(theta=float(theta))
+        return RopeSpec(theta=theta)
 
-    def need(key):
+    def need(key, integer: bool = False):
         if scaling.get(key) is None:
             raise RopeConfigError(f"rope type {rope_type!r} needs {key!r} in the rope scaling config")
-        return scaling[key]
+        return _number(scaling[key], f"config field '{where}.{key}'", integer)
 
     if rope_type == "linear":
-        return RopeSpec(theta=float(theta), rope_type="linear", factor=float(need("factor")))
-    return RopeSpec(
-        theta=float(theta),
+        return RopeSpec(theta=theta, rope_type="linear", factor=need("factor"))
+    spec = RopeSpec(
+        theta=theta,
         rope_type="llama3",
-        factor=float(need("factor")),
-        low_freq_factor=float(need("low_freq_factor")),
-        high_freq_factor=float(need("high_freq_factor")),
-        original_max_position_embeddings=int(need("original_max_position_embeddings")),
+        factor=need("factor"),
+        low_freq_factor=need("low_freq_factor"),
+        high_freq_factor=need("high_freq_factor"),
+        original_max_position_embeddings=need("original_max_position_embeddings", integer=True),
     )
+    if spec.low_freq_factor >= spec.high_freq_factor:
+        # The smooth band between them would divide by zero (or invert): NaN/garbage frequencies.
+        raise RopeConfigError(f"config field '{where}.low_freq_factor' ({spec.low_freq_factor}) must be smaller "
+                              f"than '{where}.high_freq_factor' ({spec.high_freq_factor})")
+    return spec
 
 
 def inv_freq(spec: RopeSpec, rotary_dim: int) -> torch.Tensor:

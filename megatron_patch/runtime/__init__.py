@@ -43,8 +43,8 @@ def set_seed(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
-    # model_parallel_cuda_manual_seed leaves the default generator in the data-parallel state; on CPU
-    # that generator is the one torch.manual_seed set, so reseed it to keep runs reproducible.
+    # On CPU, megatron's "CUDA" generators are the runtime's own (runtime/cpu.py), not the default CPU
+    # generator; seed that one again anyway so host-side draws start from the same state on every run.
     torch.manual_seed(seed)
 
 
@@ -103,12 +103,17 @@ def initialize(
     set_seed(seed)
 
 
-def teardown() -> None:
-    """Destroy megatron's parallel state and the default process group."""
+def teardown(barrier: bool = True) -> None:
+    """Destroy megatron's parallel state and the default process group.
+
+    ``barrier=False`` after a failure: the other ranks may be stuck elsewhere (or gone), and waiting for
+    them would hang this rank instead of letting it exit.
+    """
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()

@@ -14,9 +14,15 @@ Each adaptation, and why it is needed:
    the pipeline schedules) -> a ``TorchFunctionMode`` rewrites any CUDA ``device=`` argument to CPU.
 3. ``Tensor.cuda()`` / ``Module.cuda()`` -> stay on CPU.
 4. CUDA RNG (``get_rng_state``, ``set_rng_state``, ``manual_seed``, megatron's
-   ``_set_cuda_rng_state`` used by ``CudaRNGStatesTracker.fork``) -> the CPU generator, so the
-   tensor-parallel RNG tracker forks and restores the CPU generator's state (dropout regions stay
-   reproducible and distinct per TP rank exactly as on GPU).
+   ``_set_cuda_rng_state`` used by ``CudaRNGStatesTracker.fork``) -> a ``torch.Generator`` of the
+   runtime's own (the "device generator"), and the model's random ops (dropout, SDPA with dropout,
+   ``bernoulli``, random factories asked for ``device="cuda"``) draw from it: the mode of 2. runs them
+   with the device generator's state swapped into the default CPU generator. As on a GPU, the device
+   generator is separate from the host's: megatron seeds it identically on the ranks of a TP group
+   (hidden dropout must drop the same elements of replicated activations) and forks it per TP rank for
+   attention dropout. Were it the default CPU generator itself, any host-side draw on some ranks only
+   (data loading on TP rank 0, a sampler) would shift their dropout masks, and weights replicated across
+   TP ranks (the norms) would drift apart.
 5. ``param.type() == 'torch.cuda.FloatTensor'`` checks in the optimizers and gradient clipping ->
    ``Tensor.type()`` with no argument reports CPU float tensors under their CUDA names. Only the
    no-argument form is changed, and the patch is applied once (never wrapped twice).
@@ -67,17 +73,52 @@ def _is_cuda_device(dev) -> bool:
     return False
 
 
+# The model's random ops: on a GPU they draw from the CUDA generator (adaptation 4).
+_DROPOUT_OPS = frozenset({
+    "dropout", "dropout_", "native_dropout", "feature_dropout", "feature_dropout_", "alpha_dropout",
+    "alpha_dropout_", "feature_alpha_dropout", "feature_alpha_dropout_", "dropout1d", "dropout2d", "dropout3d",
+    "bernoulli", "bernoulli_", "rrelu", "rrelu_"})
+_RANDOM_FACTORIES = frozenset({"rand", "randn", "randint", "randperm", "normal", "multinomial"})
+_DEVICE_GEN: "torch.Generator | None" = None
+
+
+def _draws_on_device(func, args, kwargs, cuda_requested: bool) -> bool:
+    name = getattr(func, "__name__", "")
+    if name in _DROPOUT_OPS:
+        return True
+    if name == "scaled_dot_product_attention":
+        return bool(kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0))
+    return cuda_requested and name in _RANDOM_FACTORIES
+
+
+def _on_device_generator(func, args, kwargs):
+    """Run a random op on the device generator: its state is swapped into the default CPU generator (the
+    only one a CPU dropout kernel reads) and the host's state restored afterwards."""
+    default = torch.default_generator
+    host = default.get_state()
+    default.set_state(_DEVICE_GEN.get_state())
+    try:
+        return func(*args, **kwargs)
+    finally:
+        _DEVICE_GEN.set_state(default.get_state())
+        default.set_state(host)
+
+
 class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites ``device="cuda"`` (or ``torch.device("cuda", i)``) keyword arguments to CPU."""
+    """Rewrites ``device="cuda"`` (or ``torch.device("cuda", i)``) keyword arguments to CPU, and runs the
+    model's random ops on the device generator (adaptation 4)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         dev = kwargs.get("device")
-        if dev is not None and _is_cuda_device(dev):
+        cuda_requested = dev is not None and _is_cuda_device(dev)
+        if cuda_requested:
             kwargs = dict(kwargs, device=_CPU)
         # Tensor.to("cuda") / Tensor.to(torch.device("cuda")) passes the device positionally.
         if args and len(args) > 1 and _is_cuda_device(args[1]) and getattr(func, "__name__", "") == "to":
             args = (args[0], _CPU) + tuple(args[2:])
+        if _draws_on_device(func, args, kwargs, cuda_requested):
+            return _on_device_generator(func, args, kwargs)
         return func(*args, **kwargs)
 
 
@@ -126,18 +167,19 @@ def enable() -> bool:
     torch.Tensor.cuda = lambda self, *a, **k: self
     torch.nn.Module.cuda = lambda self, *a, **k: self
 
-    # 4. CUDA RNG -> CPU RNG
-    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
-    torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-    torch.cuda.manual_seed_all = lambda seed: None
+    # 4. CUDA RNG -> the runtime's own device generator (never the default CPU generator)
+    global _DEVICE_GEN
+    _DEVICE_GEN = torch.Generator()
+    torch.cuda.get_rng_state = lambda *a, **k: _DEVICE_GEN.get_state()
+    torch.cuda.set_rng_state = lambda state, *a, **k: _DEVICE_GEN.set_state(state)
+    # CudaRNGStatesTracker.add seeds the "CUDA" generator per tracker name and reads its state back.
+    torch.cuda.manual_seed = lambda seed: _DEVICE_GEN.manual_seed(seed)
+    torch.cuda.manual_seed_all = torch.cuda.manual_seed
     torch.cuda.random.get_rng_state = torch.cuda.get_rng_state
     torch.cuda.random.set_rng_state = torch.cuda.set_rng_state
     from megatron.core.tensor_parallel import random as mc_random
 
-    mc_random._set_cuda_rng_state = lambda new_state, *a, **k: torch.set_rng_state(new_state)
-    # CudaRNGStatesTracker.add seeds the "CUDA" generator per tracker name; on CPU that is the
-    # CPU generator, seeded through torch.manual_seed so each tracker state is distinct.
-    torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
+    mc_random._set_cuda_rng_state = lambda new_state, *a, **k: _DEVICE_GEN.set_state(new_state)
 
     # 5. type strings seen by the optimizers
     if not hasattr(torch.Tensor.type, "_megatron_patch_orig"):

@@ -51,6 +51,7 @@ def run(fn, world_size: int, *args, timeout: float = 600):
         p.start()
     results, errors = {}, []
     deadline = time.monotonic() + timeout
+    interrupted = True  # until the wait loop ends normally: an exception here (SIGTERM) kills the ranks at once
     try:
         while len(results) < world_size and not errors:
             try:
@@ -66,8 +67,11 @@ def run(fn, world_size: int, *args, timeout: float = 600):
                 results[rank] = value
             else:
                 errors.append(f"rank {rank}:\n{value}")
+        interrupted = False
     finally:
         for p in procs:
+            if interrupted:
+                p.kill()
             p.join(timeout=5 if errors or len(results) < world_size else timeout)
             if p.is_alive():
                 p.kill()

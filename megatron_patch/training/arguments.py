@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="core attention of the local spec: torch SDPA (auto) or megatron's unfused DotProductAttention")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="pad the vocabulary to a multiple of this times TP")
+    g.add_argument("--hidden-dropout", type=float, default=0.0,
+                   help="dropout after attention and MLP (Megatron-LM's default is 0.1; HF models train with 0)")
+    g.add_argument("--attention-dropout", type=float, default=0.0, help="dropout on the attention probabilities")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="tensor-parallel size (TP)")
@@ -93,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard optimizer state over data-parallel ranks (ZeRO-1)")
+    g.add_argument("--override-opt_param-scheduler", action="store_true",
+                   help="on resume, use the schedule given here (--lr, --min-lr, warmup, decay) instead of the "
+                   "checkpoint's; without this or the next flag a changed schedule is refused")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
+                   help="on resume, keep the checkpoint's schedule and ignore the one given here")
 
     g = p.add_argument_group("precision")
     g.add_argument("--bf16", action="store_true", help="bfloat16 parameters with fp32 main weights (GPU)")
@@ -146,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("misc")
     g.add_argument("--seed", type=int, default=1234, help="random seed")
+    g.add_argument("--check-for-nan-in-loss-and-grad", action=argparse.BooleanOptionalAction, default=True,
+                   help="stop with an error (saving nothing) when the loss or a gradient is NaN/Inf (default on)")
     return p
 
 
@@ -229,6 +239,12 @@ def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> argpars
                             "layers here do not take; add --transformer-impl local")
     if a.eval_interval is not None and a.eval_interval < 1:
         raise ArgumentError("--eval-interval must be >= 1")
+    for name in ("hidden_dropout", "attention_dropout"):
+        if not 0.0 <= getattr(a, name) < 1.0:
+            raise ArgumentError(f"--{name.replace('_', '-')} must lie in [0, 1), got {getattr(a, name)}")
+    if a.override_opt_param_scheduler and a.use_checkpoint_opt_param_scheduler:
+        raise ArgumentError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are mutually "
+                            "exclusive")
     a.params_dtype = "bf16" if a.bf16 else "fp16" if a.fp16 else "fp32"
     return a
 

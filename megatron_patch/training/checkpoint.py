@@ -10,24 +10,33 @@ rank 0 and written next to it as ``distrib_optim.pt``, as Megatron-LM does.
 torch_dist format: megatron-core's ``dist_checkpointing.save`` of the model's and the optimizer's
 sharded state dicts plus the same common entries (in ``common.pt``).
 
-Visibility: every rank writes into a hidden temporary sibling ``.iter_XXXXXXX.tmp``; after a barrier
-rank 0 renames it into place and only then rewrites the tracker file. A run killed during a save
-leaves the tracker on the previous complete checkpoint, which is what ``--load`` resumes from.
+Visibility: every rank writes into a hidden temporary sibling ``.iter_XXXXXXX.tmp-HOST-PID-RANDOM``
+(``megatron_patch.safety``; rank 0's host and PID); after a barrier rank 0 renames it into place and only
+then rewrites the tracker file. A save that fails or is interrupted (SIGTERM/SIGINT) removes its
+temporary folder; one left by a killed run is removed by a later save once its owner is gone. Either way
+the tracker stays on the previous complete checkpoint, which is what ``--load`` resumes from.
+
+Resume checks that need no process group (``check_resume``) run before any is built: the layout must be
+the checkpoint's, and the learning-rate schedule too unless ``--override-opt_param-scheduler`` or
+``--use-checkpoint-opt_param-scheduler`` says which one wins (Megatron-LM's rule).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 from typing import Optional
 import random
 import shutil
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_patch.checkpointing import layout
+from megatron_patch import safety
+from megatron_patch.checkpointing import integrity, layout
 from megatron_patch.checkpointing.megatron_args import to_namespace
 from megatron_patch.checkpointing.megatron_format import open_checkpoint
 from megatron_patch.models.config import ModelArgs
@@ -54,9 +63,15 @@ def rng_state() -> dict:
         "torch_rng_state": torch.get_rng_state(),
         "rng_tracker_states": get_cuda_rng_tracker().get_states(),
     }
-    if torch.cuda.is_available():
-        state["cuda_rng_state"] = torch.cuda.get_rng_state()
+    if torch.cuda.is_available() or _cpu_runtime():
+        state["cuda_rng_state"] = torch.cuda.get_rng_state()  # on CPU: the runtime's own device generator
     return state
+
+
+def _cpu_runtime() -> bool:
+    from megatron_patch.runtime import cpu
+
+    return cpu.is_enabled()
 
 
 def set_rng_state(state: dict) -> None:
@@ -66,7 +81,7 @@ def set_rng_state(state: dict) -> None:
     n = state["np_rng_state"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch_rng_state"])
-    if torch.cuda.is_available() and "cuda_rng_state" in state:
+    if (torch.cuda.is_available() or _cpu_runtime()) and "cuda_rng_state" in state:
         torch.cuda.set_rng_state(state["cuda_rng_state"])
     get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
 
@@ -102,29 +117,56 @@ def _common(args, margs, state, scheduler) -> dict:
             "opt_param_scheduler": scheduler.state_dict()}
 
 
+# Temporary iteration folders of any iteration (``.iter_0000100.tmp-HOST-PID-RANDOM``).
+_ITER_DIRS = r"iter_\d{7}"
+
+
 def save(args, margs: ModelArgs, chunks: list, optimizer, scheduler, state: TrainState) -> str:
     """Write checkpoint ``state.iteration`` under ``args.save``; returns the iteration folder."""
     root = os.path.abspath(args.save)
     final = os.path.join(root, layout.iteration_dir_name(state.iteration))
-    tmp = os.path.join(root, "." + layout.iteration_dir_name(state.iteration) + ".tmp")
     rank = dist.get_rank()
+    tmp = [None]
     if rank == 0:
         os.makedirs(root, exist_ok=True)
-        if os.path.exists(tmp):  # left by a run killed during a save
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
-    dist.barrier()
-    if args.ckpt_format == "torch_dist":
-        _save_torch_dist(args, margs, chunks, optimizer, scheduler, state, tmp)
-    else:
-        _save_torch(args, margs, chunks, optimizer, scheduler, state, tmp)
-    dist.barrier()
-    if rank == 0:
-        layout.replace_dir(tmp, final)  # re-saving an iteration replaces it only now that the new one is whole
-        layout.write_tracker(root, state.iteration)
-        print(f"saved checkpoint iteration {state.iteration} to {final}", flush=True)
+        for path in safety.remove_stale_in(root, _ITER_DIRS):
+            print(f"note: removed stale temporary checkpoint {path} (left by a run that died)", flush=True)
+        legacy = os.path.join(root, "." + layout.iteration_dir_name(state.iteration) + ".tmp")
+        if os.path.isdir(legacy):  # the fixed name earlier versions used
+            shutil.rmtree(legacy)
+        tmp[0] = safety.temp_name(final)
+        os.mkdir(tmp[0])
+    dist.broadcast_object_list(tmp, src=0)
+    try:
+        if args.ckpt_format == "torch_dist":
+            _save_torch_dist(args, margs, chunks, optimizer, scheduler, state, tmp[0])
+        else:
+            _save_torch(args, margs, chunks, optimizer, scheduler, state, tmp[0])
+        dist.barrier()
+        if rank == 0:
+            layout.replace_dir(tmp[0], final)  # re-saving an iteration replaces it only now that it is whole
+            with safety.signals_blocked():
+                layout.write_tracker(root, state.iteration)
+            print(f"saved checkpoint iteration {state.iteration} to {final}", flush=True)
+    except BaseException as e:
+        # torch's and megatron's writers report a full disk as "unexpected pos" RuntimeErrors (or wrap it):
+        # ask the file system, before the removal below frees the space again.
+        full = not isinstance(e, (KeyboardInterrupt, safety.Interrupted)) and _disk_full(root)
+        if rank == 0:
+            shutil.rmtree(tmp[0], ignore_errors=True)
+        if full:
+            raise safety.OutputError(errno.ENOSPC, os.strerror(errno.ENOSPC), final) from None
+        raise
     dist.barrier()
     return final
+
+
+def _disk_full(path: str) -> bool:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
 
 
 def _save_torch(args, margs, chunks, optimizer, scheduler, state, tmp: str) -> None:
@@ -217,10 +259,7 @@ def load(args, margs: ModelArgs, chunks: list, optimizer, scheduler) -> TrainSta
     if args.finetune or info.iteration == "release":
         load_weights(args, chunks)
         return TrainState()
-    etp = args.expert_tensor_parallel_size or args.tensor_model_parallel_size
-    if (info.tp, info.pp, info.vpp, info.ep, info.etp) != (args.tensor_model_parallel_size,
-                                                           args.pipeline_model_parallel_size, args.vpp,
-                                                           args.expert_model_parallel_size, etp):
+    if (info.tp, info.pp, info.vpp, info.ep, info.etp) != _run_layout(args):
         raise ResumeError(
             f"{args.load} was saved at TP={info.tp} PP={info.pp} VPP={info.vpp} EP={info.ep} ETP={info.etp}; "
             "resuming optimizer state needs the same layout (use --finetune to load weights only, or convert "
@@ -234,6 +273,7 @@ def load(args, margs: ModelArgs, chunks: list, optimizer, scheduler) -> TrainSta
         if "optimizer" not in sd:
             raise ResumeError(f"{path} holds no optimizer state (pass --no-load-optim or --finetune)")
         optimizer.load_state_dict(sd["optimizer"])
+        _override_group_lrs(args, optimizer)
         if args.use_distributed_optimizer:
             states = None
             for idx, opt in enumerate(_optimizers(optimizer)):
@@ -241,6 +281,7 @@ def load(args, margs: ModelArgs, chunks: list, optimizer, scheduler) -> TrainSta
                     dpath = os.path.join(os.path.dirname(path), DISTRIB_OPTIM)
                     if not os.path.isfile(dpath):
                         raise ResumeError(f"{dpath} is missing (saved without --use-distributed-optimizer?)")
+                    integrity.verify_file(dpath)  # torch checks no CRC
                     states = torch.load(dpath, map_location="cpu", weights_only=True)
                     if not isinstance(states, list):
                         states = [states]  # written before MoE support: one optimizer
@@ -289,6 +330,15 @@ def _steps_from_param_groups(inner) -> None:
                 inner.state[p]["step"] = torch.tensor(float(group["step"]))
 
 
+def _override_group_lrs(args, optimizer) -> None:
+    """megatron's param groups carry their own ``max_lr``/``min_lr``, which the scheduler prefers to its own
+    and which loading the optimizer state restores from the checkpoint: with --override-opt_param-scheduler
+    the new values must replace them too, or the old learning rate silently stays."""
+    if args.override_opt_param_scheduler:
+        for group in optimizer.param_groups:
+            group["max_lr"], group["min_lr"] = args.lr, args.min_lr
+
+
 def _load_dp_zero(opt, param_state) -> None:
     """``DistributedOptimizer.load_parameter_state_from_dp_zero`` with torch's Adam.
 
@@ -335,7 +385,8 @@ def _load_torch_dist(args, margs, chunks, optimizer, scheduler, iter_dir: str) -
 
     from megatron_patch.checkpointing.torch_dist import read_metadata
 
-    read_metadata(iter_dir)  # through the allow-list before megatron's plain pickle.load sees the file
+    metadata = read_metadata(iter_dir)  # through the allow-list before megatron's plain pickle.load sees it
+    _verify_dcp_records(iter_dir, metadata)
     load_optim = not args.no_load_optim
     if load_optim:
         _init_empty_adam_state(optimizer)
@@ -353,7 +404,115 @@ def _load_torch_dist(args, margs, chunks, optimizer, scheduler, iter_dir: str) -
             optimizer.load_state_dict(loaded["optimizer"])
         for opt in _optimizers(optimizer):
             _steps_from_param_groups(opt.optimizer)
+        _override_group_lrs(args, optimizer)
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if "rng_state" in loaded:
         set_rng_state(loaded["rng_state"])
     return TrainState(iteration=int(loaded["iteration"]), consumed_train_samples=int(loaded["consumed_train_samples"]))
+
+
+def _verify_dcp_records(iter_dir: str, metadata) -> None:
+    """CRC-check the torch_dist data records (megatron-core and torch check none) before loading them.
+
+    Each rank checks every world-size-th record; the first failure found is raised on every rank.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    records = sorted({(st.relative_path, st.offset, st.length) for st in metadata.storage_data.values()})
+    error = None
+    try:
+        for rel, offset, length in records[rank::world]:
+            path = os.path.join(iter_dir, rel)
+            with open(path, "rb") as f:
+                raw = os.pread(f.fileno(), length, offset)
+            if len(raw) != length:
+                raise layout.CheckpointError(f"{path} is truncated")
+            if raw[:4] == b"PK\x03\x04":  # a torch.save record (raw byte records carry no CRC)
+                integrity.verify_zip_bytes(raw, f"{path} (record at byte {offset})")
+    except (layout.CheckpointError, OSError) as e:
+        error = str(e)
+    errors = [None] * world
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise layout.CheckpointError(first)
+
+
+# ---------------------------------------------------------------- checks before any process group exists
+
+# The scheduler values megatron's ``OptimizerParamScheduler.load_state_dict`` checks, with the state-dict
+# spellings of older checkpoints, and the flags that set them (``None``: fixed by this trainer).
+_SCHEDULE = (
+    ("max_lr", ("start_lr",), "--lr", False),
+    ("min_lr", (), "--min-lr", False),
+    ("lr_warmup_steps", ("warmup_iter", "warmup_steps"), "--lr-warmup-iters", True),
+    ("lr_decay_steps", ("end_iter", "decay_steps"), "--lr-decay-iters (default: --train-iters)", True),
+    ("lr_decay_style", ("decay_style",), "--lr-decay-style", False),
+    ("start_wd", (), "--weight-decay", False),
+    ("end_wd", (), "--weight-decay", False),
+    ("wd_incr_steps", (), "--train-iters", True),
+    ("wd_incr_style", (), None, False),
+)
+
+
+def check_resume(args, info) -> None:
+    """What a resume from ``info`` (``open_checkpoint``) needs of these arguments; ``ResumeError`` if not met.
+
+    ``args`` must have been through ``arguments.for_model`` (it carries ``vpp``). Weights-only loads
+    (``--finetune``, a ``release`` checkpoint) take any layout and no schedule.
+    """
+    if args.finetune or info.iteration == "release":
+        return
+    saved, run = _layout(info.tp, info.pp, info.vpp, info.ep, info.etp), _layout(*_run_layout(args))
+    if saved != run:
+        raise ResumeError(
+            f"{args.load} was saved at {saved}, this run is {run}; resuming optimizer state needs the same "
+            "layout (use --finetune to load the weights only, or convert the checkpoint with mcore2mcore first)")
+    if args.no_load_optim:
+        return
+    check_schedule(args, _saved_schedule(info))
+
+
+def _run_layout(args) -> tuple:
+    """(TP, PP, VPP, EP, ETP) of this run, as ``load`` compares them with the checkpoint's."""
+    etp = args.expert_tensor_parallel_size or args.tensor_model_parallel_size
+    return (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.vpp,
+            args.expert_model_parallel_size, etp)
+
+
+def _layout(tp: int, pp: int, vpp: Optional[int], ep: int, etp: int) -> str:
+    text = f"TP={tp} PP={pp} VPP={vpp}"
+    return text + (f" EP={ep} ETP={etp}" if (ep, etp) != (1, tp) else "")
+
+
+def _saved_schedule(info) -> Optional[dict]:
+    if info.format == "torch_dist":
+        from megatron_patch.checkpointing.torch_dist import read_common
+
+        return read_common(info.iter_dir).get("opt_param_scheduler")
+    rank0 = os.path.join(info.iter_dir, layout.rank_dirs(info.iter_dir)[0], layout.RANK_FILE)
+    return layout.load_rank_file(rank0, mmap=True).get("opt_param_scheduler")
+
+
+def check_schedule(args, saved: Optional[dict]) -> None:
+    """Refuse a learning-rate schedule that differs from the checkpoint's, naming each changed setting,
+    unless ``--override-opt_param-scheduler`` or ``--use-checkpoint-opt_param-scheduler`` is given."""
+    from megatron_patch.training.loop import scheduler_settings
+
+    if not saved or args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler:
+        return
+    new, gbs = scheduler_settings(args), args.global_batch_size
+    changes = []
+    for key, old_names, flag, in_samples in _SCHEDULE:
+        old = next((saved[k] for k in (key, *old_names) if k in saved), None)
+        if old is None or old == new[key]:
+            continue
+        if in_samples:  # shown in iterations of this run's global batch, as the flags take them
+            text = f"{flag}: {new[key] // gbs} iterations (checkpoint: {old / gbs:g})"
+        else:
+            text = f"{flag or key}: {new[key]} (checkpoint: {old})"
+        if not any(c.startswith(f"{flag or key}:") for c in changes):
+            changes.append(text)
+    if changes:
+        raise ResumeError("the learning-rate schedule differs from the checkpoint's: " + "; ".join(changes)
+                          + ". Pass --override-opt_param-scheduler to use the new values or "
+                          "--use-checkpoint-opt_param-scheduler to keep the checkpoint's")

@@ -6,6 +6,10 @@ Model chunks (``models/builder.py``) -> ``Float16Module`` for bf16/fp16 -> megat
 1F1B, or interleaved 1F1B with virtual stages). The loss is a per-token mean over the whole global
 batch (``calculate_per_token_loss``): micro-batches with few trainable tokens (SFT) weigh what
 their tokens weigh, and the result does not depend on how the batch is split over ranks.
+
+With ``--check-for-nan-in-loss-and-grad`` (on by default, as in Megatron-LM) every step checks the loss
+and the reduced gradients before the optimizer steps: a NaN/Inf on any rank stops every rank with
+``NonFiniteError``, so no checkpoint is written after it and the tracker keeps the last good one.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ from megatron_patch.models.flops import flops_per_token
 
 log = logging.getLogger(__name__)
 
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or a gradient became NaN/Inf (the message says which, and at which iteration)."""
 
 
 @dataclass
@@ -51,6 +59,7 @@ def transformer_config_for(args, margs: ModelArgs):
         recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers,
         calculate_per_token_loss=True,
+        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
     )
     return cfg
 
@@ -110,18 +119,29 @@ def build_optimizer(args, chunks: list):
     )
     optimizer = get_megatron_optimizer(cfg, chunks)
     gbs = args.global_batch_size
-    decay_iters = args.lr_decay_iters or args.train_iters
     wsd = args.lr_wsd_decay_iters if args.lr_wsd_decay_iters is not None else max(1, args.train_iters // 10)
-    # The scheduler counts samples (Megatron-LM's convention), so it is stepped by the global batch.
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters * gbs, lr_decay_steps=decay_iters * gbs,
-        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant",
+        optimizer, init_lr=0.0, **scheduler_settings(args),
         wsd_decay_steps=wsd * gbs if args.lr_decay_style == "WSD" else None,
         lr_wsd_decay_style=args.lr_wsd_decay_style if args.lr_decay_style == "WSD" else None,
+        # Megatron-LM's resume semantics: a schedule that differs from the checkpoint's is refused unless
+        # one of these says which one wins (``checkpoint.check_schedule`` names the differences first).
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
     )
     return optimizer, scheduler
+
+
+def scheduler_settings(args) -> dict:
+    """The values ``OptimizerParamScheduler`` is built with and checks on resume, under its state-dict names.
+
+    The scheduler counts samples (Megatron-LM's convention), so iterations are multiplied by the global batch.
+    """
+    gbs = args.global_batch_size
+    return dict(max_lr=float(args.lr), min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters * gbs,
+                lr_decay_steps=(args.lr_decay_iters or args.train_iters) * gbs, lr_decay_style=args.lr_decay_style,
+                start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters * gbs,
+                wd_incr_style="constant")
 
 
 def install_hooks(config, chunks: list, optimizer) -> None:
@@ -174,13 +194,36 @@ def run_schedule(args, chunks: list, batches: list[dict], forward_only: bool):
     return total
 
 
-def train_step(args, chunks: list, optimizer, scheduler, batches: list[dict]):
+def check_finite(args, chunks: list, total: Optional[torch.Tensor], iteration: int) -> None:
+    """Raise ``NonFiniteError`` on every rank if the loss (last stage) or any rank's gradients are NaN/Inf.
+
+    Runs after the gradients are reduced and before the optimizer uses them. A finite sum proves a whole
+    buffer finite at memory speed. fp16 gradients are left to the loss scaler, which skips such steps.
+    """
+    flags = torch.zeros(3)
+    if total is not None:
+        flags[0], flags[1] = float(torch.isnan(total[0])), float(torch.isinf(total[0]))
+    if not args.fp16:
+        buffers = [b for c in chunks for b in getattr(c, "buffers", []) + getattr(c, "expert_parallel_buffers", [])]
+        flags[2] = float(any(not torch.isfinite(b.grad_data.sum()) for b in buffers))
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if not flags.any():
+        return
+    what = "the loss is NaN" if flags[0] else "the loss is Inf" if flags[1] else "gradients hold NaN/Inf values"
+    raise NonFiniteError(f"iteration {iteration}: {what}; stopped before the optimizer step and without saving (the "
+                         "last checkpoint saved stays the one --load resumes). Lower --lr or check the data; "
+                         "--no-check-for-nan-in-loss-and-grad trains on regardless")
+
+
+def train_step(args, chunks: list, optimizer, scheduler, batches: list[dict], iteration: int = 0):
     for c in chunks:
         c.zero_grad_buffer()
     optimizer.zero_grad()
     for c in chunks:
         c.train()
     total = run_schedule(args, chunks, batches, forward_only=False)
+    if args.check_for_nan_in_loss_and_grad:
+        check_finite(args, chunks, total, iteration)
     ok, grad_norm, _ = optimizer.step()
     if ok:
         scheduler.step(increment=args.global_batch_size)
@@ -247,7 +290,7 @@ def train(args: argparse.Namespace, margs: ModelArgs, chunks: list, optimizer, s
     while state.iteration < args.train_iters:
         batches = step_batches(train_ds, state.consumed_train_samples, args.micro_batch_size,
                                args.data_parallel_size, dp_rank, args.num_microbatches, dev)
-        total, grad_norm, ok = train_step(args, chunks, optimizer, scheduler, batches)
+        total, grad_norm, ok = train_step(args, chunks, optimizer, scheduler, batches, state.iteration + 1)
         balance = moe_load_balancing_loss(args, margs, unwrap(chunks[0]).config)
         state.iteration += 1
         state.consumed_train_samples += args.global_batch_size

@@ -1,7 +1,9 @@
 """Command line of the checkpoint converter: a thin argparse layer over ``toolkits.checkpoint.convert``.
 
-Every expected failure (bad input, bad layout, existing output) ends in one ``error: ...`` line on stderr
-and exit status 2; a failed ``--verify`` prints the diff and exits 1. Nothing is left half-written.
+Every expected failure (bad input, bad layout, existing output, an output overlapping the input or being
+written by another run, corrupted or non-finite weights, a full disk) ends in one ``error: ...`` line on
+stderr and exit status 2; a failed ``--verify`` prints the diff and exits 1. SIGTERM/SIGINT remove the
+partial output and exit with 128 + the signal number within seconds. Nothing is left half-written.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 import time
 from typing import Optional
 
-from megatron_patch import dtypes
+from megatron_patch import dtypes, safety
 from megatron_patch.checkpointing.layout import CKPT_FORMATS
 from megatron_patch.models.builder import TRANSFORMER_IMPLS
 from toolkits.checkpoint import convert
@@ -49,6 +51,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-dir")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--workers", type=int, default=None, help="parallel writer threads (default: min(4, cores))")
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="convert weights holding NaN/Inf (each such tensor is named on stderr) instead of refusing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("hf2mcore", help="HF safetensors directory -> Megatron checkpoint")
     _common(p)
     _layout_args(p)
+    p.add_argument("--allow-extra-tensors", action="store_true",
+                   help="skip (and name on stderr) tensors the model has no place for, instead of refusing")
     p.add_argument("--verify", action="store_true", help="compare fp32 logits with HF transformers afterwards")
     p = sub.add_parser("mcore2hf", help="Megatron checkpoint (release or training) -> HF safetensors directory")
     _common(p)
@@ -68,24 +74,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _report(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
-    update, close = convert.progress_bar(convert.total_params(args.command, args.load_dir), args.command,
-                                         not args.quiet)
+    # Before anything reads the input (the progress bar's parameter count included).
+    safety.check_output_path(args.save_dir, [args.load_dir], args.overwrite)
+    total = 0 if args.quiet else convert.total_params(args.command, args.load_dir)
+    update, close = convert.progress_bar(total, args.command, not args.quiet)
     start = time.perf_counter()
+    checks = dict(allow_non_finite=args.allow_non_finite, report=_report)
     try:
         if args.command == "hf2mcore":
             out = convert.hf2mcore(args.load_dir, args.save_dir, args.tp, args.pp, args.ckpt_format,
                                    args.transformer_impl, args.params_dtype, args.make_vocab_size_divisible_by or 128,
                                    args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers,
-                                   args.overwrite, args.workers, update, args.ep, args.etp)
+                                   args.overwrite, args.workers, update, args.ep, args.etp,
+                                   allow_extra_tensors=args.allow_extra_tensors, **checks)
         elif args.command == "mcore2hf":
             out = convert.mcore2hf(args.load_dir, args.save_dir, args.params_dtype, args.overwrite, args.workers,
-                                   update)
+                                   update, **checks)
         else:
             out = convert.mcore2mcore(args.load_dir, args.save_dir, args.tp, args.pp, args.ckpt_format,
                                       args.transformer_impl, args.params_dtype, args.make_vocab_size_divisible_by,
                                       args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers,
-                                      args.overwrite, args.workers, update, args.ep, args.etp)
+                                      args.overwrite, args.workers, update, args.ep, args.etp, **checks)
     finally:
         close()
     if not args.quiet:
@@ -104,8 +118,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return run(args)
+        with safety.signals_raise():
+            return run(args)
+    except safety.Interrupted as e:
+        print(f"error: interrupted by {e}; the partial output was removed", file=sys.stderr)
+        return 128 + e.signum
     except (ValueError, FileExistsError, FileNotFoundError, KeyError, OSError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {safety.one_line(e)}", file=sys.stderr)
         return 2

@@ -9,24 +9,27 @@ one tensor: column-parallel tensors (vocab, gated MLP) are read one TP rank's ro
 is sharded one TP rank at a time, and freed memory is handed back to the OS after every tensor (the glibc
 heap would otherwise keep the freed buffers resident). Writing torch_dist goes through megatron-core in a
 helper process (``dist.py``). Output is built in a temporary sibling of the destination and renamed into
-place only when complete.
+place only when complete; ``guard.conversion`` checks the output against the input and locks it first,
+and stops the writer threads early on failure or SIGTERM/SIGINT. Sources check what they read (CRCs of
+rank files, NaN/Inf, HF dtypes and unexpected tensors: ``checkpointing.integrity``); ``allow_non_finite``
+and ``allow_extra_tensors`` turn those refusals into ``report``ed warnings.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import shutil
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 import torch
 
-from megatron_patch import dtypes
-from megatron_patch.checkpointing import layout, placement
+from megatron_patch import dtypes, safety
+from megatron_patch.checkpointing import integrity, layout, placement
 from megatron_patch.checkpointing.hf import HFSource
 from megatron_patch.checkpointing.hf_export import copy_metadata
 from megatron_patch.checkpointing import hf_writer
@@ -38,12 +41,14 @@ from megatron_patch.checkpointing.transforms import pad_vocab
 from megatron_patch.models.builder import check_parallel_layout, resolve_transformer_impl
 from megatron_patch.models.config import ModelArgs
 from megatron_patch.models.family import hf_config_dict, read_hf_config
+from toolkits.checkpoint import guard
 
 # Transformer Engine modules keep FP8 metadata in ``_extra_state``; a fresh conversion has none, and TE's
 # ``set_extra_state`` accepts None. These are the TE modules of megatron's dense GPT layer spec.
 TE_EXTRA_STATE = ("self_attention.linear_qkv", "self_attention.core_attention", "self_attention.linear_proj",
                   "mlp.linear_fc1", "mlp.linear_fc2")
 Progress = Optional[Callable[[int], None]]
+Report = Optional[Callable[[str], None]]
 
 
 class ConversionError(ValueError):
@@ -78,13 +83,11 @@ except (OSError, AttributeError):  # not glibc
 
 
 def _run_parallel(jobs: list[Callable[[], None]], workers: int) -> None:
-    if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            job()
-        return
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for f in [pool.submit(job) for job in jobs]:
-            f.result()
+    guard.run_parallel(jobs, workers)
+
+
+def _finite(allow: bool, report: Report) -> integrity.FiniteCheck:
+    return integrity.FiniteCheck(allow, report, hint="pass --allow-non-finite to convert it anyway")
 
 
 def write_torch(src, out_root: str, args: ModelArgs, ns, tp: int, pp: int, dtype: torch.dtype, te: bool,
@@ -136,6 +139,7 @@ def write_torch(src, out_root: str, args: ModelArgs, ns, tp: int, pp: int, dtype
         previous = object()
         for key, m, layer, expert in placement.rank_entries(src.weights, args, pipeline, p, None, te, p == 0,
                                                             p == pp - 1, ep, 0):
+            guard.check_stop()
             if layer != previous:  # drop what the last layer mapped/opened: about one layer stays resident
                 s.release()
                 previous = layer
@@ -172,6 +176,7 @@ def write_hf(src, out_dir: str, args: ModelArgs, dtype: torch.dtype, workers: in
         s = src.fork()
         previous = object()
         for m, layer, expert in items:
+            guard.check_stop()
             if layer != previous:  # drop what the last layer mapped/opened: about one layer stays resident
                 s.release()
                 previous = layer
@@ -220,33 +225,59 @@ def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def _with_output(save_dir: str, overwrite: bool, body: Callable[[str], None]) -> str:
-    tmp = layout.prepare_output(save_dir, overwrite)
+def _with_output(save_dir: str, overwrite: bool, body: Callable[[str], None], report: Report = None) -> str:
+    tmp = None
     try:
+        tmp, stale = layout.prepare_output(save_dir, overwrite)
+        for path in stale:
+            _say(report, f"note: removed stale temporary directory {path} (left by a run that died)")
         body(tmp)
         layout.replace_dir(tmp, save_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in _OUTPUT_ERRNOS:
+            raise safety.OutputError(e.errno, e.strerror, _as_output_path(e.filename, tmp, save_dir)) from None
         raise
     return os.path.abspath(save_dir)
 
 
+_OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG)
+
+
+def _as_output_path(filename, tmp: Optional[str], save_dir: str) -> str:
+    """The file an output error names, as the user knows it (the temporary directory is gone already)."""
+    name, out = str(filename or ""), os.path.abspath(save_dir)
+    if tmp and name.startswith(tmp):
+        return out + name[len(tmp):]
+    return name or out
+
+
+def _say(report: Report, line: str) -> None:
+    if report is not None:
+        report(line)
+
+
+@guard.conversion
 def hf2mcore(load_dir: str, save_dir: str, tp: int = 1, pp: int = 1, ckpt_format: str = "torch",
              transformer_impl: Optional[str] = None, params_dtype: Optional[str] = None,
              make_vocab_size_divisible_by: int = 128, first_stage_layers: Optional[int] = None,
              last_stage_layers: Optional[int] = None, overwrite: bool = False, workers: Optional[int] = None,
-             progress: Progress = None, ep: int = 1, etp: Optional[int] = None) -> str:
+             progress: Progress = None, ep: int = 1, etp: Optional[int] = None, allow_non_finite: bool = False,
+             allow_extra_tensors: bool = False, report: Report = None) -> str:
     """Convert a HF directory into a Megatron ``release`` checkpoint of layout TP x PP (x EP); returns its path."""
     _check_load_dir(load_dir)
     cfg = read_hf_config(load_dir)
-    src = HFSource(load_dir)
+    src = HFSource(load_dir, finite=_finite(allow_non_finite, report))
     dtype = _dtype(params_dtype, cfg.get("torch_dtype") or cfg.get("dtype") or "fp32")
     impl = transformer_impl or resolve_transformer_impl("auto")
     _check_layout(src.args, tp, pp, first_stage_layers, last_stage_layers, ep, etp, ckpt_format)
-    src.preflight()
+    src.preflight(allow_extra_tensors)
+    for name in src.skipped:
+        _say(report, f"warning: skipping tensor {name}: the model has no place for it")
     body = _megatron_body(load_dir, src, ckpt_format, dtype, impl, make_vocab_size_divisible_by, tp, pp,
                           first_stage_layers, last_stage_layers, ep, etp, workers, progress)
-    return _with_output(save_dir, overwrite, body)
+    return _with_output(save_dir, overwrite, body, report)
 
 
 def _check_layout(args: ModelArgs, tp: int, pp: int, first: Optional[int], last: Optional[int], ep: int,
@@ -277,14 +308,16 @@ def _megatron_body(load_dir: str, src, ckpt_format: str, dtype: torch.dtype, imp
         else:
             from toolkits.checkpoint import dist
 
-            dist.save_from(load_dir, os.path.join(tmp, "release"), args, ns, dtype, padded)
+            dist.save_from(load_dir, os.path.join(tmp, "release"), args, ns, dtype, padded, src.finite)
             layout.write_tracker(tmp, "release")
 
     return body
 
 
+@guard.conversion
 def mcore2hf(load_dir: str, save_dir: str, params_dtype: Optional[str] = None, overwrite: bool = False,
-             workers: Optional[int] = None, progress: Progress = None) -> str:
+             workers: Optional[int] = None, progress: Progress = None, allow_non_finite: bool = False,
+             report: Report = None) -> str:
     """Convert a Megatron checkpoint (release or training, torch or torch_dist) into a HF directory."""
     _check_load_dir(load_dir)
     info = open_checkpoint(load_dir)
@@ -296,18 +329,22 @@ def mcore2hf(load_dir: str, save_dir: str, params_dtype: Optional[str] = None, o
 
     def body(tmp: str) -> None:
         copy_metadata(load_dir, tmp)
-        write_hf(info.source(), tmp, args, dtype, workers or default_workers(), progress)
+        src = info.source()
+        src.finite = _finite(allow_non_finite, report)
+        write_hf(src, tmp, args, dtype, workers or default_workers(), progress)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(output_config(args, dtype, template), f, indent=2)
 
-    return _with_output(save_dir, overwrite, body)
+    return _with_output(save_dir, overwrite, body, report)
 
 
+@guard.conversion
 def mcore2mcore(load_dir: str, save_dir: str, tp: int = 1, pp: int = 1, ckpt_format: str = "torch",
                 transformer_impl: Optional[str] = None, params_dtype: Optional[str] = None,
                 make_vocab_size_divisible_by: Optional[int] = None, first_stage_layers: Optional[int] = None,
                 last_stage_layers: Optional[int] = None, overwrite: bool = False, workers: Optional[int] = None,
-                progress: Progress = None, ep: int = 1, etp: Optional[int] = None) -> str:
+                progress: Progress = None, ep: int = 1, etp: Optional[int] = None, allow_non_finite: bool = False,
+                report: Report = None) -> str:
     """Re-slice a Megatron checkpoint to TP x PP (x EP) and/or switch torch <-> torch_dist. Model weights only."""
     _check_load_dir(load_dir)
     info = open_checkpoint(load_dir)
@@ -316,9 +353,11 @@ def mcore2mcore(load_dir: str, save_dir: str, tp: int = 1, pp: int = 1, ckpt_for
     impl = transformer_impl or getattr(old, "transformer_impl", None) or resolve_transformer_impl("auto")
     divisible = make_vocab_size_divisible_by or getattr(old, "make_vocab_size_divisible_by", 128)
     _check_layout(info.args, tp, pp, first_stage_layers, last_stage_layers, ep, etp, ckpt_format)
-    body = _megatron_body(load_dir, info.source(), ckpt_format, dtype, impl, divisible, tp, pp, first_stage_layers,
+    src = info.source()
+    src.finite = _finite(allow_non_finite, report)
+    body = _megatron_body(load_dir, src, ckpt_format, dtype, impl, divisible, tp, pp, first_stage_layers,
                           last_stage_layers, ep, etp, workers, progress)
-    return _with_output(save_dir, overwrite, body)
+    return _with_output(save_dir, overwrite, body, report)
 
 
 def progress_bar(total_params: int, desc: str, enabled: bool):

@@ -11,6 +11,9 @@ model copy: unlike the torch format, this path is not streamed. (Reading torch_d
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+from typing import Optional
 
 import torch
 
@@ -18,21 +21,87 @@ from megatron_patch.models.config import ModelArgs
 from megatron_patch.runtime import spawn
 
 
-def _save_worker(source_dir: str, iter_dir: str, args_dict: dict, ns, dtype, padded: int) -> None:
+def _save_worker(source_dir: str, iter_dir: str, args_dict: dict, ns, dtype, padded: int,
+                 allow_non_finite: bool) -> dict:
+    """Save, and return ``{"failure": None | (kind, errno, message), "notes": [warning lines]}``.
+
+    The helper's stderr is silenced: megatron-core's import warnings and its writer's logs would bury the
+    converter's one-line messages. What the user must see comes back to the parent (an unexpected crash
+    still does: ``spawn.run`` returns its traceback).
+    """
+    import warnings
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    warnings.filterwarnings("ignore")
     from megatron_patch import runtime
-    from megatron_patch.checkpointing import torch_dist
+    from megatron_patch.checkpointing import integrity, torch_dist
+    from megatron_patch.checkpointing.layout import CheckpointError
     from megatron_patch.checkpointing.sources import load_into_model, open_source
     from megatron_patch.models.builder import build_model, transformer_config
 
+    notes: list[str] = []
     args = ModelArgs.from_dict(args_dict)
     runtime.initialize(tp=1, pp=1, seed=0)
     config = transformer_config(args, tp=1, pp=1, params_dtype=dtype)
     model = build_model(args, config, transformer_impl="local", make_vocab_size_divisible_by=padded)
-    load_into_model(model, open_source(source_dir))
-    torch_dist.save([model], iter_dir, ns)
+    source = open_source(source_dir)
+    source.finite = integrity.FiniteCheck(allow_non_finite, notes.append,
+                                          hint="pass --allow-non-finite to convert it anyway")
+    try:
+        load_into_model(model, source)
+    except CheckpointError as e:
+        return {"failure": ("input", 0, str(e)), "notes": notes}
+    try:
+        torch_dist.save([model], iter_dir, ns)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException wrapping OS errors
+        text = str(e).strip()
+        return {"failure": ("output", _errno(e, text), text.splitlines()[-1] if text else type(e).__name__),
+                "notes": notes}
+    return {"failure": None, "notes": notes}
+
+
+def _errno(e: Optional[BaseException], text: str) -> int:
+    """The OS error at the root of a (possibly wrapped) exception, 0 if none. torch's zip writer reports a
+    full disk only as an "unexpected pos" failure; the file system then says whether it is full."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno:
+            return e.errno
+        e = e.__cause__ or e.__context__
+    return errno.ENOSPC if "No space left" in text or "unexpected pos" in text else 0
 
 
 def save_from(source_dir: str, iter_dir: str, args: ModelArgs, ns: argparse.Namespace, dtype: torch.dtype,
-              padded_vocab: int) -> None:
-    """Write a torch_dist checkpoint into ``iter_dir`` from a HF directory or a Megatron checkpoint."""
-    spawn.run(_save_worker, 1, source_dir, iter_dir, args.to_dict(), ns, dtype, padded_vocab)
+              padded_vocab: int, finite=None) -> None:
+    """Write a torch_dist checkpoint into ``iter_dir`` from a HF directory or a Megatron checkpoint.
+
+    ``finite``: the caller's ``integrity.FiniteCheck`` (whether NaN/Inf are allowed; where warnings go).
+    """
+    from megatron_patch.checkpointing.layout import CheckpointError
+    from megatron_patch.safety import OutputError
+
+    allow = bool(finite is not None and finite.allow)
+    result = spawn.run(_save_worker, 1, source_dir, iter_dir, args.to_dict(), ns, dtype, padded_vocab, allow)[0]
+    for line in result["notes"]:
+        if finite is not None and finite.report is not None:
+            finite.report(line)
+    if result["failure"] is None:
+        return
+    kind, code, message = result["failure"]
+    if kind == "input":
+        raise CheckpointError(message)
+    if code == errno.ENOSPC and not _full(iter_dir):
+        code = 0  # an "unexpected pos" that was not a full disk
+    if code:
+        raise OutputError(code, os.strerror(code), iter_dir)
+    raise OutputError(0, f"torch_dist save failed: {message}", iter_dir)
+
+
+def _full(path: str) -> bool:
+    try:
+        st = os.statvfs(path if os.path.isdir(path) else os.path.dirname(path))
+        return st.f_bavail * st.f_frsize < (1 << 20)
+    except OSError:
+        return False

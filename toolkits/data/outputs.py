@@ -16,100 +16,28 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
-import secrets
-import signal
-import socket
-import time
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
+
+from megatron_patch import safety
+# The temporary-name, staleness and signal mechanisms are the project's one implementation (shared with
+# the checkpoint converter and the trainer); re-exported here under the names this module always had.
+from megatron_patch.safety import Interrupted, owner_alive, signals_raise, temp_name  # noqa: F401
+from megatron_patch.safety import host as _host  # noqa: F401
+from megatron_patch.safety import process_start as _process_start  # noqa: F401
+from megatron_patch.safety import signals_blocked as _signals_blocked
 
 # A run that is alive rewrites its .bin temp file continuously, so an hour-old file is not needed to be
 # sure; five minutes also covers the seconds-long gaps while one huge document is being tokenized.
-STALE_AFTER_S = 300.0
-
-_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STALE_AFTER_S = safety.STALE_AFTER_S
 
 
 class OutputExists(Exception):
     """The final output appeared while this run was writing (another run won); nothing was replaced."""
 
 
-class Interrupted(BaseException):
-    """SIGTERM or SIGINT arrived. A BaseException so that no ``except Exception`` swallows it."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _host() -> str:
-    # Keep the name parseable: host names are [A-Za-z0-9.-] already, anything else becomes "_".
-    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
-
-
-def temp_name(final: str) -> str:
-    """A fresh temporary sibling of ``final`` that encodes this host and PID."""
-    d, base = os.path.split(os.path.abspath(final))
-    return os.path.join(d, f".{base}.tmp-{_host()}-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def _temp_pattern(final: str) -> re.Pattern:
-    base = os.path.basename(final)
-    return re.compile(rf"^\.{re.escape(base)}\.tmp-(?P<host>[A-Za-z0-9._-]+)-(?P<pid>\d+)-[0-9a-f]{{8}}$")
-
-
-def _process_start(pid: int) -> Optional[float]:
-    """When ``pid`` started (epoch seconds), from /proc; None where that cannot be read."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()  # the command name may hold spaces and parens
-        with open("/proc/stat") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-
-
-def owner_alive(pid: int, mtime: float) -> bool:
-    """Whether the run that last wrote a temp file at ``mtime`` may still be running as ``pid`` here."""
-    if pid == os.getpid():
-        return False  # this run creates its temp files after the cleanup, so the PID was reused
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, owned by another user
-    started = _process_start(pid)
-    # A process that started after the file was last written cannot be its writer: the PID was reused.
-    return started is None or started <= mtime + 1.0
-
-
 def remove_stale(finals: Sequence[str], now: Optional[float] = None) -> list[str]:
     """Delete temp files of ``finals`` left by dead runs on this host; returns the removed paths."""
-    now = time.time() if now is None else now
-    removed = []
-    for final in finals:
-        d = os.path.dirname(os.path.abspath(final))
-        pattern = _temp_pattern(final)
-        try:
-            names = os.listdir(d)
-        except OSError:
-            continue  # no directory yet: nothing stale either
-        for name in sorted(names):
-            m = pattern.match(name)
-            if not m or m["host"] != _host():
-                continue
-            path = os.path.join(d, name)
-            try:
-                mtime = os.stat(path).st_mtime
-                if now - mtime < STALE_AFTER_S or owner_alive(int(m["pid"]), mtime):
-                    continue
-                os.remove(path)
-            except OSError:
-                continue  # vanished or not ours to delete: leave it to its owner
-            removed.append(path)
-    return removed
+    return safety.remove_stale(finals, now, STALE_AFTER_S)
 
 
 def _fsync(path: str, directory: bool = False) -> None:
@@ -118,19 +46,6 @@ def _fsync(path: str, directory: bool = False) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-@contextlib.contextmanager
-def _signals_blocked() -> Iterator[None]:
-    """Defer SIGTERM/SIGINT so that a set of renames happens completely or not at all."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _place(tmp: str, final: str, overwrite: bool) -> None:
@@ -196,23 +111,3 @@ class TempOutputs:
         for path in self.paths:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
-
-
-@contextlib.contextmanager
-def signals_raise() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGINT raise :class:`Interrupted` (once: a second signal during the
-    cleanup that follows is ignored, so the cleanup completes). Only usable in the main thread."""
-    fired: list[int] = []
-
-    def handler(signum: int, frame) -> None:
-        if fired:
-            return
-        fired.append(signum)
-        raise Interrupted(signum)
-
-    old = {s: signal.signal(s, handler) for s in _SIGNALS}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
