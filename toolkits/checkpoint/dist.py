@@ -11,6 +11,7 @@ model copy: unlike the torch format, this path is not streamed. (Reading torch_d
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 
 import torch
 
@@ -18,7 +19,8 @@ from megatron_patch.models.config import ModelArgs
 from megatron_patch.runtime import spawn
 
 
-def _save_worker(source_dir: str, iter_dir: str, args_dict: dict, ns, dtype, padded: int) -> None:
+def _save_worker(source_dir: str, iter_dir: str, args_dict: dict, ns, dtype, padded: int,
+                 hf_config: Optional[str] = None) -> None:
     from megatron_patch import runtime
     from megatron_patch.checkpointing import torch_dist
     from megatron_patch.checkpointing.sources import load_into_model, open_source
@@ -28,11 +30,12 @@ def _save_worker(source_dir: str, iter_dir: str, args_dict: dict, ns, dtype, pad
     runtime.initialize(tp=1, pp=1, seed=0)
     config = transformer_config(args, tp=1, pp=1, params_dtype=dtype)
     model = build_model(args, config, transformer_impl="local", make_vocab_size_divisible_by=padded)
-    load_into_model(model, open_source(source_dir))
+    load_into_model(model, open_source(source_dir, hf_config))
     torch_dist.save([model], iter_dir, ns)
 
 
 def save_from(source_dir: str, iter_dir: str, args: ModelArgs, ns: argparse.Namespace, dtype: torch.dtype,
-              padded_vocab: int) -> None:
-    """Write a torch_dist checkpoint into ``iter_dir`` from a HF directory or a Megatron checkpoint."""
-    spawn.run(_save_worker, 1, source_dir, iter_dir, args.to_dict(), ns, dtype, padded_vocab)
+              padded_vocab: int, hf_config: Optional[str] = None) -> None:
+    """Write a torch_dist checkpoint into ``iter_dir`` from a HF directory or a Megatron checkpoint
+    (``hf_config``: the HF config a Megatron-LM checkpoint needs)."""
+    spawn.run(_save_worker, 1, source_dir, iter_dir, args.to_dict(), ns, dtype, padded_vocab, hf_config)
