@@ -260,13 +260,13 @@ def _jobs(cfg, tmp):
     if dist.get_rank() == 0:
         as_megatron_lm_training_checkpoint(f"{tmp}/mlm", cfg)
     dist.barrier()
-    no_hf = parse_args(base + ["--load", f"{tmp}/mlm"])
+    resume = base[2:] + ["--load", f"{tmp}/mlm"]  # the architecture from the checkpoint, not --model-config
     try:
-        pretrain.model_args_for(no_hf)
+        pretrain.model_args_for(parse_args(resume))
         needs_hf = False
     except ValueError as e:
         needs_hf = "--hf-config" in str(e)
-    job(base + ["--load", f"{tmp}/mlm", "--hf-config", cfg, "--metrics-file", f"{tmp}/m2.jsonl"])
+    job(resume + ["--hf-config", cfg, "--metrics-file", f"{tmp}/m2.jsonl"])
     return needs_hf
 
 

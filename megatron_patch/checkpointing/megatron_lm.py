@@ -102,7 +102,9 @@ def allow_globals(names: list[str], where: str) -> None:
     missing = [n for n in names if n not in _registered]
     if not missing:
         return
-    safe = _megatron_core_safe_globals()
+    # megatron-core is imported (for its list) only when a file names more than what this project writes.
+    safe = _megatron_core_safe_globals() if set(missing) - {"argparse.Namespace"} else \
+        {"argparse.Namespace": argparse.Namespace}
     add, refused = [], []
     for name in missing:
         module = name.rpartition(".")[0]

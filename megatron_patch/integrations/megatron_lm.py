@@ -84,6 +84,11 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: --hf-config {hf}: {e}") from None
         defaults = megatron_lm_defaults(margs)
+        # The model's vocab padded as the converter pads it (Megatron-LM would pad its tokenizer's vocab, which
+        # may be smaller than the model's, and then no converted checkpoint would load).
+        tp = int(_peek(sys.argv[1:], "--tensor-model-parallel-size") or 1)
+        divisible = int(_peek(sys.argv[1:], "--make-vocab-size-divisible-by") or 128)
+        defaults["padded_vocab_size"] = margs.padded_vocab_size(divisible, tp)
         hf_dir = hf if os.path.isdir(hf) else os.path.dirname(os.path.abspath(hf))
         if any(os.path.isfile(os.path.join(hf_dir, n)) for n in ("tokenizer.json", "tokenizer.model")):
             defaults.update(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=hf_dir)
@@ -96,10 +101,22 @@ def check_args(args, margs: ModelArgs) -> None:
     from megatron_patch.checkpointing.megatron_lm import disagreements
 
     wrong = disagreements(args, margs)
+    tokens = _tokenizer_size()
+    if tokens is not None and tokens > margs.vocab_size:
+        wrong.append(f"the tokenizer has {tokens} tokens, more than the model's vocab_size {margs.vocab_size}")
     if getattr(args, "padded_vocab_size", None) and args.padded_vocab_size % args.tensor_model_parallel_size:
         wrong.append(f"padded_vocab_size {args.padded_vocab_size} is not divisible by TP")
     if wrong:
         raise ValueError(f"Megatron-LM flags disagree with --hf-config {args.hf_config}: " + "; ".join(wrong))
+
+
+def _tokenizer_size() -> Optional[int]:
+    try:
+        from megatron.training import get_tokenizer
+
+        return get_tokenizer().vocab_size
+    except Exception:  # noqa: BLE001 - no tokenizer built (yet): nothing to check
+        return None
 
 
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None,
