@@ -19,7 +19,6 @@ import shutil
 import tempfile
 from typing import Union
 
-import torch
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"

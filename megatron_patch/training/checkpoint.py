@@ -337,10 +337,13 @@ def save_hf(args, margs: ModelArgs, chunks: list, state: TrainState, hf_config: 
     """``--save-hf``: the model as a HF directory, every rank writing its own part (``hf_export.save_hf``)."""
     from megatron_patch import dtypes
     from megatron_patch.checkpointing.hf_export import save_hf as write
+    from megatron_patch.checkpointing.megatron_lm import hf_dir_of
     from megatron_patch.models.family import hf_config_dict
 
+    megatron_lm_flags.sync_params(args, chunks)  # --overlap-param-gather: the last step's gather completes first
     out = write([unwrap(c) for c in chunks], margs, args.save_hf, hf_config or hf_config_dict(margs),
-                dtypes.BY_NAME[args.params_dtype], metadata_from=(args.tokenizer_model, args.load))
+                dtypes.BY_NAME[args.params_dtype],
+                metadata_from=(args.tokenizer_model, args.load, hf_dir_of(getattr(args, "hf_config", None))))
     if dist.get_rank() == 0:
         print(f"saved HF model (iteration {state.iteration}) to {out}", flush=True)
     return out
