@@ -33,14 +33,12 @@ def logits(out: str, provider: bool) -> None:
 
     from megatron.core import tensor_parallel
     from megatron.core.enums import ModelType
-    from megatron.training import get_args
     from megatron.training.checkpointing import load_checkpoint
     from megatron.training.initialize import initialize_megatron
     from megatron.training.training import get_model
 
     initialize_megatron(extra_args_provider=megatron_lm.extra_args_provider if provider else None,
                         args_defaults={"tokenizer_type": "GPT2BPETokenizer"})
-    args = get_args()
     if provider:
         build = megatron_lm.model_provider
     else:
@@ -49,7 +47,7 @@ def logits(out: str, provider: bool) -> None:
 
         build = partial(model_provider, gpt_builder)
     model = get_model(build, ModelType.encoder_or_decoder, wrap_with_ddp=False)
-    load_checkpoint(model, None, None, strict=True)
+    iteration, _ = load_checkpoint(model, None, None, strict=True)
     m = model[0].eval()
     vocab = int(os.environ["CMP_VOCAB"])
     t = tokens(vocab)
@@ -57,7 +55,7 @@ def logits(out: str, provider: bool) -> None:
         y = m(t, torch.arange(t.shape[1]).expand_as(t), attention_mask=None)
         y = tensor_parallel.gather_from_tensor_model_parallel_region(y)[..., :vocab].float()
     if torch.distributed.get_rank() == 0:
-        torch.save({"logits": y, "tokens": t, "iteration": args.iteration}, out)
+        torch.save({"logits": y, "tokens": t, "iteration": iteration}, out)
     torch.distributed.barrier()
 
 

@@ -110,6 +110,15 @@ def test_forward_and_reverse_with_megatron_lm(tmp_path, capsys):
     print(f"reverse: mcore2hf(Megatron-LM iter 3) vs Megatron-LM's model: max |diff| {d_rev:.3e} "
           f"(training moved the logits by {d_moved:.3e})")
     assert d_rev <= TOL and d_moved > 100 * TOL
+    # This project's trainer resumes Megatron-LM's training checkpoint: weights, Adam state from distrib_optim.pt,
+    # scheduler, its shared RNG state, the consumed samples kept in its args.
+    log = torchrun(2, "-m", "megatron_patch.pretrain", "--load", saved, "--hf-config", hf, "--mock-data",
+                   "--train-iters", "5", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
+                   "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "1", "--transformer-impl", "local",
+                   "--log-interval", "1", "--tensor-model-parallel-size", "2", "--use-distributed-optimizer")
+    print("megatron_patch.pretrain resuming it: " + " / ".join(
+        x.strip() for x in log.splitlines() if x.startswith(("loaded", "iteration"))))
+    assert "(iteration 3, 12 samples consumed)" in log and "iteration      5/5" in log
 
 
 def test_model_provider_in_megatron_lm_trainer(tmp_path, capsys):

@@ -57,7 +57,8 @@ def megatron_lm_defaults(margs: ModelArgs) -> dict:
         attention_dropout=0.0, hidden_dropout=0.0,  # as HF trained these models (Megatron-LM's default is 0.1)
     )
     if margs.is_moe:
-        out.update(moe_router_pre_softmax=margs.moe_router_pre_softmax, moe_shared_expert_gate=margs.moe_shared_expert_gate,
+        out.update(moe_router_pre_softmax=margs.moe_router_pre_softmax,
+                   moe_shared_expert_gate=margs.moe_shared_expert_gate,
                    moe_layer_freq=list(margs.moe_layer_freq) if margs.moe_layer_freq is not None else 1,
                    moe_router_score_function="softmax", moe_router_load_balancing_type="aux_loss",
                    moe_router_dtype="fp32")

@@ -408,5 +408,6 @@ def _megatron_lm_sharded_layout(sd: dict, chunks: list, optimizer, iter_dir: str
         sd["rng_state"] = ShardedObject("rng_state", [rng_state()], (pp, tp), (pp_rank, tp_rank), replica_id=dp_rank)
     if load_optim:
         model_sd = {k: v for k, v in sd.items() if k.startswith("model")}
-        metadata = dist_checkpointing.load_content_metadata(iter_dir) or {"distrib_optim_sharding_type": "dp_reshardable"}
+        metadata = (dist_checkpointing.load_content_metadata(iter_dir)
+                    or {"distrib_optim_sharding_type": "dp_reshardable"})
         sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=metadata)

@@ -182,7 +182,8 @@ def validate(a: argparse.Namespace, on_gpu: bool) -> Optional[str]:
     if a.overlap_param_gather and not (a.use_distributed_optimizer and a.overlap_grad_reduce):
         return "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce"
     if a.recompute_activations and a.recompute_granularity not in (None, "selective"):
-        return "--recompute-activations is --recompute-granularity selective; it contradicts --recompute-granularity full"
+        return ("--recompute-activations is --recompute-granularity selective; it contradicts "
+                "--recompute-granularity full")
     if a.dataloader_type == "external":
         return "--dataloader-type external needs a user-supplied data iterator, which this trainer does not take"
     if a.num_workers < 0 or a.tensorboard_queue_size < 1:
