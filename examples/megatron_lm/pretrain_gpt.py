@@ -18,6 +18,9 @@ family (any llama3 parameters), q/k norm, MoE routing as HF. Without CUDA it run
 import os
 import sys
 
+# This file shares its name with Megatron-LM's script, which is imported below: keep its own folder off the path.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 if os.environ.get("MEGATRON_LM_PATH"):
     sys.path.append(os.environ["MEGATRON_LM_PATH"])
 

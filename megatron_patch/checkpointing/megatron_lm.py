@@ -38,7 +38,7 @@ _FALLBACK_SAFE = ("argparse.Namespace", "types.SimpleNamespace", "pathlib.PosixP
                   "signal.Signals", "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
                   "numpy.ndarray", "numpy.dtype", "numpy.dtypes.UInt32DType")
 _lock = threading.Lock()
-_registered: set[str] = set()
+_resolved: dict[str, Any] = {}  # pickled name -> what it is allowed as (an object, or (stand-in, name))
 _stand_ins: dict[str, type] = {}
 
 
@@ -97,29 +97,34 @@ def allow_globals(names: list[str], where: str) -> None:
     """Allow-list (process-wide) the pickled globals ``names`` of one file, or refuse it naming the rest.
 
     Process-wide on purpose: torch's ``safe_globals`` context manager swaps a global list and so breaks
-    loads running in other threads (the converter reads rank files from several).
+    loads running in other threads (the converter reads rank files from several). Registered again on every
+    call (a set: cheap), because that context manager also removes its globals on exit, wherever they came from.
     """
-    missing = [n for n in names if n not in _registered]
-    if not missing:
-        return
-    # megatron-core is imported (for its list) only when a file names more than what this project writes.
-    safe = _megatron_core_safe_globals() if set(missing) - {"argparse.Namespace"} else \
-        {"argparse.Namespace": argparse.Namespace}
-    add, refused = [], []
-    for name in missing:
-        module = name.rpartition(".")[0]
-        if name in safe:
-            add.append(safe[name])
-        elif module in ENUM_MODULES:
-            add.append((_stand_in(name), name))
-        else:
-            refused.append(name)
-    if refused:
-        raise CheckpointError(f"{where}: refusing to unpickle {', '.join(sorted(refused))} (neither in "
-                              "megatron-core's safe globals nor a Megatron-LM enum)")
+    unknown = [n for n in names if n not in _resolved]
+    if unknown:
+        # megatron-core is imported (for its list) only when a file names more than what this project writes.
+        safe = _megatron_core_safe_globals() if set(unknown) - {"argparse.Namespace"} else \
+            {"argparse.Namespace": argparse.Namespace}
+        refused = []
+        for name in unknown:
+            if name in safe:
+                _resolved[name] = safe[name]
+            elif name.rpartition(".")[0] in ENUM_MODULES:
+                _resolved[name] = (_stand_in(name), name)
+            else:
+                refused.append(name)
+        if refused:
+            raise CheckpointError(f"{where}: refusing to unpickle {', '.join(sorted(refused))} (neither in "
+                                  "megatron-core's safe globals nor a Megatron-LM enum)")
     with _lock:
-        torch.serialization.add_safe_globals(add)
-        _registered.update(missing)
+        torch.serialization.add_safe_globals([_resolved[n] for n in names])
+
+
+def allow_file(path: str) -> None:
+    """Allow-list what the pickle of ``path`` names (before a reader outside this module, e.g. megatron-core's
+    ``dist_checkpointing.load``, unpickles it with ``weights_only``)."""
+    if os.path.isfile(path):
+        allow_globals(torch.serialization.get_unsafe_globals_in_checkpoint(path), path)
 
 
 def restricted_load(f: Union[str, BinaryIO], where: Optional[str] = None, mmap: bool = False) -> Any:

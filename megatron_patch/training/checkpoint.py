@@ -30,7 +30,7 @@ import torch.distributed as dist
 from megatron_patch.checkpointing import layout
 from megatron_patch.checkpointing.megatron_args import to_namespace
 from megatron_patch.checkpointing.megatron_format import open_checkpoint
-from megatron_patch.checkpointing.megatron_lm import is_megatron_lm_args
+from megatron_patch.checkpointing.megatron_lm import allow_file, is_megatron_lm_args
 from megatron_patch.models.config import ModelArgs
 from megatron_patch.training import megatron_lm_flags
 from megatron_patch.training.loop import TrainState, unwrap
@@ -374,9 +374,11 @@ def _load_torch_dist(args, margs, chunks, optimizer, scheduler, iter_dir: str, n
         _megatron_lm_sharded_layout(sd, chunks, optimizer, iter_dir, load_optim)
     if args.no_load_rng:
         sd.pop("rng_state")
-    # common.pt holds the args Namespace; megatron-core loads it with torch's weights_only default.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        loaded = dist_checkpointing.load(sd, iter_dir)
+    # common.pt holds the args Namespace (Megatron-LM's: enums too); megatron-core loads it with torch's
+    # weights_only default. Allowed process-wide: the safe_globals context manager would, on exit, remove
+    # Namespace for every later load in this process.
+    allow_file(os.path.join(iter_dir, "common.pt"))
+    loaded = dist_checkpointing.load(sd, iter_dir)
     _load_model_chunks(chunks, loaded)
     if load_optim:
         with torch.no_grad():  # in fp32 the main parameters are views of the model's (leaf) parameters
