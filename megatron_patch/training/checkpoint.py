@@ -94,6 +94,10 @@ def checkpoint_args(args, margs: ModelArgs, state: TrainState) -> argparse.Names
         consumed_train_samples=state.consumed_train_samples, iteration=state.iteration,
         micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
         seq_length=args.seq_length, ckpt_format=args.ckpt_format,
+        # What this run trained with, for Megatron-LM's --use-checkpoint-args (it restores dropouts).
+        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        world_size=args.data_parallel_size * args.tensor_model_parallel_size * args.pipeline_model_parallel_size,
     )
 
 
