@@ -30,6 +30,8 @@ def hf_config_for(args) -> Optional[dict]:
         if not os.path.exists(args.model_config):
             raise FileNotFoundError(f"--model-config {args.model_config} does not exist")
         return read_hf_config(args.model_config)
+    if getattr(args, "hf_config", None):  # a Megatron-LM checkpoint's HF config
+        return read_hf_config(args.hf_config)
     if args.load and os.path.isfile(os.path.join(args.load, "config.json")):
         return read_hf_config(args.load)
     return None
@@ -57,7 +59,9 @@ def model_args_for(args, info=None):
                              f"--model-config ({margs.architecture}{_first_difference(margs, source.args)})")
         source.preflight()
         return source.args
-    return margs if margs is not None else (info or open_checkpoint(args.load)).args
+    if margs is None:
+        margs = (info or open_checkpoint(args.load, getattr(args, "hf_config", None))).args
+    return margs
 
 
 def _first_difference(a, b) -> str:
@@ -81,7 +85,9 @@ def prepare(argv: Optional[Sequence[str]] = None):
         args = parse_args(argv)
         if args.load and not os.path.isdir(args.load):
             raise FileNotFoundError(f"--load {args.load} does not exist")
-        info = open_checkpoint(args.load) if args.load and not is_hf_dir(args.load) else None
+        info = None
+        if args.load and not is_hf_dir(args.load):
+            info = open_checkpoint(args.load, getattr(args, "hf_config", None))
         margs = model_args_for(args, info)
         if info is not None:
             checkpoint.check_resume(for_model(args, margs), info)
@@ -103,7 +109,7 @@ def build_datasets(args, margs):
     n_eval = (args.train_iters // args.eval_interval + 1) * args.eval_iters * args.global_batch_size \
         if args.eval_interval else 0
     if args.mock_data:
-        return (data.MockDataset(margs.vocab_size, args.seq_length, args.seed, n_train),
+        return (data.for_training(data.MockDataset(margs.vocab_size, args.seq_length, args.seed, n_train), args),
                 data.MockDataset(margs.vocab_size, args.seq_length, args.seed + 1, max(n_eval, 1)), None)
     tok = data.load_tokenizer(args.tokenizer_model)
     if len(tok) > margs.vocab_size:
@@ -114,7 +120,7 @@ def build_datasets(args, margs):
         return sft.build_sft_datasets(args, tok)
     train, valid, test = data.build_pretraining_datasets(args, data.DatasetTokenizer(tok), [n_train, n_eval, 0])
     data.validate_sizes(train, n_train)
-    return train, valid, test
+    return data.for_training(train, args), valid, test
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -186,7 +192,7 @@ def _train(args, margs, config) -> None:
     from megatron_patch.training.logging import Metrics
 
     datasets = build_datasets(args, margs)
-    metrics = Metrics(args.metrics_file, args.tensorboard_dir)
+    metrics = Metrics(args.metrics_file, args.tensorboard_dir, options=args)
     try:
         chunks = loop.wrap_ddp(args, config, loop.build_model_chunks(args, margs, config))
         optimizer, scheduler = loop.build_optimizer(args, chunks)

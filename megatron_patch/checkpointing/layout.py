@@ -13,14 +13,12 @@ goes to a temporary sibling and is renamed into place only when complete) and th
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
 import zipfile
 from typing import Union
 
-import torch
 
 from megatron_patch import safety
 
@@ -117,7 +115,7 @@ def check_rank_files(iter_dir: str, files, pp: int, ep: int) -> None:
 
 
 def load_rank_file(path: str, mmap: bool = False, verify: bool = True) -> dict:
-    """Load a rank file with ``torch.load(weights_only=True)`` (argparse.Namespace allow-listed for ``args``).
+    """Load a rank file with ``torch.load(weights_only=True)`` (allow-list: ``megatron_lm.restricted_load``).
 
     ``mmap=True`` maps the file instead of reading it: tensors are paged in only when touched, so a
     reader that needs a few tensors of a large rank file stays small.
@@ -128,17 +126,17 @@ def load_rank_file(path: str, mmap: bool = False, verify: bool = True) -> dict:
     has checked (``TorchSource`` re-maps a file many times and checks each record once).
     """
     from megatron_patch.checkpointing import integrity
+    from megatron_patch.checkpointing.megatron_lm import restricted_load
 
     if verify and zipfile.is_zipfile(path):  # legacy (pre-zip) torch files carry no CRCs
         if mmap:
             integrity.verify_record(path, "data.pkl")
         else:
             integrity.verify_file(path)
-    # Allow-listed process-wide, not with the ``safe_globals`` context manager: that one swaps a global
-    # list on enter/exit and so breaks loads running in other threads at the same time.
-    torch.serialization.add_safe_globals([argparse.Namespace])
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        obj = restricted_load(path, mmap=mmap)  # Megatron-LM's enums and NumPy RNG state allowed by name
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable checkpoint file: {str(e).splitlines()[0]}") from None
     if not isinstance(obj, dict) or not any(k == "model" or re.fullmatch(r"model\d+", str(k)) for k in obj):

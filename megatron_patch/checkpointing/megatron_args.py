@@ -5,6 +5,12 @@ are ``ModelArgs``' own field names: the table in ``models/config.py`` gives them
 Megatron-LM derives (``group_query_attention``, ``swiglu``, rope flags, the padded vocab) and the layout.
 ``model_args`` (the exact ``ModelArgs``) and ``hf_architecture`` are stored too, so a checkpoint written here
 round-trips exactly.
+
+The namespace also carries, with this model's true values, every field Megatron-LM's
+``load_args_from_checkpoint`` (``--use-checkpoint-args``) and ``check_checkpoint_args`` read for these models
+(dropouts 0.0 as HF trained them, ``tokenizer_type``, ``seq_length``, rope and MoE details, ...), so
+Megatron-LM restores what it can from it. Checkpoints written by Megatron-LM itself carry no ``model_args``:
+``from_namespace`` then reads them through ``megatron_lm.model_args_from_megatron_lm``.
 """
 
 from __future__ import annotations
@@ -29,7 +35,10 @@ def to_namespace(
     **extra,
 ) -> argparse.Namespace:
     rope = args.rope
-    ns = {f.name: getattr(args, f.name) for f in FIELDS if args.is_moe or not f.moe}
+    fields = [f for f in FIELDS if args.is_moe or not f.moe]
+    ns = {f.name: getattr(args, f.name) for f in fields}
+    ns.update({f.mlm: getattr(args, f.name) for f in fields if f.mlm})  # Megatron-LM's own spellings
+    ns.update(megatron_lm_fields(args, transformer_impl))
     ns.update(
         group_query_attention=args.num_query_groups != args.num_attention_heads,
         swiglu=True,
@@ -62,9 +71,38 @@ def to_namespace(
     return argparse.Namespace(**ns)
 
 
-def from_namespace(ns: argparse.Namespace) -> ModelArgs:
-    """Recover ``ModelArgs`` from a checkpoint's ``args`` (written by ``to_namespace``)."""
+def megatron_lm_fields(args: ModelArgs, transformer_impl: str) -> dict:
+    """The fields Megatron-LM reads from checkpoint args that the field table does not give, true for these
+    models. Layout, data-parallel and progress fields are defaults the trainer overrides."""
+    out = dict(
+        add_position_embedding=True,  # compared with the CLI's default by check_checkpoint_args
+        rotary_percent=1.0, rotary_interleaved=False, squared_relu=False, apply_layernorm_1p=False,
+        apply_query_key_layer_scaling=False,
+        attention_dropout=0.0, hidden_dropout=0.0,  # Megatron-LM's defaults are 0.1; HF models train with 0
+        tokenizer_type="HuggingFaceTokenizer",
+        tokenizer_model=None,  # a path would not survive moving the checkpoint: the CLI's value stays
+        seq_length=args.max_position_embeddings,  # only taken when the CLI gives none
+        data_parallel_random_init=False, data_parallel_size=1, consumed_train_samples=0,
+        consumed_valid_samples=0, skipped_train_samples=0, ckpt_format="torch",
+    )
+    if args.is_moe:
+        out.update(moe_router_score_function="softmax", moe_router_pre_softmax=args.moe_router_pre_softmax,
+                   moe_shared_expert_gate=args.moe_shared_expert_gate, moe_router_enable_expert_bias=False,
+                   moe_router_topk_scaling_factor=None, moe_router_load_balancing_type="aux_loss",
+                   moe_layer_freq=list(args.moe_layer_freq) if args.moe_layer_freq is not None else 1,
+                   moe_grouped_gemm=transformer_impl == "transformer_engine", moe_router_dtype="fp32")
+    else:
+        out.update(num_experts=None)
+    return out
+
+
+def from_namespace(ns: argparse.Namespace, hf_config: Optional[str] = None,
+                   ckpt_dir: Optional[str] = None) -> ModelArgs:
+    """Recover ``ModelArgs`` from a checkpoint's ``args``: ``model_args`` when written here, else (Megatron-LM)
+    from its args and the HF config ``hf_config`` (or one found beside the checkpoint)."""
     d = getattr(ns, "model_args", None)
     if d is None:
-        raise ValueError("checkpoint args carry no 'model_args': not written by megatron-patch")
+        from megatron_patch.checkpointing.megatron_lm import model_args_from_megatron_lm
+
+        return model_args_from_megatron_lm(ns, hf_config, ckpt_dir)
     return ModelArgs.from_dict(d)

@@ -208,7 +208,11 @@ def _layout_arg(ns: argparse.Namespace, name: str, default=None):
 
 
 def open_checkpoint(ckpt_dir: str, hf_config: Optional[str] = None) -> CheckpointInfo:
-    """Validate a Megatron checkpoint directory (tracker, rank files, args) without reading weights."""
+    """Validate a Megatron checkpoint directory (tracker, rank files, args) without reading weights.
+
+    ``hf_config`` (a HF directory or config.json): the model description a checkpoint written by Megatron-LM
+    needs (``megatron_lm.model_args_from_megatron_lm``); ignored for checkpoints written here.
+    """
     if not os.path.isdir(ckpt_dir):
         raise CheckpointError(f"load dir {ckpt_dir} does not exist")
     if not os.listdir(ckpt_dir):
@@ -232,7 +236,9 @@ def open_checkpoint(ckpt_dir: str, hf_config: Optional[str] = None) -> Checkpoin
     if not isinstance(ns, argparse.Namespace):
         raise CheckpointError(f"{iter_dir} carries no 'args' namespace: cannot tell the model shape")
     try:
-        args = from_namespace(ns)
+        args = from_namespace(ns, hf_config, ckpt_dir)
+    except CheckpointError:
+        raise
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{iter_dir}: {e}") from None
     tp, pp = _layout_arg(ns, "tensor_model_parallel_size", 1), _layout_arg(ns, "pipeline_model_parallel_size", 1)

@@ -78,11 +78,14 @@ def read_metadata(iter_dir: str):
 def read_common(iter_dir: str) -> dict:
     """The common (non-sharded) state of a torch_dist checkpoint: ``args``, ``iteration``, ..."""
     path = os.path.join(iter_dir, COMMON)
-    torch.serialization.add_safe_globals([argparse.Namespace])
+    from megatron_patch.checkpointing.megatron_lm import restricted_load
+
     if zipfile.is_zipfile(path):
         integrity.verify_file(path)
     try:
-        common = torch.load(path, map_location="cpu", weights_only=True)
+        common = restricted_load(path)  # Megatron-LM's enums allowed by name
+    except CheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path} is not a readable torch_dist common file: {str(e).splitlines()[0]}") \
             from None

@@ -187,6 +187,7 @@ def build_model(
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
     attention_impl: str = "auto",
+    pg_collection=None,
 ):
     """One ``GPTModel`` chunk for this rank (and virtual stage ``vp_stage`` when interleaving).
 
@@ -218,6 +219,7 @@ def build_model(
         position_embedding_type="rope",
         rotary_base=args.rope.theta,
         vp_stage=vp_stage,
+        **({"pg_collection": pg_collection} if pg_collection is not None else {}),  # Megatron-LM's trainer passes it
     )
     install_rope_frequencies(model, args)
     if post_process:

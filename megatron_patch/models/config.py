@@ -37,6 +37,19 @@ class Field:
     kind: type = int  # int | float | bool
     invert: bool = False  # HF stores the negation (``tie_word_embeddings`` vs ``untie_...``)
     moe: bool = False  # only mixture-of-experts configs have it
+    # Megatron-LM: the field in its saved ``args`` where it differs from ``name`` ("" = it saves none), and
+    # whether its ``--use-checkpoint-args`` restores it (if not, a user must pass the flag ``--<name>``).
+    mlm: Optional[str] = None
+    mlm_restored: bool = True
+
+    @property
+    def mlm_arg(self) -> str:
+        return self.name if self.mlm is None else self.mlm
+
+    @property
+    def flag(self) -> str:
+        """Megatron-LM's command-line flag (``--norm-epsilon``)."""
+        return "--" + self.name.replace("_", "-")
 
 
 FIELDS: tuple[Field, ...] = (
@@ -46,18 +59,20 @@ FIELDS: tuple[Field, ...] = (
     Field("num_attention_heads", ("num_attention_heads",), "num_attention_heads"),
     Field("num_query_groups", ("num_key_value_heads",), "num_query_groups", default=None),
     Field("kv_channels", ("head_dim",), "kv_channels", default=None),
-    Field("vocab_size", ("vocab_size",)),
+    # Megatron-LM's ``args.vocab_size`` is a tokenizer argument, not the model's: only ``padded_vocab_size``.
+    Field("vocab_size", ("vocab_size",), mlm=""),
     Field("max_position_embeddings", ("max_position_embeddings",), default=4096),
-    Field("norm_epsilon", ("rms_norm_eps",), "layernorm_epsilon", default=1e-6, kind=float),
+    Field("norm_epsilon", ("rms_norm_eps",), "layernorm_epsilon", default=1e-6, kind=float, mlm="layernorm_epsilon",
+          mlm_restored=False),
     Field("untie_embeddings_and_output_weights", ("tie_word_embeddings",), default=False, kind=bool, invert=True),
     Field("add_qkv_bias", ("attention_bias",), "add_qkv_bias", default=False, kind=bool),
-    Field("qk_layernorm", (), "qk_layernorm", default=False, kind=bool),
+    Field("qk_layernorm", (), "qk_layernorm", default=False, kind=bool, mlm_restored=False),
     # Mixture of experts (None / 0 for dense models).
     Field("num_experts", ("num_experts", "num_local_experts"), "num_moe_experts", default=None, moe=True),
     Field("moe_ffn_hidden_size", ("moe_intermediate_size",), "moe_ffn_hidden_size", default=None, moe=True),
     Field("moe_router_topk", ("num_experts_per_tok",), "moe_router_topk", default=None, moe=True),
     Field("moe_aux_loss_coeff", ("router_aux_loss_coef",), "moe_aux_loss_coeff", default=0.0, kind=float,
-          moe=True),
+          moe=True, mlm_restored=False),
     Field("moe_shared_expert_intermediate_size", ("shared_expert_intermediate_size",),
           "moe_shared_expert_intermediate_size", default=None, moe=True),
 )

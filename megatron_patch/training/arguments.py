@@ -16,14 +16,22 @@ from megatron_patch.checkpointing.layout import CKPT_FORMATS
 from megatron_patch.fusions.rope import ROPE_IMPLS
 from megatron_patch.models.builder import (ATTENTION_IMPLS, MOE_DISPATCHERS, TRANSFORMER_IMPLS,
                                            resolve_transformer_impl)
+from megatron_patch.training import megatron_lm_flags
 
 
 class ArgumentError(ValueError):
     """An inconsistent or invalid combination of arguments (the message names it)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Unknown or malformed flags become ``ArgumentError`` (one ``error:`` line), not argparse's usage dump."""
+
+    def error(self, message: str):
+        raise ArgumentError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m megatron_patch.pretrain",
         description="Pretrain or fine-tune (--sft) Llama/Qwen models on upstream megatron-core.",
     )
@@ -156,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234, help="random seed")
     g.add_argument("--check-for-nan-in-loss-and-grad", action=argparse.BooleanOptionalAction, default=True,
                    help="stop with an error (saving nothing) when the loss or a gradient is NaN/Inf (default on)")
+    megatron_lm_flags.add_flags(p)  # Megatron-LM's flags: checked, translated, or refused by name
     return p
 
 
@@ -165,6 +174,10 @@ def _world_size() -> int:
 
 def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
     """Check combinations and fill derived fields (``data_parallel_size``, ``global_batch_size``...)."""
+    problem = megatron_lm_flags.validate(a, torch_cuda())
+    if problem:
+        raise ArgumentError(problem)
+    megatron_lm_flags.normalize(a)
     world = world_size or _world_size()
     tp, pp, cp = a.tensor_model_parallel_size, a.pipeline_model_parallel_size, a.context_parallel_size
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size", "seq_length",
@@ -227,7 +240,7 @@ def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> argpars
     if a.save_hf_interval is not None and (a.save_hf_interval < 1 or a.save_hf is None):
         raise ArgumentError("--save-hf-interval needs --save-hf and must be >= 1")
     if not a.mock_data:
-        if not a.data_path:
+        if not a.data_path and not a.train_data_path:
             raise ArgumentError("give --data-path (or --mock-data)")
         if a.tokenizer_model is None:
             # The dataset needs EOD and the vocab size; SFT needs the chat template.
@@ -286,7 +299,7 @@ def _model_layer_freq(margs) -> list[int]:
 
 def check_architecture_flags(a: argparse.Namespace, margs) -> None:
     """One error listing every architecture flag that disagrees with the model (checkpoint or config)."""
-    wrong = []
+    wrong = megatron_lm_flags.architecture_disagreements(a, margs)
     for flag, field in ARCHITECTURE_FLAGS.items():
         given = getattr(a, flag, None)
         if given is not None and given != getattr(margs, field):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-from typing import Optional
 import random
 import shutil
 from typing import Optional
@@ -39,7 +38,9 @@ from megatron_patch import safety
 from megatron_patch.checkpointing import integrity, layout
 from megatron_patch.checkpointing.megatron_args import to_namespace
 from megatron_patch.checkpointing.megatron_format import open_checkpoint
+from megatron_patch.checkpointing.megatron_lm import allow_file, is_megatron_lm_args
 from megatron_patch.models.config import ModelArgs
+from megatron_patch.training import megatron_lm_flags
 from megatron_patch.training.loop import TrainState, unwrap
 
 DISTRIB_OPTIM = "distrib_optim.pt"
@@ -79,7 +80,10 @@ def set_rng_state(state: dict) -> None:
 
     random.setstate(state["random_rng_state"])
     n = state["np_rng_state"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if isinstance(n, tuple):  # Megatron-LM stores NumPy's own state tuple
+        np.random.set_state(n)
+    else:
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch_rng_state"])
     if (torch.cuda.is_available() or _cpu_runtime()) and "cuda_rng_state" in state:
         torch.cuda.set_rng_state(state["cuda_rng_state"])
@@ -104,6 +108,10 @@ def checkpoint_args(args, margs: ModelArgs, state: TrainState) -> argparse.Names
         consumed_train_samples=state.consumed_train_samples, iteration=state.iteration,
         micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
         seq_length=args.seq_length, ckpt_format=args.ckpt_format,
+        # What this run trained with, for Megatron-LM's --use-checkpoint-args (it restores dropouts).
+        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        world_size=args.data_parallel_size * args.tensor_model_parallel_size * args.pipeline_model_parallel_size,
     )
 
 
@@ -126,6 +134,7 @@ def save(args, margs: ModelArgs, chunks: list, optimizer, scheduler, state: Trai
     root = os.path.abspath(args.save)
     final = os.path.join(root, layout.iteration_dir_name(state.iteration))
     rank = dist.get_rank()
+    megatron_lm_flags.sync_params(args, chunks)  # --overlap-param-gather: the last step's gather completes first
     tmp = [None]
     if rank == 0:
         os.makedirs(root, exist_ok=True)
@@ -173,7 +182,8 @@ def _save_torch(args, margs, chunks, optimizer, scheduler, state, tmp: str) -> N
     from megatron.core import parallel_state as ps
 
     rngs = _gather_rng_over_dp()
-    if args.use_distributed_optimizer:
+    save_optim = not args.no_save_optim
+    if args.use_distributed_optimizer and save_optim:
         # One gathered state per optimizer (MoE: dense and expert parameters have separate optimizers over
         # separate DP groups); each is whole only on its DP group's rank 0, None elsewhere (Megatron-LM's
         # ChainedOptimizer.save_parameter_state layout).
@@ -187,10 +197,11 @@ def _save_torch(args, margs, chunks, optimizer, scheduler, state, tmp: str) -> N
     os.makedirs(rank_dir, exist_ok=True)
     sd = _common(args, margs, state, scheduler)
     sd.update(_model_entries(chunks))
-    sd["optimizer"] = optimizer.state_dict()
+    if save_optim:  # --no-save-optim: weights, scheduler, RNG and progress only (resume with --no-load-optim)
+        sd["optimizer"] = optimizer.state_dict()
     sd["rng_state"] = rngs
     torch.save(sd, os.path.join(rank_dir, layout.RANK_FILE))
-    if args.use_distributed_optimizer:
+    if args.use_distributed_optimizer and save_optim:
         torch.save(param_states, os.path.join(rank_dir, DISTRIB_OPTIM))
 
 
@@ -231,6 +242,8 @@ def _save_torch_dist(args, margs, chunks, optimizer, scheduler, state, tmp: str)
     from megatron.core import dist_checkpointing
 
     sd = _sharded_state(args, chunks, optimizer, scheduler, margs, state, is_loading=False)
+    if args.no_save_optim:
+        sd.pop("optimizer")
     dist_checkpointing.save(sd, tmp)
 
 
@@ -255,7 +268,7 @@ def load(args, margs: ModelArgs, chunks: list, optimizer, scheduler) -> TrainSta
         load_weights(args, chunks)
         return TrainState()
 
-    info = open_checkpoint(args.load)
+    info = open_checkpoint(args.load, getattr(args, "hf_config", None))
     if args.finetune or info.iteration == "release":
         load_weights(args, chunks)
         return TrainState()
@@ -265,7 +278,7 @@ def load(args, margs: ModelArgs, chunks: list, optimizer, scheduler) -> TrainSta
             "resuming optimizer state needs the same layout (use --finetune to load weights only, or convert "
             "it first)")
     if info.format == "torch_dist":
-        return _load_torch_dist(args, margs, chunks, optimizer, scheduler, info.iter_dir)
+        return _load_torch_dist(args, margs, chunks, optimizer, scheduler, info.iter_dir, info.ns)
     path = os.path.join(info.iter_dir, _rank_dir(args), layout.RANK_FILE)
     sd = layout.load_rank_file(path)
     _load_model_chunks(chunks, sd)
@@ -288,12 +301,27 @@ def load(args, margs: ModelArgs, chunks: list, optimizer, scheduler) -> TrainSta
                 _load_dp_zero(opt, states[idx] if states else None)
         scheduler.load_state_dict(sd["opt_param_scheduler"])
     if not args.no_load_rng:
-        rngs = sd.get("rng_state")
+        rngs = _rng_per_dp_rank(sd.get("rng_state"), sd["args"], args.data_parallel_size)
         if not rngs or len(rngs) != args.data_parallel_size:
             raise ResumeError(f"{path} has RNG states for {len(rngs or [])} data-parallel ranks, this run has "
                               f"{args.data_parallel_size} (pass --no-load-rng)")
         set_rng_state(rngs[ps.get_data_parallel_rank()])
-    return TrainState(iteration=int(sd["iteration"]), consumed_train_samples=int(sd["consumed_train_samples"]))
+    return TrainState(iteration=int(sd["iteration"]), consumed_train_samples=_consumed(sd))
+
+
+def _consumed(sd: dict) -> int:
+    """Samples consumed so far: a top-level entry here, inside ``args`` in Megatron-LM's checkpoints."""
+    if "consumed_train_samples" in sd:
+        return int(sd["consumed_train_samples"])
+    return int(getattr(sd.get("args"), "consumed_train_samples", 0) or 0)
+
+
+def _rng_per_dp_rank(rngs, ns, dp: int):
+    """RNG states by data-parallel rank. Megatron-LM saves one (every DP rank shares it) unless it ran with
+    --data-parallel-random-init; this project saves one per DP rank."""
+    if rngs and len(rngs) == 1 and is_megatron_lm_args(ns) and not getattr(ns, "data_parallel_random_init", False):
+        return list(rngs) * dp
+    return rngs
 
 
 def _init_empty_adam_state(optimizer) -> None:
@@ -362,10 +390,13 @@ def save_hf(args, margs: ModelArgs, chunks: list, state: TrainState, hf_config: 
     """``--save-hf``: the model as a HF directory, every rank writing its own part (``hf_export.save_hf``)."""
     from megatron_patch import dtypes
     from megatron_patch.checkpointing.hf_export import save_hf as write
+    from megatron_patch.checkpointing.megatron_lm import hf_dir_of
     from megatron_patch.models.family import hf_config_dict
 
+    megatron_lm_flags.sync_params(args, chunks)  # --overlap-param-gather: the last step's gather completes first
     out = write([unwrap(c) for c in chunks], margs, args.save_hf, hf_config or hf_config_dict(margs),
-                dtypes.BY_NAME[args.params_dtype], metadata_from=(args.tokenizer_model, args.load))
+                dtypes.BY_NAME[args.params_dtype],
+                metadata_from=(args.tokenizer_model, args.load, hf_dir_of(getattr(args, "hf_config", None))))
     if dist.get_rank() == 0:
         print(f"saved HF model (iteration {state.iteration}) to {out}", flush=True)
     return out
@@ -375,12 +406,12 @@ def load_weights(args, chunks: list) -> None:
     """Weights only, from a checkpoint of any layout or format, through the library's one loader."""
     from megatron_patch.checkpointing.sources import load_into_model, open_source
 
-    source = open_source(args.load)
+    source = open_source(args.load, getattr(args, "hf_config", None))
     for i, c in enumerate(chunks):
         load_into_model(unwrap(c), source, vp_stage=i if args.vpp else None)
 
 
-def _load_torch_dist(args, margs, chunks, optimizer, scheduler, iter_dir: str) -> TrainState:
+def _load_torch_dist(args, margs, chunks, optimizer, scheduler, iter_dir: str, ns=None) -> TrainState:
     from megatron.core import dist_checkpointing
 
     from megatron_patch.checkpointing.torch_dist import read_metadata
@@ -393,11 +424,15 @@ def _load_torch_dist(args, margs, chunks, optimizer, scheduler, iter_dir: str) -
     sd = _sharded_state(args, chunks, optimizer, scheduler, margs, TrainState(), is_loading=True)
     if not load_optim:
         sd.pop("optimizer")
+    if ns is not None and is_megatron_lm_args(ns):
+        _megatron_lm_sharded_layout(sd, chunks, optimizer, iter_dir, load_optim)
     if args.no_load_rng:
         sd.pop("rng_state")
-    # common.pt holds the args Namespace; megatron-core loads it with torch's weights_only default.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        loaded = dist_checkpointing.load(sd, iter_dir)
+    # common.pt holds the args Namespace (Megatron-LM's: enums too); megatron-core loads it with torch's
+    # weights_only default. Allowed process-wide: the safe_globals context manager would, on exit, remove
+    # Namespace for every later load in this process.
+    allow_file(os.path.join(iter_dir, "common.pt"))
+    loaded = dist_checkpointing.load(sd, iter_dir)
     _load_model_chunks(chunks, loaded)
     if load_optim:
         with torch.no_grad():  # in fp32 the main parameters are views of the model's (leaf) parameters
@@ -407,8 +442,9 @@ def _load_torch_dist(args, margs, chunks, optimizer, scheduler, iter_dir: str) -
         _override_group_lrs(args, optimizer)
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if "rng_state" in loaded:
-        set_rng_state(loaded["rng_state"])
-    return TrainState(iteration=int(loaded["iteration"]), consumed_train_samples=int(loaded["consumed_train_samples"]))
+        rng = loaded["rng_state"]
+        set_rng_state(rng[0] if isinstance(rng, list) else rng)  # Megatron-LM: a list of one
+    return TrainState(iteration=int(loaded["iteration"]), consumed_train_samples=_consumed(loaded))
 
 
 def _verify_dcp_records(iter_dir: str, metadata) -> None:
@@ -516,3 +552,26 @@ def check_schedule(args, saved: Optional[dict]) -> None:
         raise ResumeError("the learning-rate schedule differs from the checkpoint's: " + "; ".join(changes)
                           + ". Pass --override-opt_param-scheduler to use the new values or "
                           "--use-checkpoint-opt_param-scheduler to keep the checkpoint's")
+
+
+def _megatron_lm_sharded_layout(sd: dict, chunks: list, optimizer, iter_dir: str, load_optim: bool) -> None:
+    """Ask for the entries of a torch_dist checkpoint written by Megatron-LM in its layout: its RNG states are
+    one object per (PP, TP) rank shared by the DP ranks (per (PP, TP, DP) rank with expert parallelism), and
+    its distributed-optimizer state is sharded as its ``content_metadata`` says."""
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    pp, tp = ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
+    pp_rank, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
+    dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
+    if ps.get_expert_model_parallel_world_size() > 1:
+        sd["rng_state"] = ShardedObject("rng_state", [rng_state()], (pp, tp, ps.get_data_parallel_world_size()),
+                                        (pp_rank, tp_rank, dp_rank), replica_id=0)
+    else:
+        sd["rng_state"] = ShardedObject("rng_state", [rng_state()], (pp, tp), (pp_rank, tp_rank), replica_id=dp_rank)
+    if load_optim:
+        model_sd = {k: v for k, v in sd.items() if k.startswith("model")}
+        metadata = (dist_checkpointing.load_content_metadata(iter_dir)
+                    or {"distrib_optim_sharding_type": "dp_reshardable"})
+        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=metadata)

@@ -76,19 +76,29 @@ def build_pretraining_datasets(args, tokenizer: DatasetTokenizer, sizes: list[in
 
     from megatron_patch.training.arguments import parse_blend
 
-    prefixes, weights = parse_blend(args.data_path)
-    check_prefixes(prefixes)
+    blend, split, per_split = None, None, None
+    if getattr(args, "train_data_path", None):  # Megatron-LM's per-split paths: no --split
+        per_split = [parse_blend(p) if p else None for p in (args.train_data_path, args.valid_data_path, None)]
+        for b in per_split:
+            if b:
+                check_prefixes(b[0])
+    else:
+        blend, split = parse_blend(args.data_path), args.split
+        check_prefixes(blend[0])
+    reset_attention = getattr(args, "reset_attention_mask", False)
     config = GPTDatasetConfig(
         random_seed=args.seed,
         sequence_length=args.seq_length,
-        blend=(prefixes, weights),
-        split=args.split,
+        blend=blend,
+        blend_per_split=per_split,
+        split=split,
         path_to_cache=args.data_cache_path,
         tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
+        # Megatron-LM's --reset-position-ids / --reset-attention-mask / --eod-mask-loss, done by GPTDataset.
+        reset_position_ids=getattr(args, "reset_position_ids", False),
+        reset_attention_mask=reset_attention,
+        eod_mask_loss=getattr(args, "eod_mask_loss", False),
+        create_attention_mask=reset_attention,  # otherwise the model's causal mask is the mask
         mmap_bin_files=True,
     )
 
@@ -121,6 +131,61 @@ class MockDataset(torch.utils.data.Dataset):
                 "position_ids": torch.arange(self.seq)}
 
 
+class CyclicOrder(torch.utils.data.Dataset):
+    """``--dataloader-type cyclic``: every epoch visits the samples in a fresh seeded random order.
+
+    Sample ``i`` of the stream is sample ``perm_e[i mod n]`` with ``e = i // n`` and ``perm_e`` a permutation
+    seeded by (seed, e): a pure function of the position, so a resumed run reads what an uninterrupted one
+    would. Its length is unbounded (``step_batches`` wraps indices at the length).
+    """
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed, self.n = dataset, seed, len(dataset)
+        self._perm: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.n * 1_000_000
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perm:
+            self._perm = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919
+                                                                                             + epoch))}
+        return self._perm[epoch]
+
+    def __getitem__(self, i: int):
+        return self.dataset[int(self.order(i // self.n)[i % self.n])]
+
+
+class ParallelReads(torch.utils.data.Dataset):
+    """``--num-workers N``: a step's samples are read by N worker threads (the dataset's reads and index
+    arithmetic release the GIL), in the same order as without workers."""
+
+    def __init__(self, dataset, workers: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.dataset, self.pool = dataset, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="data")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return self.dataset[i]
+
+    def get_many(self, indices: list[int]) -> list:
+        return list(self.pool.map(self.dataset.__getitem__, indices))
+
+
+def for_training(dataset, args):
+    """The training dataset in the order ``--dataloader-type`` asks for, read by ``--num-workers`` workers."""
+    if dataset is None:
+        return None
+    if getattr(args, "dataloader_type", "single") == "cyclic":
+        dataset = CyclicOrder(dataset, args.seed)
+    if getattr(args, "num_workers", 0) > 0:
+        dataset = ParallelReads(dataset, args.num_workers)
+    return dataset
+
+
 def collate(samples: list[dict]) -> dict:
     batch = {}
     for key in samples[0]:
@@ -145,7 +210,8 @@ def step_batches(dataset, consumed: int, mbs: int, dp: int, dp_rank: int, num_mi
     for idx in microbatch_indices(consumed, mbs, dp, dp_rank, num_microbatches):
         # Wrap around: the builder sizes the dataset for train_iters*gbs samples, so wrapping only
         # happens for evaluation batches past the end of a small validation split.
-        batch = collate([dataset[i % n] for i in idx])
+        wrapped = [i % n for i in idx]
+        batch = collate(dataset.get_many(wrapped) if hasattr(dataset, "get_many") else [dataset[i] for i in wrapped])
         batches.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
     return batches
 

@@ -1,7 +1,10 @@
-"""Training metrics: the log line every ``--log-interval``, a JSON-lines metrics file, TensorBoard.
+"""Training metrics: the log line every ``--log-interval``, a JSON-lines metrics file, TensorBoard, wandb.
 
 Only the last rank reports, as in Megatron-LM: it sits on the last pipeline stage, where the loss is
-computed, and the loss it holds is already reduced over data-parallel ranks.
+computed, and the loss it holds is already reduced over data-parallel ranks. Megatron-LM's logging flags
+(``options``: ``--tensorboard-queue-size``, ``--log-timers-to-tensorboard``,
+``--log-validation-ppl-to-tensorboard``, ``--wandb-project/--wandb-exp-name/--wandb-save-dir``) do what they do
+there; wandb is optional and honours ``WANDB_MODE=offline`` (no network needed).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ class MetricsError(ValueError):
 
 class Metrics:
     def __init__(self, metrics_file: Optional[str] = None, tensorboard_dir: Optional[str] = None,
-                 reporting: Optional[bool] = None):
+                 reporting: Optional[bool] = None, options=None):
         if reporting is None:
             reporting = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
         self.reporting = reporting
@@ -33,7 +36,10 @@ class Metrics:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise MetricsError("--tensorboard-dir needs the 'tensorboard' package (pip install tensorboard)")
-            self.tb = SummaryWriter(log_dir=tensorboard_dir)
+            self.tb = SummaryWriter(log_dir=tensorboard_dir, max_queue=getattr(options, "tensorboard_queue_size", 1000))
+        self.log_timers = bool(getattr(options, "log_timers_to_tensorboard", False))
+        self.log_ppl = bool(getattr(options, "log_validation_ppl_to_tensorboard", False))
+        self.wandb = _start_wandb(options) if reporting else None
         if self.metrics_file:
             os.makedirs(os.path.dirname(os.path.abspath(self.metrics_file)), exist_ok=True)
 
@@ -57,9 +63,12 @@ class Metrics:
                 self.tb.add_scalar("grad-norm", grad_norm, iteration)
             if load_balancing_loss is not None:
                 self.tb.add_scalar("load_balancing_loss", load_balancing_loss, iteration)
+        if self.wandb:
+            self.wandb.log({"lm loss": loss, "learning-rate": lr, "grad-norm": grad_norm}, step=iteration)
 
     def log_window(self, iteration: int, train_iters: int, tokens_per_second: float,
-                   tflops_per_gpu: Optional[float], memory_gb: Optional[float]) -> None:
+                   tflops_per_gpu: Optional[float], memory_gb: Optional[float],
+                   iteration_time: Optional[float] = None) -> None:
         if not self.reporting or not self.window:
             return
         n = len(self.window)
@@ -81,6 +90,15 @@ class Metrics:
             self.tb.add_scalar("tokens-per-second", tokens_per_second, iteration)
             if tflops_per_gpu is not None:
                 self.tb.add_scalar("tflops-per-gpu", tflops_per_gpu, iteration)
+            if self.log_timers and iteration_time is not None:
+                self.tb.add_scalar("iteration-time", iteration_time, iteration)
+        if self.wandb:
+            row = {"tokens-per-second": tokens_per_second}
+            if tflops_per_gpu is not None:
+                row["throughput"] = tflops_per_gpu
+            if iteration_time is not None:
+                row["iteration-time"] = iteration_time
+            self.wandb.log(row, step=iteration)
         self.last_tokens_per_second = tokens_per_second
         self.window = []
 
@@ -94,7 +112,30 @@ class Metrics:
                 f.write(json.dumps({"iteration": iteration, "valid_loss": loss}) + "\n")
         if self.tb:
             self.tb.add_scalar("validation loss", loss, iteration)
+            if self.log_ppl:
+                self.tb.add_scalar("validation ppl", math.exp(min(loss, 50)), iteration)
+        if self.wandb:
+            self.wandb.log({"validation loss": loss, "validation ppl": math.exp(min(loss, 50))}, step=iteration)
 
     def close(self) -> None:
         if self.tb:
             self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def _start_wandb(options):
+    """A wandb run when ``--wandb-project`` is given (its mode, e.g. offline, from the environment as usual)."""
+    project = getattr(options, "wandb_project", None)
+    if not project:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise MetricsError("--wandb-project needs the 'wandb' package (pip install wandb)") from None
+    save_dir = getattr(options, "wandb_save_dir", None)
+    if save_dir:
+        os.makedirs(save_dir, exist_ok=True)
+    wandb.init(project=project, name=getattr(options, "wandb_exp_name", None), dir=save_dir,
+               config={k: v for k, v in vars(options).items() if isinstance(v, (int, float, str, bool, type(None)))})
+    return wandb

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from megatron_patch import dtypes
 from megatron_patch.models.config import ModelArgs
 from megatron_patch.models.flops import flops_per_token
+from megatron_patch.training import megatron_lm_flags
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +53,13 @@ def transformer_config_for(args, margs: ModelArgs):
 
         coeff = margs.moe_aux_loss_coeff if args.moe_aux_loss_coeff is None else args.moe_aux_loss_coeff
         moe["moe_aux_loss_coeff"] = coeff * aux_loss_coeff_scale(args.tensor_model_parallel_size)
+    extra = dict(recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+                 recompute_num_layers=args.recompute_num_layers, calculate_per_token_loss=True)
+    extra.update(megatron_lm_flags.transformer_overrides(args))  # dropouts, init std, GPU-only flags
     cfg = transformer_config(
         margs, tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size, vpp=args.vpp,
         ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size, **moe,
-        params_dtype=dtypes.BY_NAME[args.params_dtype], sequence_parallel=args.sequence_parallel,
-        recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
-        recompute_num_layers=args.recompute_num_layers,
-        calculate_per_token_loss=True,
-        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+        params_dtype=dtypes.BY_NAME[args.params_dtype], sequence_parallel=args.sequence_parallel, **extra,
     )
     return cfg
 
@@ -85,8 +85,8 @@ def wrap_ddp(args, config, chunks: list) -> list:
     from megatron.core.transformer.module import Float16Module
 
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False,
-        use_distributed_optimizer=args.use_distributed_optimizer, check_for_nan_in_grad=False,
+        grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer,
+        check_for_nan_in_grad=False, **megatron_lm_flags.ddp_overrides(args),
     )
     wrapped = []
     for i, m in enumerate(chunks):
@@ -96,6 +96,7 @@ def wrap_ddp(args, config, chunks: list) -> list:
         # in one bucket each (their backward finishes first in the interleaved schedule).
         wrapped.append(DistributedDataParallel(config=config, ddp_config=ddp_config, module=m,
                                                disable_bucketing=i > 0))
+    megatron_lm_flags.install_overlap_hooks(args, config, wrapped)
     return wrapped
 
 
@@ -115,7 +116,7 @@ def build_optimizer(args, chunks: list):
         optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
         clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16, params_dtype=dtypes.BY_NAME[args.params_dtype],
-        use_distributed_optimizer=args.use_distributed_optimizer,
+        use_distributed_optimizer=args.use_distributed_optimizer, **megatron_lm_flags.optimizer_overrides(args),
     )
     optimizer = get_megatron_optimizer(cfg, chunks)
     gbs = args.global_batch_size
@@ -304,7 +305,8 @@ def train(args: argparse.Namespace, margs: ModelArgs, chunks: list, optimizer, s
             elapsed = time.perf_counter() - window_start
             tps = tokens_per_step * window_iters / elapsed
             metrics.log_window(state.iteration, args.train_iters, tokens_per_second=tps,
-                               tflops_per_gpu=tps * fpt / world / 1e12 if runtime.on_gpu() else None,
+                               tflops_per_gpu=tps * fpt / world / 1e12 if runtime.on_gpu() or args.log_throughput
+                               else None, iteration_time=elapsed / window_iters,
                                memory_gb=torch.cuda.max_memory_allocated() / 2**30 if runtime.on_gpu() else None)
             window_start, window_iters = time.perf_counter(), 0
         if args.eval_interval and valid_ds is not None and state.iteration % args.eval_interval == 0:

@@ -55,6 +55,12 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="convert weights holding NaN/Inf (each such tensor is named on stderr) instead of refusing")
 
 
+def _hf_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hf-config", default=None, metavar="DIR",
+                   help="checkpoints written by Megatron-LM: the model's HF directory (or config.json) with its "
+                   "tokenizer, for the architecture, true vocab size and rope scaling Megatron-LM's args lack")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m toolkits.checkpoint",
                                      description="Convert checkpoints between HF safetensors and Megatron formats.")
@@ -67,9 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="compare fp32 logits with HF transformers afterwards")
     p = sub.add_parser("mcore2hf", help="Megatron checkpoint (release or training) -> HF safetensors directory")
     _common(p)
+    _hf_config(p)
     p.add_argument("--verify", action="store_true", help="compare fp32 logits with the source checkpoint")
     p = sub.add_parser("mcore2mcore", help="Megatron checkpoint -> another TP/PP layout or format")
     _common(p)
+    _hf_config(p)
     _layout_args(p)
     return parser
 
@@ -80,8 +88,9 @@ def _report(line: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Before anything reads the input (the progress bar's parameter count included).
-    safety.check_output_path(args.save_dir, [args.load_dir], args.overwrite)
-    total = 0 if args.quiet else convert.total_params(args.command, args.load_dir)
+    hf_config = getattr(args, "hf_config", None)
+    safety.check_output_path(args.save_dir, [args.load_dir] + ([hf_config] if hf_config else []), args.overwrite)
+    total = 0 if args.quiet else convert.total_params(args.command, args.load_dir, hf_config)
     update, close = convert.progress_bar(total, args.command, not args.quiet)
     start = time.perf_counter()
     checks = dict(allow_non_finite=args.allow_non_finite, report=_report)
@@ -94,24 +103,43 @@ def run(args: argparse.Namespace) -> int:
                                    allow_extra_tensors=args.allow_extra_tensors, **checks)
         elif args.command == "mcore2hf":
             out = convert.mcore2hf(args.load_dir, args.save_dir, args.params_dtype, args.overwrite, args.workers,
-                                   update, **checks)
+                                   update, hf_config=hf_config, **checks)
         else:
             out = convert.mcore2mcore(args.load_dir, args.save_dir, args.tp, args.pp, args.ckpt_format,
                                       args.transformer_impl, args.params_dtype, args.make_vocab_size_divisible_by,
                                       args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers,
-                                      args.overwrite, args.workers, update, args.ep, args.etp, **checks)
+                                      args.overwrite, args.workers, update, args.ep, args.etp, hf_config=hf_config,
+                                      **checks)
     finally:
         close()
     if not args.quiet:
         print(f"wrote {out} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    if args.command != "mcore2hf":
+        print_megatron_lm_advice(out)
     if getattr(args, "verify", False):
         from toolkits.checkpoint.verify import verify_checkpoint
 
         hf_dir, ckpt_dir = (args.load_dir, out) if args.command == "hf2mcore" else (out, args.load_dir)
-        result = verify_checkpoint(hf_dir, ckpt_dir, tol=DEFAULT_TOL)
+        result = verify_checkpoint(hf_dir, ckpt_dir, tol=DEFAULT_TOL, hf_config=hf_config)
         print(result.line())
         return 0 if result.ok else 1
     return 0
+
+
+def print_megatron_lm_advice(ckpt_dir: str) -> None:
+    """What a Megatron-LM user must add to ``--use-checkpoint-args`` for this checkpoint, and a warning when
+    Megatron-LM's own model builder cannot reproduce its rope (this project's model provider can)."""
+    from megatron_patch.checkpointing import megatron_lm
+    from megatron_patch.checkpointing.megatron_format import open_checkpoint
+
+    info = open_checkpoint(ckpt_dir)
+    flags = megatron_lm.extra_flags(info.args, info.ns)
+    print("Megatron-LM: --use-checkpoint-args does not restore these; pass them too: " + " ".join(flags))
+    problem = megatron_lm.stock_rope_problem(info.args)
+    if problem:
+        print(f"warning: Megatron-LM's own model builder (pretrain_gpt.py) cannot reproduce this model's rope: "
+              f"{problem}; train it with this project's model provider (examples/megatron_lm/pretrain_gpt.py "
+              "--hf-config DIR) or with python -m megatron_patch.pretrain", file=sys.stderr)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 
 from megatron_patch import dtypes, safety
-from megatron_patch.checkpointing import integrity, layout, placement
+from megatron_patch.checkpointing import integrity, layout, megatron_lm, placement
 from megatron_patch.checkpointing.hf import HFSource
 from megatron_patch.checkpointing.hf_export import copy_metadata
 from megatron_patch.checkpointing import hf_writer
@@ -290,7 +290,8 @@ def _check_layout(args: ModelArgs, tp: int, pp: int, first: Optional[int], last:
 
 def _megatron_body(load_dir: str, src, ckpt_format: str, dtype: torch.dtype, impl: str, divisible: int, tp: int,
                    pp: int, first: Optional[int], last: Optional[int], ep: int, etp: Optional[int],
-                   workers: Optional[int], progress: Progress) -> Callable[[str], None]:
+                   workers: Optional[int], progress: Progress,
+                   hf_meta: tuple[Optional[str], Optional[str]] = (None, None)) -> Callable[[str], None]:
     """What hf2mcore and mcore2mcore write into the temporary output: metadata, then the weights as
     streamed torch rank files or through megatron-core's torch_dist."""
     if ckpt_format not in ("torch", "torch_dist"):
@@ -298,9 +299,13 @@ def _megatron_body(load_dir: str, src, ckpt_format: str, dtype: torch.dtype, imp
     args = src.args
     padded = args.padded_vocab_size(divisible, tp)
     ns = to_namespace(args, tp, pp, dtypes.NAME_OF[dtype], impl, divisible, first, last, ep=ep, etp=etp,
-                      bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
+                      bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, ckpt_format=ckpt_format)
+
+    metadata_dir, hf_config = hf_meta
 
     def body(tmp: str) -> None:
+        if metadata_dir:  # the HF config and tokenizer of a checkpoint that carries none (Megatron-LM's)
+            copy_metadata(metadata_dir, tmp)
         copy_metadata(load_dir, tmp)
         if ckpt_format == "torch":
             write_torch(src, tmp, args, ns, tp, pp, dtype, impl == "transformer_engine", padded, first, last, ep,
@@ -308,26 +313,44 @@ def _megatron_body(load_dir: str, src, ckpt_format: str, dtype: torch.dtype, imp
         else:
             from toolkits.checkpoint import dist
 
-            dist.save_from(load_dir, os.path.join(tmp, "release"), args, ns, dtype, padded, src.finite)
+            dist.save_from(load_dir, os.path.join(tmp, "release"), args, ns, dtype, padded, src.finite, hf_config)
             layout.write_tracker(tmp, "release")
 
     return body
 
 
+def _hf_metadata(info, load_dir: str, hf_config: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """(directory of the tokenizer files, HF config path or directory) of a checkpoint: beside it, or (written
+    by Megatron-LM, which saves neither) the ``--hf-config`` the user named."""
+    if os.path.isfile(os.path.join(load_dir, "config.json")):
+        return load_dir, load_dir
+    if megatron_lm.is_megatron_lm_args(info.ns):
+        source = megatron_lm.hf_config_source(hf_config, info.ns, load_dir)
+        return megatron_lm.hf_dir_of(source), source
+    return None, None
+
+
 @guard.conversion
 def mcore2hf(load_dir: str, save_dir: str, params_dtype: Optional[str] = None, overwrite: bool = False,
              workers: Optional[int] = None, progress: Progress = None, allow_non_finite: bool = False,
-             report: Report = None) -> str:
-    """Convert a Megatron checkpoint (release or training, torch or torch_dist) into a HF directory."""
+             report: Report = None, hf_config: Optional[str] = None) -> str:
+    """Convert a Megatron checkpoint (release or training, torch or torch_dist; written here or by Megatron-LM,
+    which then needs ``hf_config``) into a HF directory."""
     _check_load_dir(load_dir)
-    info = open_checkpoint(load_dir)
+    info = open_checkpoint(load_dir, hf_config)
     args = info.args
-    template = read_hf_config(load_dir) if os.path.isfile(os.path.join(load_dir, "config.json")) else None
-    fallback = (template or {}).get("torch_dtype") or (template or {}).get("dtype") or \
-        getattr(info.ns, "params_dtype", "fp32")
+    meta, config_source = _hf_metadata(info, load_dir, hf_config)
+    template = read_hf_config(config_source) if config_source is not None else None
+    if megatron_lm.is_megatron_lm_args(info.ns):  # its weights are in the dtype it trained in
+        fallback = getattr(info.ns, "params_dtype", None) or "fp32"
+    else:
+        fallback = (template or {}).get("torch_dtype") or (template or {}).get("dtype") or \
+            getattr(info.ns, "params_dtype", "fp32")
     dtype = _dtype(params_dtype, fallback)
 
     def body(tmp: str) -> None:
+        if meta is not None and meta != load_dir:
+            copy_metadata(meta, tmp)
         copy_metadata(load_dir, tmp)
         src = info.source()
         src.finite = _finite(allow_non_finite, report)
@@ -344,10 +367,14 @@ def mcore2mcore(load_dir: str, save_dir: str, tp: int = 1, pp: int = 1, ckpt_for
                 make_vocab_size_divisible_by: Optional[int] = None, first_stage_layers: Optional[int] = None,
                 last_stage_layers: Optional[int] = None, overwrite: bool = False, workers: Optional[int] = None,
                 progress: Progress = None, ep: int = 1, etp: Optional[int] = None, allow_non_finite: bool = False,
-                report: Report = None) -> str:
-    """Re-slice a Megatron checkpoint to TP x PP (x EP) and/or switch torch <-> torch_dist. Model weights only."""
+                report: Report = None, hf_config: Optional[str] = None) -> str:
+    """Re-slice a Megatron checkpoint to TP x PP (x EP) and/or switch torch <-> torch_dist. Model weights only.
+
+    A checkpoint written by Megatron-LM needs ``hf_config`` (or a config.json beside it); the output then
+    carries this project's model args, the HF config and tokenizer files, so it needs nothing else.
+    """
     _check_load_dir(load_dir)
-    info = open_checkpoint(load_dir)
+    info = open_checkpoint(load_dir, hf_config)
     old = info.ns
     dtype = _dtype(params_dtype, getattr(old, "params_dtype", "fp32"))
     impl = transformer_impl or getattr(old, "transformer_impl", None) or resolve_transformer_impl("auto")
@@ -356,7 +383,7 @@ def mcore2mcore(load_dir: str, save_dir: str, tp: int = 1, pp: int = 1, ckpt_for
     src = info.source()
     src.finite = _finite(allow_non_finite, report)
     body = _megatron_body(load_dir, src, ckpt_format, dtype, impl, divisible, tp, pp, first_stage_layers,
-                          last_stage_layers, ep, etp, workers, progress)
+                          last_stage_layers, ep, etp, workers, progress, _hf_metadata(info, load_dir, hf_config))
     return _with_output(save_dir, overwrite, body, report)
 
 
@@ -376,12 +403,12 @@ def progress_bar(total_params: int, desc: str, enabled: bool):
     return update, bar.close
 
 
-def total_params(command: str, load_dir: str) -> int:
+def total_params(command: str, load_dir: str, hf_config: Optional[str] = None) -> int:
     """Parameter count of the model a command converts (for the progress bar); 0 when unreadable."""
     from megatron_patch.checkpointing.sources import open_source
 
     try:
-        src = open_source(load_dir)
+        src = open_source(load_dir, hf_config)
     except Exception:  # noqa: BLE001 - the conversion itself reports the problem
         return 0
     return sum(torch.Size(s).numel() for m, _, _ in iter_tensors(src.weights, src.args) for s in m.shapes(src.args))

@@ -22,7 +22,7 @@ from megatron_patch.runtime import spawn
 
 
 def _save_worker(source_dir: str, iter_dir: str, args_dict: dict, ns, dtype, padded: int,
-                 allow_non_finite: bool) -> dict:
+                 allow_non_finite: bool, hf_config: Optional[str] = None) -> dict:
     """Save, and return ``{"failure": None | (kind, errno, message), "notes": [warning lines]}``.
 
     The helper's stderr is silenced: megatron-core's import warnings and its writer's logs would bury the
@@ -45,7 +45,7 @@ def _save_worker(source_dir: str, iter_dir: str, args_dict: dict, ns, dtype, pad
     runtime.initialize(tp=1, pp=1, seed=0)
     config = transformer_config(args, tp=1, pp=1, params_dtype=dtype)
     model = build_model(args, config, transformer_impl="local", make_vocab_size_divisible_by=padded)
-    source = open_source(source_dir)
+    source = open_source(source_dir, hf_config)
     source.finite = integrity.FiniteCheck(allow_non_finite, notes.append,
                                           hint="pass --allow-non-finite to convert it anyway")
     try:
@@ -74,16 +74,18 @@ def _errno(e: Optional[BaseException], text: str) -> int:
 
 
 def save_from(source_dir: str, iter_dir: str, args: ModelArgs, ns: argparse.Namespace, dtype: torch.dtype,
-              padded_vocab: int, finite=None) -> None:
+              padded_vocab: int, finite=None, hf_config: Optional[str] = None) -> None:
     """Write a torch_dist checkpoint into ``iter_dir`` from a HF directory or a Megatron checkpoint.
 
-    ``finite``: the caller's ``integrity.FiniteCheck`` (whether NaN/Inf are allowed; where warnings go).
+    ``finite``: the caller's ``integrity.FiniteCheck`` (whether NaN/Inf are allowed; where warnings go);
+    ``hf_config``: the HF config a Megatron-LM checkpoint needs.
     """
     from megatron_patch.checkpointing.layout import CheckpointError
     from megatron_patch.safety import OutputError
 
     allow = bool(finite is not None and finite.allow)
-    result = spawn.run(_save_worker, 1, source_dir, iter_dir, args.to_dict(), ns, dtype, padded_vocab, allow)[0]
+    result = spawn.run(_save_worker, 1, source_dir, iter_dir, args.to_dict(), ns, dtype, padded_vocab, allow,
+                       hf_config)[0]
     for line in result["notes"]:
         if finite is not None and finite.report is not None:
             finite.report(line)

@@ -45,7 +45,7 @@ def hf_logits(model_dir: str, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def checkpoint_logits(ckpt_dir: str, tokens: torch.Tensor, tp: int, pp: int, ep: int = 1,
-                      etp: Optional[int] = None) -> torch.Tensor:
+                      etp: Optional[int] = None, hf_config: Optional[str] = None) -> torch.Tensor:
     """fp32 logits of a checkpoint (Megatron or HF directory) on THIS process group's TP x PP (x EP) ranks.
 
     Call it on every rank of a running group (e.g. inside ``spawn.run``); every rank gets the logits.
@@ -55,7 +55,7 @@ def checkpoint_logits(ckpt_dir: str, tokens: torch.Tensor, tp: int, pp: int, ep:
     from megatron_patch.models.builder import build_model, transformer_config
     from megatron_patch.models.forward import forward_logits
 
-    source = open_source(ckpt_dir)
+    source = open_source(ckpt_dir, hf_config)
     info = getattr(source, "info", None)
     same = info is not None and (tp, pp) == (info.tp, info.pp)
     first, last = (info.first, info.last) if same else (None, None)
@@ -68,25 +68,27 @@ def checkpoint_logits(ckpt_dir: str, tokens: torch.Tensor, tp: int, pp: int, ep:
     return forward_logits([model], tokens, source.args.vocab_size)
 
 
-def _worker(ckpt_dir: str, tp: int, pp: int, ep: int, etp: int, tokens: torch.Tensor):
+def _worker(ckpt_dir: str, tp: int, pp: int, ep: int, etp: int, tokens: torch.Tensor,
+            hf_config: Optional[str] = None):
     import torch.distributed as dist
 
-    logits = checkpoint_logits(ckpt_dir, tokens, tp, pp, ep, etp)
+    logits = checkpoint_logits(ckpt_dir, tokens, tp, pp, ep, etp, hf_config)
     return logits if dist.get_rank() == 0 else None
 
 
 def megatron_logits(ckpt_dir: str, tokens: torch.Tensor, tp: Optional[int] = None, pp: Optional[int] = None,
-                    ep: Optional[int] = None) -> torch.Tensor:
-    """fp32 logits of a Megatron checkpoint on TP x PP (x EP) spawned gloo processes (default: its layout)."""
+                    ep: Optional[int] = None, hf_config: Optional[str] = None) -> torch.Tensor:
+    """fp32 logits of a Megatron checkpoint on TP x PP (x EP) spawned gloo processes (default: its layout).
+    ``hf_config``: the HF config a checkpoint written by Megatron-LM needs."""
     from megatron_patch.checkpointing.megatron_format import open_checkpoint
 
-    info = open_checkpoint(ckpt_dir)
+    info = open_checkpoint(ckpt_dir, hf_config)
     own = (tp or info.tp, pp or info.pp, ep or info.ep) == (info.tp, info.pp, info.ep)
     tp, pp, ep = tp or info.tp, pp or info.pp, ep or info.ep
     etp = info.etp if own else tp
     # EP is carved out of data parallelism: the smallest world holding both TP x PP and ETP x EP x PP.
     world = math.lcm(tp, etp * ep) * pp
-    return spawn.run(_worker, world, ckpt_dir, tp, pp, ep, etp, tokens)[0]
+    return spawn.run(_worker, world, ckpt_dir, tp, pp, ep, etp, tokens, hf_config)[0]
 
 
 def default_tokens(vocab_size: int, batch: int = 2, seq: int = 16) -> torch.Tensor:
@@ -94,13 +96,14 @@ def default_tokens(vocab_size: int, batch: int = 2, seq: int = 16) -> torch.Tens
 
 
 def verify_checkpoint(hf_dir: str, ckpt_dir: str, tp: Optional[int] = None, pp: Optional[int] = None,
-                      tokens: Optional[torch.Tensor] = None, tol: float = DEFAULT_TOL) -> VerifyResult:
+                      tokens: Optional[torch.Tensor] = None, tol: float = DEFAULT_TOL,
+                      hf_config: Optional[str] = None) -> VerifyResult:
     """Compare the logits of ``ckpt_dir`` (megatron-core) and ``hf_dir`` (transformers), both fp32."""
     from megatron_patch.checkpointing.megatron_format import open_checkpoint
 
-    vocab = open_checkpoint(ckpt_dir).args.vocab_size
+    vocab = open_checkpoint(ckpt_dir, hf_config).args.vocab_size
     tokens = default_tokens(vocab) if tokens is None else tokens
-    ours = megatron_logits(ckpt_dir, tokens, tp, pp)
+    ours = megatron_logits(ckpt_dir, tokens, tp, pp, hf_config=hf_config)
     ref = hf_logits(hf_dir, tokens)
     diff = (ours - ref).abs().max().item()
     top1 = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
