@@ -3,17 +3,19 @@
 A torch_dist iteration folder holds ``metadata.json`` (megatron's backend names), ``.metadata`` (a pickle
 of PyTorch DCP's ``Metadata``: every tensor's global shape, its saved chunks and where each chunk's bytes
 are), ``__<rank>_<i>.distcp`` data files (one ``torch.save`` record per chunk) and the common state
-(``common.pt`` up to megatron-core 0.18). Tensors are stored with global shapes, so the layout the
-checkpoint was saved at does not matter: decoder-layer tensors are stacked on a leading layer axis
-(``decoder.layers.<name>``, shape ``[num_layers, ...]``) under the Transformer Engine spellings.
+(``args``, ``iteration``, ...). Where the common state lives depends on the megatron-core that wrote it:
+``common.pt`` up to 0.18, a DCP bytes object ``common_state/shard_0_1`` inside the ``.distcp`` files from
+0.19 on. ``read_common`` reads either, under any megatron-core. Tensors are stored with global shapes, so
+the layout the checkpoint was saved at does not matter: decoder-layer tensors are stacked on a leading layer
+axis (``decoder.layers.<name>``, shape ``[num_layers, ...]``) under the Transformer Engine spellings.
 
-Why not ``dist_checkpointing.load``: it unpickles ``.metadata`` with plain ``pickle`` (a crafted checkpoint
-runs code), needs a process group and a built model, and loads whole tensors. ``TorchDistSource`` reads the
-metadata through an allow-list of DCP's own classes (``read_metadata``) and then only the chunks that hold
-the requested layer, so converting from torch_dist streams like the torch format does. Every reader of
-torch_dist in this project (the converter, the trainer's ``--load``) validates ``.metadata`` here first:
-``megatron_format.open_checkpoint`` reads it, before anything else touches the folder. Each chunk record
-read is CRC-checked (torch does not) and its values pass the source's ``FiniteCheck`` (``integrity``).
+Why not ``dist_checkpointing.load``: it unpickles ``.metadata`` with plain ``pickle`` and (0.19) the common
+state with ``weights_only=False`` (a crafted checkpoint runs code), needs a process group and a built model,
+loads whole tensors, and megatron-core 0.16 .. 0.18 cannot find a 0.19 checkpoint's common state at all.
+``TorchDistSource`` reads the metadata through an allow-list of DCP's own classes (``read_metadata``) and
+then only the chunks that hold the requested layer, so converting from torch_dist streams like the torch
+format does. Every reader of torch_dist in this project (the converter, the trainer's ``--load``) validates
+``.metadata`` and the common state here first. Each chunk record read is CRC-checked (torch does not) and its values pass the source's ``FiniteCheck`` (``integrity``).
 
 Writing stays with megatron-core (``save``): its sharded state dict is the format's definition.
 """
@@ -24,6 +26,7 @@ import argparse
 import io
 import os
 import pickle
+import warnings
 import zipfile
 from typing import Optional, Union
 
@@ -35,7 +38,8 @@ from megatron_patch.checkpointing.mapping import EXPERT, GLOBAL, Mapping
 from megatron_patch.checkpointing.transforms import strip_vocab
 
 METADATA = ".metadata"
-COMMON = "common.pt"
+COMMON = "common.pt"  # megatron-core <= 0.18
+COMMON_OBJECT = "common_state"  # megatron-core >= 0.19: ShardedObject("common_state", ..., (1,), (0,))
 _DCP = "torch.distributed.checkpoint"
 # The classes a legitimate DCP ``.metadata`` pickle refers to (torch 2.6 .. 2.13, megatron-core 0.15 ..).
 _SAFE_METADATA = {
@@ -59,6 +63,10 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in torch_dist metadata")
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def read_metadata(iter_dir: str):
     """The DCP ``Metadata`` of a torch_dist folder, unpickled through the allow-list."""
     path = os.path.join(iter_dir, METADATA)
@@ -68,30 +76,110 @@ def read_metadata(iter_dir: str):
         with open(path, "rb") as f:
             md = _MetadataUnpickler(f).load()
     except Exception as e:  # noqa: BLE001 - any failure is a bad file
-        raise CheckpointError(f"refusing {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
-            from None
+        raise CheckpointError(f"refusing {path}: {_first_line(e)}") from None
     if type(md).__name__ != "Metadata" or not isinstance(getattr(md, "state_dict_metadata", None), dict):
         raise CheckpointError(f"{path} is not a PyTorch distributed checkpoint metadata file")
     return md
 
 
 def read_common(iter_dir: str) -> dict:
-    """The common (non-sharded) state of a torch_dist checkpoint: ``args``, ``iteration``, ..."""
-    path = os.path.join(iter_dir, COMMON)
+    """The common (non-sharded) state of a torch_dist checkpoint: ``args``, ``iteration``, ...
+
+    ``common.pt`` when the folder has one (megatron-core <= 0.18; CRC-checked), else the ``common_state``
+    object inside the DCP files (>= 0.19). Either is unpickled with ``torch.load(weights_only=True)``
+    through ``megatron_lm.restricted_load`` (``argparse.Namespace``; Megatron-LM's enums by name); the DCP
+    metadata goes through ``read_metadata``'s allow-list.
+    """
     from megatron_patch.checkpointing.megatron_lm import restricted_load
 
-    if zipfile.is_zipfile(path):
-        integrity.verify_file(path)
-    try:
-        common = restricted_load(path)  # Megatron-LM's enums allowed by name
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path} is not a readable torch_dist common file: {str(e).splitlines()[0]}") \
-            from None
+    path = os.path.join(iter_dir, COMMON)
+    if os.path.isfile(path):
+        if zipfile.is_zipfile(path):
+            integrity.verify_file(path)
+        try:
+            common = restricted_load(path)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{path} is not a readable torch_dist common file: {_first_line(e)}") from None
+        where = path
+    else:
+        md = read_metadata(iter_dir)
+        keys = [k for k in _object_keys(md) if k.split("/")[0] == COMMON_OBJECT]
+        if len(keys) != 1:
+            raise CheckpointError(f"{iter_dir} has no {COMMON} and {'no' if not keys else 'more than one'} "
+                                  f"{COMMON_OBJECT} object: not a complete torch_dist checkpoint")
+        where = f"{iter_dir} ({keys[0]})"
+        value = read_objects(iter_dir, keys, md)[keys[0]]
+        # megatron stores a one-element list (one replica of a (1,)-shaped ShardedObject).
+        if not (isinstance(value, list) and len(value) == 1):
+            raise CheckpointError(f"{where} is not megatron-core's common state (a one-element list)")
+        common = value[0]
     if not isinstance(common, dict):
-        raise CheckpointError(f"{path} does not hold a dict")
+        raise CheckpointError(f"{where} does not hold a dict")
     return common
+
+
+def _object_keys(md) -> list[str]:
+    return [k for k, v in md.state_dict_metadata.items() if type(v).__name__ == "BytesStorageMetadata"]
+
+
+def read_objects(iter_dir: str, keys: Optional[list[str]] = None, md=None) -> dict:
+    """Non-tensor items of a torch_dist checkpoint (megatron's ``ShardedObject`` shards: RNG states, the
+    0.19+ common state, optimizer bookkeeping), all of them unless ``keys`` names some, each unpickled
+    with ``torch.load(weights_only=True)``.
+
+    Goes through torch's own DCP reader, with the allow-listed ``.metadata`` handed to it and a planner
+    that unpickles with ``weights_only=True``: torch's defaults are plain ``pickle`` and
+    ``weights_only=False``. Run before ``dist_checkpointing.load``, this is the check that every object
+    megatron-core will then unpickle without restriction holds only allow-listed types.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    from megatron_patch.checkpointing.megatron_lm import restricted_load
+
+    md = md if md is not None else read_metadata(iter_dir)
+    keys = _object_keys(md) if keys is None else keys
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = getattr(self, "load_id", None)
+            return md
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            key = read_item.dest_index.fqn
+            try:
+                loaded[key] = restricted_load(value, where=f"{iter_dir} ({key})")  # Megatron-LM's: NumPy RNG
+            except Exception as e:
+                errors.append(f"{key}: {_unpickling_reason(e)}")  # DCP re-raises it wrapped, per rank
+                raise
+
+    loaded: dict = {}
+    errors: list[str] = []
+    try:
+        with warnings.catch_warnings():  # DCP warns about no_dist even when it is asked for
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp_load({k: io.BytesIO() for k in keys}, storage_reader=Reader(iter_dir),
+                     planner=Planner(flatten_state_dict=False, flatten_sharded_tensors=False), no_dist=True)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - any failure is a bad checkpoint
+        # (DCP's CheckpointException derives from BaseException.)
+        raise CheckpointError(f"refusing torch_dist checkpoint {iter_dir}: "
+                              f"{errors[0] if errors else _first_line(e)}") from None
+    return loaded
+
+
+def _unpickling_reason(e: BaseException) -> str:
+    """The line of a ``weights_only`` failure that names the refused global (the first one is boilerplate)."""
+    lines = str(e).splitlines()
+    return next((x.strip() for x in lines if "WeightsUnpickler error" in x), _first_line(e))
 
 
 # megatron's local layer spec saves its separate norms under the names the TE spec fuses them into

@@ -8,7 +8,8 @@ consumed_train_samples}. With the distributed optimizer the sharded Adam state i
 rank 0 and written next to it as ``distrib_optim.pt``, as Megatron-LM does.
 
 torch_dist format: megatron-core's ``dist_checkpointing.save`` of the model's and the optimizer's
-sharded state dicts plus the same common entries (in ``common.pt``).
+sharded state dicts plus the same common entries (in ``common.pt`` up to megatron-core 0.18, inside
+the DCP files from 0.19 on; ``checkpointing/torch_dist.py``).
 
 Visibility: every rank writes into a hidden temporary sibling ``.iter_XXXXXXX.tmp-HOST-PID-RANDOM``
 (``megatron_patch.safety``; rank 0's host and PID); after a barrier rank 0 renames it into place and only
@@ -414,10 +415,15 @@ def load_weights(args, chunks: list) -> None:
 def _load_torch_dist(args, margs, chunks, optimizer, scheduler, iter_dir: str, ns=None) -> TrainState:
     from megatron.core import dist_checkpointing
 
-    from megatron_patch.checkpointing.torch_dist import read_metadata
+    from megatron_patch.checkpointing.torch_dist import read_metadata, read_objects
+    from megatron_patch.runtime.compat import torch_dist_load_kwargs
 
-    metadata = read_metadata(iter_dir)  # through the allow-list before megatron's plain pickle.load sees it
+    # megatron-core unpickles .metadata with plain pickle and the checkpoint's objects (RNG states, and
+    # from 0.19 on the common state) with weights_only=False: every one of them goes through the
+    # allow-list / weights_only first, and every data record's CRC is checked (torch checks none).
+    metadata = read_metadata(iter_dir)
     _verify_dcp_records(iter_dir, metadata)
+    read_objects(iter_dir, md=metadata)
     load_optim = not args.no_load_optim
     if load_optim:
         _init_empty_adam_state(optimizer)
@@ -428,11 +434,11 @@ def _load_torch_dist(args, margs, chunks, optimizer, scheduler, iter_dir: str, n
         _megatron_lm_sharded_layout(sd, chunks, optimizer, iter_dir, load_optim)
     if args.no_load_rng:
         sd.pop("rng_state")
-    # common.pt holds the args Namespace (Megatron-LM's: enums too); megatron-core loads it with torch's
-    # weights_only default. Allowed process-wide: the safe_globals context manager would, on exit, remove
-    # Namespace for every later load in this process.
+    # common.pt (<= 0.18 writes one) holds the args Namespace (Megatron-LM's: enums too); megatron-core
+    # loads it with torch's weights_only default. Allowed process-wide: the safe_globals context manager
+    # would, on exit, remove Namespace for every later load in this process.
     allow_file(os.path.join(iter_dir, "common.pt"))
-    loaded = dist_checkpointing.load(sd, iter_dir)
+    loaded = dist_checkpointing.load(sd, iter_dir, **torch_dist_load_kwargs())
     _load_model_chunks(chunks, loaded)
     if load_optim:
         with torch.no_grad():  # in fp32 the main parameters are views of the model's (leaf) parameters
