@@ -8,21 +8,24 @@ setup(
     description="Pretrain and fine-tune Llama and Qwen on upstream megatron-core; exact HF <-> Megatron conversion",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    # The tested matrix (README "Tested versions"): Python 3.11 + megatron-core 0.16.1, Python 3.12 + 0.19.2.
+    python_requires=">=3.11",
     packages=find_packages(include=["megatron_patch", "megatron_patch.*", "toolkits", "toolkits.*"]),
     install_requires=[
         # torch is a floor, never a pin: GPU users keep the CUDA build they have (NGC containers).
         "torch>=2.6",
-        "megatron-core>=0.15",
+        # 0.16 is the oldest release tested; 0.20 may change what the CPU runtime and torch_dist reading rely on.
+        "megatron-core>=0.16,<0.20",
         "safetensors",
-        "transformers>=4.45",
+        "transformers>=4.45,<6",  # config.json shapes of 4.x (rope_scaling) and 5.x (rope_parameters)
         "tokenizers",
         "tqdm",
         "numpy",
         "psutil",  # megatron-core's torch_dist saving needs it
     ],
     extras_require={
-        "test": ["pytest", "triton", "matplotlib", "tensorboard"],
+        # six: imported by Megatron-LM's trainer (scripts/test_megatron_lm.sh runs tests against a checkout).
+        "test": ["pytest", "triton", "matplotlib", "tensorboard", "six"],
         "gpu": ["transformer-engine[pytorch]"],
     },
     entry_points={"console_scripts": ["mpatch-convert=toolkits.checkpoint.__main__:main"]},

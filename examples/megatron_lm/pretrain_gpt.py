@@ -9,7 +9,8 @@ Needs a Megatron-LM checkout (tag matching the installed megatron-core) importab
 ``MEGATRON_LM_PATH`` (appended to ``sys.path``, so the installed megatron-core stays the one imported). Every
 Megatron-LM flag works as in its ``pretrain_gpt.py``; ``--hf-config DIR`` supplies the architecture (its values
 are the defaults of ``--num-layers``, ``--norm-epsilon``, ... and of the tokenizer when DIR has one), and
-``--rope-impl`` / ``--attention-impl`` choose kernels. The model is ``megatron_patch``'s: exact HF rope for every
+``--rope-impl`` / ``--attention-impl`` choose kernels; ``--init-from-hf`` starts from the safetensors weights in
+the ``--hf-config`` directory (no conversion step) and ``--save-hf DIR`` writes the trained model as a HF directory. The model is ``megatron_patch``'s: exact HF rope for every
 family (any llama3 parameters), q/k norm, MoE routing as HF. Without CUDA it runs on CPU with gloo
 (``megatron_patch.integrations.megatron_lm.enable_cpu``; add ``--distributed-backend gloo --transformer-impl local
 --no-gradient-accumulation-fusion --no-persist-layer-norm``).
@@ -43,6 +44,7 @@ def main() -> None:
              args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
              extra_args_provider=megatron_lm.extra_args_provider,
              get_embedding_ranks=pretrain_gpt.get_embedding_ranks)
+    megatron_lm.save_hf()  # --save-hf DIR
 
 
 if __name__ == "__main__":

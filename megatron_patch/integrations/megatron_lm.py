@@ -7,7 +7,9 @@ Megatron-LM's own builder cannot express), the fused RoPE kernel choice (``--rop
 families with HF routing, padded-vocab masking. Data, loop, optimizer and checkpoints stay Megatron-LM's.
 
 ``extra_args_provider`` adds ``--hf-config DIR`` (the model's HF config.json and tokenizer), ``--rope-impl`` and
-``--attention-impl``, and makes the HF config's values the defaults of Megatron-LM's architecture flags
+``--attention-impl``, ``--init-from-hf`` (start from that directory's safetensors weights, each rank reading its
+own slices: no conversion step) and ``--save-hf DIR`` (write the trained model as a HF directory, ``save_hf``
+after ``pretrain`` returns), and makes the HF config's values the defaults of Megatron-LM's architecture flags
 (``--num-layers``, ``--norm-epsilon``, ``--qk-layernorm``, MoE routing, dropouts 0, ...): a launch needs only
 ``--hf-config`` plus the usual training flags. Flags given anyway must agree with the config: the provider
 names every disagreement in one error. ``examples/megatron_lm/pretrain_gpt.py`` is the launcher.
@@ -76,6 +78,11 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--rope-impl", default="auto", choices=ROPE_IMPLS, help="RoPE kernel: te, apex, triton or torch")
     g.add_argument("--attention-impl", default="auto", choices=ATTENTION_IMPLS,
                    help="core attention of the local layer spec: torch SDPA (auto) or megatron's")
+    g.add_argument("--init-from-hf", action="store_true",
+                   help="start from the safetensors weights of the --hf-config directory, every rank reading only "
+                        "its own slices (no conversion step); a checkpoint in --load still wins (resume)")
+    g.add_argument("--save-hf", default=None, metavar="DIR",
+                   help="after training, write the model as a HF directory (safetensors, config, tokenizer) here")
     hf = _peek(sys.argv[1:], "--hf-config")
     if hf:
         import os
@@ -139,11 +146,79 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
         from megatron.training.arguments import core_transformer_config_from_args
 
         config = core_transformer_config_from_args(args)
+    if not _BUILT:
+        _check_hf_paths(args)
     tp = config.tensor_model_parallel_size
-    return build_model(margs, config, transformer_impl=args.transformer_impl, rope_impl=args.rope_impl,
-                       make_vocab_size_divisible_by=args.padded_vocab_size // tp, vp_stage=vp_stage,
-                       pre_process=pre_process, post_process=post_process, attention_impl=args.attention_impl,
-                       pg_collection=pg_collection)
+    model = build_model(margs, config, transformer_impl=args.transformer_impl, rope_impl=args.rope_impl,
+                        make_vocab_size_divisible_by=args.padded_vocab_size // tp, vp_stage=vp_stage,
+                        pre_process=pre_process, post_process=post_process, attention_impl=args.attention_impl,
+                        pg_collection=pg_collection)
+    if args.init_from_hf:
+        # Before Megatron-LM wraps the model and its optimizer copies the parameters; its load_checkpoint
+        # runs afterwards and replaces these weights only if --load holds a checkpoint.
+        from megatron_patch.checkpointing.sources import load_into_model
+
+        load_into_model(model, _hf_source(_hf_dir(args.hf_config)), vp_stage=vp_stage)
+    _BUILT.append(model)
+    return model
+
+
+# This rank's model chunks as built by ``model_provider`` (the modules Megatron-LM wraps and trains in place),
+# for ``save_hf`` after ``pretrain`` returns.
+_BUILT: list = []
+
+
+def _hf_dir(hf_config: str) -> str:
+    import os
+
+    return hf_config if os.path.isdir(hf_config) else os.path.dirname(os.path.abspath(hf_config))
+
+
+@functools.lru_cache(maxsize=None)
+def _hf_source(hf_dir: str):
+    from megatron_patch.checkpointing.hf import HFSource
+
+    source = HFSource(hf_dir)
+    source.preflight()  # every tensor present with its shape, before any is read
+    return source
+
+
+def _check_hf_paths(args) -> None:
+    """``--init-from-hf`` needs weights in the --hf-config directory; ``--save-hf`` may not replace an input
+    or a directory it did not write. One ``error:`` line (SystemExit) before any weight is read."""
+    from megatron_patch.checkpointing.hf_export import check_output
+    from megatron_patch.checkpointing.layout import CheckpointError
+
+    if args.init_from_hf:
+        try:
+            _hf_source(_hf_dir(args.hf_config))
+        except (CheckpointError, OSError, ValueError) as e:
+            raise SystemExit(f"error: --init-from-hf: {e}") from None
+    if args.save_hf:
+        try:
+            check_output(args.save_hf, (args.hf_config, args.load, args.save, getattr(args, "tokenizer_model", None)))
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+
+
+def save_hf() -> Optional[str]:
+    """``--save-hf``: after ``pretrain`` returns (Megatron-LM has completed any overlapped parameter gather and
+    left the process groups up), every rank writes its own part of the model (``hf_export.save_hf``)."""
+    from megatron.training import get_args
+
+    args = get_args()
+    if not args.save_hf:
+        return None
+    import torch.distributed as dist
+
+    from megatron_patch.checkpointing.hf_export import save_hf as write
+    from megatron_patch.models.family import read_hf_config
+
+    out = write(_BUILT, model_args(args.hf_config), args.save_hf, read_hf_config(args.hf_config), args.params_dtype,
+                metadata_from=(_hf_dir(args.hf_config),))
+    if dist.get_rank() == 0:
+        print(f"saved HF model to {out}", flush=True)
+    return out
 
 
 def enable_cpu() -> None:
