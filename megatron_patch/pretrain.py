@@ -12,7 +12,6 @@ temporary folder) with status 128 + the signal number.
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from typing import Optional, Sequence
 
@@ -223,11 +222,6 @@ def _train(args, margs, config) -> None:
 
 
 if __name__ == "__main__":
-    status = main()
-    if status >= 128:
-        # Interrupted and cleaned up: exit now, as the signal's default action would, not after the
-        # seconds-long interpreter teardown torch and megatron-core bring.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(status)
+    from megatron_patch.safety import exit_with
+
+    exit_with(main())

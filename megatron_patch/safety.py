@@ -26,6 +26,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sys
 import time
 from typing import Iterator, Optional, Sequence
 
@@ -268,3 +269,14 @@ def fsync_dir(path: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def exit_with(status: int) -> None:
+    """End an entry point with ``status``. After an interrupt (128 + signal, partial output already removed)
+    exit at once, as the signal's default action would, instead of the seconds-long interpreter teardown
+    that torch and megatron-core bring."""
+    if status >= 128:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

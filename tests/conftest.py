@@ -18,3 +18,20 @@ def tiny_models(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("hf")
     return {name: save_tiny_model(name, str(root / name), seed=i) for i, name in enumerate(FAMILIES)}
+
+
+# The converter tests' shared inputs (module-scoped: each test file converts its own copy).
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny Llama 3.1 (llama3 rope) HF directory."""
+    from megatron_patch.testing.tiny_models import save_tiny_model
+
+    return save_tiny_model("llama3.1", str(tmp_path_factory.mktemp("hf") / "llama"))
+
+
+@pytest.fixture(scope="module")
+def mcore_dir(hf_dir, tmp_path_factory):
+    """``hf_dir`` converted to a TP=2 x PP=2 torch checkpoint (local layer names)."""
+    from toolkits.checkpoint import convert
+
+    return convert.hf2mcore(hf_dir, str(tmp_path_factory.mktemp("m") / "m22"), 2, 2, transformer_impl="local")

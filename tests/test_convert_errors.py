@@ -7,19 +7,8 @@ import shutil
 import pytest
 import torch
 
-from megatron_patch.testing.tiny_models import save_tiny_model
 from toolkits.checkpoint import convert
 from toolkits.checkpoint.cli import main
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    return save_tiny_model("llama3.1", str(tmp_path_factory.mktemp("hf") / "llama"))
-
-
-@pytest.fixture(scope="module")
-def mcore_dir(hf_dir, tmp_path_factory):
-    return convert.hf2mcore(hf_dir, str(tmp_path_factory.mktemp("m") / "m22"), 2, 2, transformer_impl="local")
 
 
 def copy(src, dst):

@@ -29,11 +29,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    return save_tiny_model("llama3.1", str(tmp_path_factory.mktemp("hf") / "llama"))
-
-
-@pytest.fixture(scope="module")
 def mcore_dir(hf_dir, tmp_path_factory):
     return convert.hf2mcore(hf_dir, str(tmp_path_factory.mktemp("m") / "m21"), 2, 1, transformer_impl="local")
 

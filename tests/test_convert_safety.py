@@ -14,7 +14,7 @@ import time
 import pytest
 
 from megatron_patch import safety
-from megatron_patch.testing.tiny_models import save_tiny_model
+from megatron_patch.testing.fs import small_tmpfs
 from toolkits.checkpoint import convert
 from toolkits.checkpoint.cli import main
 
@@ -23,16 +23,6 @@ MLM_ROPE_NOTE = "Megatron-LM's own model builder"
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    return save_tiny_model("llama3.1", str(tmp_path_factory.mktemp("hf") / "llama"))
-
-
-@pytest.fixture(scope="module")
-def mcore_dir(hf_dir, tmp_path_factory):
-    return convert.hf2mcore(hf_dir, str(tmp_path_factory.mktemp("m") / "m22"), 2, 2, transformer_impl="local")
 
 
 def digest(d) -> dict:
@@ -203,12 +193,7 @@ print(json.dumps(results))
 
 def test_a_full_disk_is_one_error_line_and_leaves_nothing(hf_dir, mcore_dir, tmp_path):
     full = tmp_path / "full"
-    full.mkdir()
-    # Room for config.json and the tokenizer, not for the ~0.6 MB of weights.
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(full)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with small_tmpfs(full):  # room for config.json and the tokenizer, not for the ~0.6 MB of weights
         cases = [h2m(hf_dir, full / "torch", "--tp", "2", "--pp", "2", "--workers", "2"),
                  ["mcore2hf", "--load-dir", mcore_dir, "--save-dir", str(full / "hf"), "--workers", "2"],
                  h2m(hf_dir, full / "dist", "--ckpt-format", "torch_dist")]
@@ -217,8 +202,6 @@ def test_a_full_disk_is_one_error_line_and_leaves_nothing(hf_dir, mcore_dir, tmp
         assert r.returncode == 0, r.stderr[-3000:]
         results = json.loads(r.stdout.strip().splitlines()[-1])
         left = os.listdir(full)
-    finally:
-        subprocess.run(["umount", str(full)], check=True)
     for (rc, err), name in zip(results, ("torch", "hf", "dist")):
         lines = [x for x in err.splitlines() if x.strip()]
         assert rc == 2 and len(lines) == 1, (name, rc, err)

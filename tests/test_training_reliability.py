@@ -23,6 +23,7 @@ import torch
 from megatron_patch import safety
 from megatron_patch.checkpointing import layout
 from megatron_patch.runtime import spawn
+from megatron_patch.testing.fs import small_tmpfs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
@@ -286,18 +287,12 @@ def test_sigterm_stops_training_and_leaves_only_complete_checkpoints(model_confi
 
 def test_a_full_disk_during_a_save_is_one_error_line_and_leaves_nothing(model_config, tmp_path):
     save = tmp_path / "full"
-    save.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(save)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with small_tmpfs(save):
         argv = [sys.executable, "-m", "megatron_patch.pretrain"] + _common(model_config) + [
             "--tensor-model-parallel-size", "1", "--save", str(save), "--save-interval", "1"]
         r = subprocess.run(argv, cwd=ROOT, env=dict(ENV, MASTER_PORT=str(spawn.free_port())), capture_output=True,
                            text=True, timeout=300)
         left = os.listdir(save)
-    finally:
-        subprocess.run(["umount", str(save)], check=True)
     assert r.returncode == 2, r.stderr[-3000:]
     assert r.stderr.splitlines() == [f"error: cannot write {save}/iter_0000001: No space left on device"], r.stderr
     assert left == []  # no temporary folder, no tracker

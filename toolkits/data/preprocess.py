@@ -385,11 +385,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    status = main()
-    if status >= 128:
-        # Interrupted, temp files already removed: exit now, like the signal's default action would,
-        # instead of the seconds-long interpreter teardown that torch and megatron-core bring.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(status)
+    from megatron_patch.safety import exit_with
+
+    exit_with(main())
