@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The compat job: the parity, conversion, training-resume, MoE and cross-version tests on the NEWEST
-# megatron-core, next to the main suite's 0.16.1 (scripts/test.sh). Extra arguments go to pytest.
+# The compat job: the parity, conversion, training-resume, MoE parity/conversion and cross-version tests on
+# the NEWEST megatron-core, next to the main suite's 0.16.1 (scripts/test.sh). Extra arguments go to pytest.
 #
 # megatron-core >= 0.17 needs Python >= 3.12, so this keeps a second venv, .venv312/ in the repo root
 # (git-ignored like .venv/):
@@ -70,7 +70,7 @@ done
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export TOKENIZERS_PARALLELISM=false
 OTHER_PYTHON="$MAIN_PY" "$VPY" -m pytest -q -p no:cacheprovider "$@" \
-  tests/test_parity.py tests/test_convert.py tests/test_training.py tests/test_moe.py tests/test_moe_training.py \
+  tests/test_parity.py tests/test_convert.py tests/test_training.py tests/test_moe.py \
   tests/test_torch_dist_compat.py tests/test_cross_version.py
 # The other direction: checkpoints the newest megatron-core wrote, read by the main venv's (exit status 5:
 # extra arguments such as -k selected none of these tests).

@@ -42,7 +42,7 @@ def _parity_worker(models: dict, rope_impl: str):
 
 def test_logits_match_hf_all_families_and_layouts(tiny_models):
     ref = {name: hf_logits(d, tokens()) for name, d in tiny_models.items()}
-    per_rank = spawn.run(_parity_worker, 4, tiny_models, "torch")
+    per_rank = spawn.run(_parity_worker, 4, tiny_models, "torch", timeout=1800)  # ~2 min; a hang guard only
     report = []
     for rank, results in enumerate(per_rank):
         for (name, tp, pp, vpp), logits in results.items():
