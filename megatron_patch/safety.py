@@ -193,18 +193,30 @@ def _inside(path: str, root: str) -> bool:
     return path != root and path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def check_output_path(output: str, inputs: Sequence[str], overwrite: bool, what: str = "--save-dir",
-                      input_what: str = "--load-dir") -> None:
-    """Refuse an output that is an input, lies inside one or contains one (symlinks resolved), that is
-    not a directory, or that exists and is not empty without ``overwrite``. Reads nothing of the inputs."""
+def overlapping_input(output: str, inputs: Sequence[Optional[str]]) -> Optional[tuple[str, str]]:
+    """(relation, input) for the first input that ``output`` is, lies inside or contains (symlinks resolved),
+    else None. Empty inputs are skipped."""
     out = os.path.realpath(output)
     for src in inputs:
+        if not src:
+            continue
         s = os.path.realpath(src)
         relation = ("is" if out == s else "lies inside" if _inside(out, s) else "contains" if _inside(s, out)
                     else None)
         if relation:
-            raise OutputRefused(f"{what} {output} {relation} {input_what} {src}: writing there could destroy the "
-                                "input (even with --overwrite); choose another directory")
+            return relation, src
+    return None
+
+
+def check_output_path(output: str, inputs: Sequence[Optional[str]], overwrite: bool, what: str = "--save-dir",
+                      input_what: str = "--load-dir") -> None:
+    """Refuse an output that is an input, lies inside one or contains one (symlinks resolved), that is
+    not a directory, or that exists and is not empty without ``overwrite``. Reads nothing of the inputs."""
+    found = overlapping_input(output, inputs)
+    if found:
+        relation, src = found
+        raise OutputRefused(f"{what} {output} {relation} {input_what} {src}: writing there could destroy the "
+                            "input (even with --overwrite); choose another directory")
     if os.path.lexists(output) and not os.path.isdir(output):
         raise OutputRefused(f"{what} {output} exists and is not a directory")
     if os.path.isdir(output) and os.listdir(output) and not overwrite:

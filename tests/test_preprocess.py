@@ -18,6 +18,8 @@ import time
 import numpy as np
 import pytest
 
+from megatron_patch import safety
+
 WORDS = "the cat sat on a mat while dogs ran in the park and birds sang all day long".split()
 EOS = "<|endoftext|>"
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -397,11 +399,11 @@ def test_stale_temp_files_are_recognised(tmp_path, monkeypatch):
     live = subprocess.Popen(["sleep", "30"])
     try:
         now = time.time()
-        name = outputs.temp_name(str(final))
+        name = safety.temp_name(str(final))
         assert re.fullmatch(rf"\.d\.bin\.tmp-.+-{os.getpid()}-[0-9a-f]{{8}}", os.path.basename(name))
-        assert name != outputs.temp_name(str(final))
+        assert name != safety.temp_name(str(final))
         host = os.path.basename(name).split(".tmp-")[1].rsplit("-", 2)[0]
-        pid1_started = outputs._process_start(1)
+        pid1_started = safety.process_start(1)
         files = {  # name -> (mtime, removed by the first pass)
             f".d.bin.tmp-{host}-{dead.pid}-0000000a": (now - 3600, True),  # dead owner, old
             f".d.bin.tmp-{host}-{os.getpid()}-0000000b": (now - 3600, True),  # our PID: a previous life
@@ -429,14 +431,13 @@ def test_stale_temp_files_are_recognised(tmp_path, monkeypatch):
 
 
 def test_a_later_run_removes_stale_temp_files_and_never_clobbers(tmp_path, tok_dir, capsys):
-    from toolkits.data import outputs
     from toolkits.data.preprocess import main
 
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"text": "the cat sat"}) + "\n")
     dead = subprocess.Popen(["true"])
     dead.wait()
-    host = os.path.basename(outputs.temp_name(str(tmp_path / "x"))).split(".tmp-")[1].rsplit("-", 2)[0]
+    host = os.path.basename(safety.temp_name(str(tmp_path / "x"))).split(".tmp-")[1].rsplit("-", 2)[0]
     stale = tmp_path / f".d.idx.tmp-{host}-{dead.pid}-0123abcd"
     stale.write_text("left by a killed run")
     os.utime(stale, (time.time() - 3600,) * 2)

@@ -42,13 +42,12 @@ def copy_metadata(src_dir: str, dst_dir: str, skip: tuple[str, ...] = ()) -> Non
 def check_output(out_dir: str, inputs: tuple[Optional[str], ...]) -> None:
     """Refuse an output that would replace what the user has: an input (or a folder holding one, or one inside
     it) or an existing non-empty directory that an earlier save_hf did not write. Call before training."""
+    from megatron_patch.safety import overlapping_input
+
     out = os.path.realpath(out_dir)
-    for path in inputs:
-        if not path:
-            continue
-        p = os.path.realpath(path)
-        if p == out or p.startswith(out + os.sep) or out.startswith(p + os.sep):
-            raise ValueError(f"--save-hf {out_dir} overlaps the input {path}; choose another directory")
+    found = overlapping_input(out_dir, inputs)
+    if found:
+        raise ValueError(f"--save-hf {out_dir} overlaps the input {found[1]}; choose another directory")
     if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MARKER)):
         raise ValueError(f"--save-hf {out_dir} exists and was not written by --save-hf; choose an empty or new "
                          "directory (nothing there is replaced)")

@@ -89,7 +89,7 @@ def _report(line: str) -> None:
 def run(args: argparse.Namespace) -> int:
     # Before anything reads the input (the progress bar's parameter count included).
     hf_config = getattr(args, "hf_config", None)
-    safety.check_output_path(args.save_dir, [args.load_dir] + ([hf_config] if hf_config else []), args.overwrite)
+    safety.check_output_path(args.save_dir, [args.load_dir, hf_config], args.overwrite)
     total = 0 if args.quiet else convert.total_params(args.command, args.load_dir, hf_config)
     update, close = convert.progress_bar(total, args.command, not args.quiet)
     start = time.perf_counter()

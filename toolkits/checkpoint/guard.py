@@ -65,8 +65,7 @@ def conversion(fn: Callable) -> Callable:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         a = bound.arguments
-        inputs = [a["load_dir"]] + ([a["hf_config"]] if a.get("hf_config") else [])
-        safety.check_output_path(a["save_dir"], inputs, a["overwrite"])
+        safety.check_output_path(a["save_dir"], [a["load_dir"], a.get("hf_config")], a["overwrite"])
         with safety.OutputLock(a["save_dir"]):
             _STOP.clear()
             try:

@@ -19,12 +19,10 @@ import os
 from typing import Optional, Sequence
 
 from megatron_patch import safety
-# The temporary-name, staleness and signal mechanisms are the project's one implementation (shared with
-# the checkpoint converter and the trainer); re-exported here under the names this module always had.
-from megatron_patch.safety import Interrupted, owner_alive, signals_raise, temp_name  # noqa: F401
-from megatron_patch.safety import host as _host  # noqa: F401
-from megatron_patch.safety import process_start as _process_start  # noqa: F401
+# The temporary-name, staleness and signal mechanisms are the project's one implementation (megatron_patch.safety,
+# shared with the checkpoint converter and the trainer).
 from megatron_patch.safety import signals_blocked as _signals_blocked
+from megatron_patch.safety import temp_name
 
 # A run that is alive rewrites its .bin temp file continuously, so an hour-old file is not needed to be
 # sure; five minutes also covers the seconds-long gaps while one huge document is being tokenized.

@@ -42,6 +42,7 @@ from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from megatron_patch import safety
 from toolkits.data import outputs
 from toolkits.data.pieces import PIECE_CHARS, Cutter, cutter_for, encode_texts
 
@@ -280,7 +281,7 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_dir: str, wo
     """Tokenize ``inputs`` into ``output_prefix.bin/.idx``; returns the counts.
 
     Raises PreprocessError for every expected failure, with nothing left behind; an interruption
-    (KeyboardInterrupt, :class:`toolkits.data.outputs.Interrupted`) removes the temporary files too.
+    (KeyboardInterrupt, :class:`megatron_patch.safety.Interrupted`) removes the temporary files too.
     """
     bin_path, idx_path = output_prefix + ".bin", output_prefix + ".idx"  # megatron-core's get_bin/idx_path
     _check_arguments(inputs, tokenizer_dir, (bin_path, idx_path), overwrite)
@@ -367,13 +368,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("error: --piece-chars must be >= 1", file=sys.stderr)
         return 2
     try:
-        with outputs.signals_raise():
+        with safety.signals_raise():
             report = preprocess(a.input, a.output_prefix, a.tokenizer_model, a.workers, a.json_key, a.strict,
                                 a.overwrite, progress=not a.quiet, piece_chars=a.piece_chars)
     except PreprocessError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except outputs.Interrupted as e:
+    except safety.Interrupted as e:
         print(f"error: interrupted by {e}; temporary files removed", file=sys.stderr)
         return 128 + e.signum
     for path in report.removed_stale:
