@@ -25,6 +25,7 @@ import functools
 import sys
 from typing import Optional
 
+from megatron_patch.checkpointing.megatron_lm import hf_dir_of
 from megatron_patch.models.config import ModelArgs
 
 
@@ -158,7 +159,7 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
         # runs afterwards and replaces these weights only if --load holds a checkpoint.
         from megatron_patch.checkpointing.sources import load_into_model
 
-        load_into_model(model, _hf_source(_hf_dir(args.hf_config)), vp_stage=vp_stage)
+        load_into_model(model, _hf_source(hf_dir_of(args.hf_config)), vp_stage=vp_stage)
     _BUILT.append(model)
     return model
 
@@ -166,12 +167,6 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
 # This rank's model chunks as built by ``model_provider`` (the modules Megatron-LM wraps and trains in place),
 # for ``save_hf`` after ``pretrain`` returns.
 _BUILT: list = []
-
-
-def _hf_dir(hf_config: str) -> str:
-    import os
-
-    return hf_config if os.path.isdir(hf_config) else os.path.dirname(os.path.abspath(hf_config))
 
 
 @functools.lru_cache(maxsize=None)
@@ -191,7 +186,7 @@ def _check_hf_paths(args) -> None:
 
     if args.init_from_hf:
         try:
-            _hf_source(_hf_dir(args.hf_config))
+            _hf_source(hf_dir_of(args.hf_config))
         except (CheckpointError, OSError, ValueError) as e:
             raise SystemExit(f"error: --init-from-hf: {e}") from None
     if args.save_hf:
@@ -215,7 +210,7 @@ def save_hf() -> Optional[str]:
     from megatron_patch.models.family import read_hf_config
 
     out = write(_BUILT, model_args(args.hf_config), args.save_hf, read_hf_config(args.hf_config), args.params_dtype,
-                metadata_from=(_hf_dir(args.hf_config),))
+                metadata_from=(hf_dir_of(args.hf_config),))
     if dist.get_rank() == 0:
         print(f"saved HF model to {out}", flush=True)
     return out
