@@ -44,19 +44,36 @@ from benchmarks import common  # noqa: E402
 from megatron_patch.models.family import args_from_hf  # noqa: E402
 from megatron_patch.models.flops import flops_per_token, num_params  # noqa: E402
 
-# HF config fields per size; "seq"/"mbs" are the benchmark's batch shape.
+# HF config fields per size; "seq"/"mbs" are the benchmark's batch shape, "model_type" the HF family.
+_LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
 SIZES = {
     # Llama-3.1 layout shrunk to run a step in well under a second on one CPU core.
-    "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                 intermediate_size=688, vocab_size=8192, tie_word_embeddings=False, rope_theta=500000.0,
-                 seq=256, mbs=2),
+    "tiny": dict(model_type="llama", hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=2, intermediate_size=688, vocab_size=8192, tie_word_embeddings=False,
+                 rope_theta=500000.0, seq=256, mbs=2),
     # Llama-3.2-1B exactly (tied embeddings, llama3 rope scaling).
-    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
-               rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-               seq=2048, mbs=2),
+    "1b": dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
+               rope_theta=500000.0, rope_scaling=dict(_LLAMA31_ROPE, factor=32.0), seq=2048, mbs=2),
+    # Llama-3.1-8B width and vocabulary with 8 of its 32 layers (2.8B params): one GPU, seq 4096.
+    "8b-w8": dict(model_type="llama", hidden_size=4096, num_hidden_layers=8, num_attention_heads=32,
+                  num_key_value_heads=8, intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False,
+                  rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE, seq=4096, mbs=1),
+    # Qwen3-MoE shrunk for CPU: every layer MoE, q/k norm, renormalized top-k.
+    "tiny-moe": dict(model_type="qwen3_moe", hidden_size=128, num_hidden_layers=4, num_attention_heads=8,
+                     num_key_value_heads=2, head_dim=16, intermediate_size=256, moe_intermediate_size=64,
+                     num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+                     mlp_only_layers=[], router_aux_loss_coef=0.001, vocab_size=4096, tie_word_embeddings=False,
+                     rope_theta=1000000.0, seq=128, mbs=2),
+    # Qwen3-30B-A3B width (128 experts, top-8, expert ffn 768) with 6 of its 48 layers.
+    "moe": dict(model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=6, num_attention_heads=32,
+                num_key_value_heads=4, head_dim=128, intermediate_size=6144, moe_intermediate_size=768,
+                num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+                mlp_only_layers=[], router_aux_loss_coef=0.001, vocab_size=151936, tie_word_embeddings=False,
+                rope_theta=1000000.0, seq=4096, mbs=1),
 }
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 VARIANTS = ("project", "mcore", "hf")
 LR, BETAS, EPS, CLIP = 1e-4, (0.9, 0.95), 1e-8, 1.0
 # Dense bf16 tensor-core peak per device (vendor datasheets, without sparsity).
@@ -65,8 +82,14 @@ PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A1
 
 def hf_config_dict(size: str, max_pos: int) -> dict:
     fields = {k: v for k, v in SIZES[size].items() if k not in ("seq", "mbs")}
-    return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", rms_norm_eps=1e-5,
-                max_position_embeddings=max_pos, attention_bias=False, mlp_bias=False, **fields)
+    moe = fields["model_type"] == "qwen3_moe"
+    return dict(architectures=[_ARCHITECTURES[fields["model_type"]]], hidden_act="silu",
+                rms_norm_eps=1e-6 if moe else 1e-5, max_position_embeddings=max_pos, attention_bias=False,
+                **({} if moe else {"mlp_bias": False}), **fields)
+
+
+def max_position(size: str, seq: int) -> int:
+    return max(seq, 131072 if "rope_scaling" in SIZES[size] else 4096)
 
 
 def peak_tflops(override: Optional[float]) -> Optional[float]:
@@ -91,14 +114,14 @@ def build_project(cfg_dir: str, seq: int, mbs: int, bf16: bool) -> Callable:
     """(a) exactly what ``python -m megatron_patch.pretrain`` builds and runs per iteration."""
     from megatron_patch.models.family import args_from_hf, read_hf_config
     from megatron_patch.training import loop
-    from megatron_patch.training.arguments import parse_args
+    from megatron_patch.training.arguments import for_model, parse_args
 
     argv = ["--model-config", cfg_dir, "--mock-data", "--train-iters", "1000000", "--seq-length", str(seq),
             "--micro-batch-size", str(mbs), "--lr", str(LR), "--min-lr", str(LR), "--lr-decay-style", "constant",
             "--weight-decay", "0", "--clip-grad", str(CLIP), "--adam-beta1", str(BETAS[0]),
             "--adam-beta2", str(BETAS[1]), "--adam-eps", str(EPS), "--rope-impl", "auto"] + (["--bf16"] if bf16 else [])
-    args = parse_args(argv, world_size=1)
     margs = args_from_hf(read_hf_config(cfg_dir))
+    args = for_model(parse_args(argv, world_size=1), margs)
     config = loop.transformer_config_for(args, margs)
     chunks = loop.wrap_ddp(args, config, loop.build_model_chunks(args, margs, config))
     optimizer, scheduler = loop.build_optimizer(args, chunks)
@@ -115,7 +138,7 @@ def build_mcore(cfg: dict, seq: int, mbs: int, bf16: bool, padded_vocab: int) ->
     """(b) upstream megatron-core only, as a Megatron-LM user would assemble it; RoPE unfused."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
+    from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_decoder_block_spec, get_gpt_layer_local_spec,
                                                           get_gpt_layer_with_transformer_engine_spec)
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -131,6 +154,13 @@ def build_mcore(cfg: dict, seq: int, mbs: int, bf16: bool, padded_vocab: int) ->
     except Exception:
         te = False
     heads = cfg["num_attention_heads"]
+    moe = "num_experts" in cfg
+    # MoE as a Megatron-LM user would configure Qwen3-MoE: softmax top-k router with aux loss, no token
+    # dropping, alltoall dispatcher; megatron's default experts for the spec (local: SequentialMLP).
+    moe_fields = dict(num_moe_experts=cfg["num_experts"], moe_router_topk=cfg["num_experts_per_tok"],
+                      moe_ffn_hidden_size=cfg["moe_intermediate_size"], moe_router_load_balancing_type="aux_loss",
+                      moe_aux_loss_coeff=cfg["router_aux_loss_coef"], moe_token_dispatcher_type="alltoall",
+                      moe_grouped_gemm=te, qk_layernorm=True) if moe else {}
     config = TransformerConfig(
         num_layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"], ffn_hidden_size=cfg["intermediate_size"],
         num_attention_heads=heads, num_query_groups=cfg["num_key_value_heads"],
@@ -143,9 +173,13 @@ def build_mcore(cfg: dict, seq: int, mbs: int, bf16: bool, padded_vocab: int) ->
         # CUDA extension (built by apex) is importable, since megatron calls it without checking.
         bias_activation_fusion=cuda, bias_dropout_fusion=cuda,
         masked_softmax_fusion=cuda and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None,
+        **moe_fields,
     )
-    spec = (get_gpt_layer_with_transformer_engine_spec() if te
-            else get_gpt_layer_local_spec(normalization="RMSNorm"))
+    if moe:
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization="RMSNorm")
+    else:
+        spec = (get_gpt_layer_with_transformer_engine_spec() if te
+                else get_gpt_layer_local_spec(normalization="RMSNorm"))
     scaling = cfg.get("rope_scaling") or {}
     model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=padded_vocab,
                      max_sequence_length=cfg["max_position_embeddings"], position_embedding_type="rope",
@@ -188,11 +222,14 @@ def build_mcore(cfg: dict, seq: int, mbs: int, bf16: bool, padded_vocab: int) ->
 
 
 def build_hf(cfg: dict, bf16: bool) -> Callable:
-    """(c) plain HF transformers: LlamaForCausalLM (sdpa), torch AdamW, bf16 autocast on GPU."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    """(c) plain HF transformers: the family's ``*ForCausalLM`` (sdpa), torch AdamW, bf16 autocast on GPU; MoE
+    models add their router's load-balancing loss as the other stacks do."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    hf_cfg = LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
+    hf_cfg = AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items()
+                                                        if k not in ("architectures", "model_type")})
+    moe = "num_experts" in cfg
     with torch.device(dev):  # initialize directly on the device (a 1B model is slow to init on CPU)
         model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa", dtype=torch.float32)
     model.train()
@@ -202,12 +239,14 @@ def build_hf(cfg: dict, bf16: bool) -> Callable:
     def step(batch: dict) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=batch["tokens"], position_ids=batch["position_ids"]).logits
+            out = model(input_ids=batch["tokens"], position_ids=batch["position_ids"],
+                        **({"output_router_logits": True} if moe else {}))
+        logits = out.logits
         # HF's own causal-LM loss upcasts the logits the same way; labels here are already shifted.
         per_token = F.cross_entropy(logits.float().reshape(-1, vocab), batch["labels"].reshape(-1), reduction="none")
         mask = batch["loss_mask"].reshape(-1).float()
         loss = torch.sum(per_token * mask) / mask.sum()
-        loss.backward()
+        (loss + cfg["router_aux_loss_coef"] * out.aux_loss if moe else loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         optimizer.step()
         return loss.detach()
@@ -249,7 +288,7 @@ def run(size: str, variants: list[str], warmup: int, iters: int, seq: Optional[i
     interleave = (not cuda) if interleave is None else interleave
     seq = seq or SIZES[size]["seq"]
     mbs = mbs or SIZES[size]["mbs"]
-    cfg = hf_config_dict(size, max_pos=max(seq, 131072 if size == "1b" else 2048))
+    cfg = hf_config_dict(size, max_pos=max_position(size, seq))
     padded = -(-cfg["vocab_size"] // 128) * 128
     margs = args_from_hf(cfg)
     fpt = flops_per_token(margs, seq, padded)
@@ -337,6 +376,8 @@ def main(argv=None) -> int:
                    help="interleaved: all stacks built at once, steps round-robin (auto on CPU, where load "
                         "from other processes drifts); sequential: one stack at a time (auto on GPU)")
     p.add_argument("--out", default=None, help="results directory (default: benchmarks/results)")
+    p.add_argument("--write-config", metavar="DIR", default=None,
+                   help="only write the size's HF config.json into DIR (for the trainer's --model-config) and exit")
     a = p.parse_args(argv)
     variants = list(dict.fromkeys(v for v in a.variants.split(",") if v))
     bad = [v for v in variants if v not in VARIANTS]
@@ -346,6 +387,13 @@ def main(argv=None) -> int:
         p.error("--warmup must be >= 0 and --iters >= 1")
     warnings.filterwarnings("ignore")
     size = a.size or ("1b" if torch.cuda.is_available() else "tiny")
+    if a.write_config:
+        os.makedirs(a.write_config, exist_ok=True)
+        seq = a.seq_length or SIZES[size]["seq"]
+        with open(os.path.join(a.write_config, "config.json"), "w") as f:
+            json.dump(hf_config_dict(size, max_pos=max_position(size, seq)), f, indent=1)
+        print(os.path.join(a.write_config, "config.json"))
+        return 0
     out = run(size, variants, a.warmup, a.iters, a.seq_length, a.micro_batch_size, a.dtype, a.peak_tflops,
               None if a.schedule == "auto" else a.schedule == "interleaved")
     report(out, a.out)

@@ -4,14 +4,20 @@
 # Before (on a machine with network):  scripts/prepare_gpu_wheels.sh   -> .whl/ (megatron-core)
 # On the GPU machine, from the repo root:  bash scripts/gpu_check.sh     (~5-8 min on one H100)
 #
-# Steps, each under its own time limit so the whole run ends inside ~8 minutes and a failing or slow
+# Steps, each under its own time limit so the whole run ends inside ~9 minutes and a failing or slow
 # step never hides the others' results:
 #   1. install .whl/*.whl into a temporary target (nothing in the image is touched)
-#   2. tests/test_gpu.py: bf16 logits vs HF per family, compiled Triton RoPE vs torch, bf16 training
-#   3. benchmarks/bench_rope.py, bench_train.py (--size 1b), bench_load.py (--size 1b)
-#   4. a Markdown summary of this run's JSON lines
-# Everything is written to $OUT (or benchmarks/results/ when OUT is unset): gpu_check.log,
-# gpu_check.md and bench_{rope,train,load}.jsonl. Exit status: 0 only if every step passed.
+#   2. tests/test_gpu.py (+ the GPU tests of other files): bf16 logits vs HF per family, compiled Triton RoPE
+#      vs torch, bf16 training
+#   3. benchmarks/bench_rope.py; bench_train.py at three sizes, each with the project, plain megatron-core and
+#      HF transformers side by side: 1b (Llama-3.2-1B, seq 2048), 8b-w8 (Llama-3.1-8B width x 8 layers, seq
+#      4096), moe (Qwen3-30B-A3B width x 6 layers, seq 4096)
+#   4. the trainer's own CLI (torchrun -m megatron_patch.pretrain, mock data, bf16, seq 4096, distributed
+#      optimizer) on the dense 8b-w8 and the moe shapes: tokens/s, TFLOP/s/GPU, peak memory from its log
+#   5. bench_load.py (--size 1b)
+#   6. a Markdown summary of this run's JSON lines and trainer logs
+# Everything is written to $OUT (or benchmarks/results/ when OUT is unset): gpu_check.log, gpu_check.md,
+# bench_{rope,train,load}.jsonl and trainer_{dense,moe}.log. Exit status: 0 only if every step passed.
 #
 # GPU_CHECK_DRY=1 runs the same steps on this CPU machine with .venv and tiny sizes (the GPU tests
 # skip there): a check of the script itself, not of the GPU.
@@ -29,12 +35,14 @@ unset TRITON_INTERPRET
 if [ "${GPU_CHECK_DRY:-0}" = "1" ]; then
   PY="$ROOT/.venv/bin/python"
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-  ROPE_ARGS=(); TRAIN_ARGS=(--size tiny); LOAD_ARGS=(--size tiny --repeats 2)
-  T_TESTS=300; T_ROPE=120; T_TRAIN=300; T_LOAD=180
+  ROPE_ARGS=(); LOAD_ARGS=(--size tiny --repeats 2)
+  SIZES=(tiny tiny-moe); BENCH_ITERS=(--warmup 1 --iters 2); TRAINER_SIZES=(tiny tiny-moe); TRAINER_SEQ=128
+  T_TESTS=300; T_ROPE=120; T_TRAIN=300; T_TRAINER=300; T_LOAD=180
 else
   PY="${PYTHON:-python3}"
-  ROPE_ARGS=(); TRAIN_ARGS=(--size 1b --warmup 3 --iters 10); LOAD_ARGS=(--size 1b --repeats 3 --workdir /tmp)
-  T_TESTS=150; T_ROPE=60; T_TRAIN=210; T_LOAD=120
+  ROPE_ARGS=(); LOAD_ARGS=(--size 1b --repeats 2 --workdir /tmp)
+  SIZES=(1b 8b-w8 moe); BENCH_ITERS=(--warmup 2 --iters 6); TRAINER_SIZES=(8b-w8 moe); TRAINER_SEQ=4096
+  T_TESTS=120; T_ROPE=45; T_TRAIN=100; T_TRAINER=75; T_LOAD=60
 fi
 
 echo "gpu_check $START (dry=${GPU_CHECK_DRY:-0}) -> $OUT_DIR" | tee "$LOG"
@@ -68,9 +76,22 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
   torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu', 'megatron-core', m.__version__)" 2>&1 \
   | tee -a "$LOG"
 
-step tests "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py
+step tests "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider -rs -m gpu tests/
 step bench_rope "$T_ROPE" "$PY" benchmarks/bench_rope.py --out "$OUT_DIR" "${ROPE_ARGS[@]}"
-step bench_train "$T_TRAIN" "$PY" benchmarks/bench_train.py --out "$OUT_DIR" "${TRAIN_ARGS[@]}"
+for size in "${SIZES[@]}"; do
+  step "bench_train_$size" "$T_TRAIN" "$PY" benchmarks/bench_train.py --out "$OUT_DIR" --size "$size" "${BENCH_ITERS[@]}"
+done
+# The trainer's CLI exactly as a user starts it, on the bench shapes (config.json written by bench_train).
+for size in "${TRAINER_SIZES[@]}"; do
+  cfg="$(mktemp -d /tmp/gpu_check_cfg.XXXX)"
+  "$PY" benchmarks/bench_train.py --size "$size" --write-config "$cfg" >/dev/null
+  kind=dense; case "$size" in *moe*) kind=moe ;; esac
+  step "trainer_$kind" "$T_TRAINER" bash -c "\"\$0\" -m torch.distributed.run --standalone --nproc-per-node 1 \
+    -m megatron_patch.pretrain --model-config '$cfg' --mock-data --seq-length $TRAINER_SEQ --micro-batch-size 1 \
+    --train-iters 15 --log-interval 5 --lr 1e-4 --min-lr 1e-5 --lr-warmup-iters 2 --use-distributed-optimizer \
+    --log-throughput $( [ "${GPU_CHECK_DRY:-0}" = 1 ] || echo --bf16 ) 2>&1 | tee '$OUT_DIR/trainer_$kind.log'; \
+    exit \${PIPESTATUS[0]}" "$PY"
+done
 step bench_load "$T_LOAD" "$PY" benchmarks/bench_load.py --out "$OUT_DIR" "${LOAD_ARGS[@]}"
 
 # Markdown summary of this run: the step outcomes and the JSON lines written since $START.
@@ -98,6 +119,19 @@ def f(x, spec):
 
 
 train, load, rope = records("bench_train"), records("bench_load"), records("bench_rope")
+
+
+def trainer_row(kind):
+    """The trainer's last log line (``iteration N/M | loss ... | tokens/s ... | TFLOP/s/GPU ... | max mem ...``)."""
+    path = os.path.join(out_dir, f"trainer_{kind}.log")
+    if not os.path.exists(path):
+        return None
+    lines = [line for line in open(path) if line.startswith("iteration")]
+    if not lines:
+        return [kind, "no log line", "-", "-", "-"]
+    fields = dict(part.strip().rsplit(" ", 1) for part in lines[-1].split("|")[1:] if " " in part.strip())
+    return [kind, fields.get("loss", "-"), fields.get("tokens/s", "-"), fields.get("TFLOP/s/GPU", "-"),
+            fields.get("max mem", "-") + " GiB"]
 env = (train or load or rope or [{}])[0]
 print(f"# GPU check {start} UTC\n")
 print(f"Device: {env.get('gpu') or env.get('cpu')}; torch {env.get('torch')}, CUDA {env.get('cuda')}, "
@@ -111,19 +145,25 @@ if rope:
                 [[r["backend"], r["seq"], f(r.get("fwd_ms"), ".3f"), f(r.get("bwd_ms"), ".3f"),
                   f(r.get("fwd_bwd_gbps"), ".0f"), f(100 * r["fraction_of_peak"], ".0f") + "%"
                   if r.get("fraction_of_peak") else "-"] for r in rope]))
-stacks = [r for r in train if r.get("variant") != "summary"]
-if stacks:
+for size in dict.fromkeys(r["size"] for r in train):
+    stacks = [r for r in train if r["size"] == size and r.get("variant") != "summary"]
+    if not stacks:
+        continue
     r0 = stacks[0]
-    print(f"\n## Training step (bench_train): {r0['size']} ({r0['params'] / 1e6:.0f}M params), seq {r0['seq']}, "
+    print(f"\n## Training step (bench_train): {size} ({r0['params'] / 1e6:.0f}M params), seq {r0['seq']}, "
           f"micro-batch {r0['mbs']}, {r0['precision']}\n")
     print(table(["stack", "tokens/s", "step ms", "TFLOP/s", "MFU", "peak GB"],
                 [[r["variant"], f(r.get("tokens_per_s"), ",.0f"), f(1000 * r["step_s"], ".1f") if "step_s" in r
                   else "failed: " + r.get("error", "?"), f(r.get("tflops"), ".3g"),
                   f(100 * r["mfu"], ".1f") + "%" if r.get("mfu") else "-", f(r.get("peak_memory_gb"), ".1f")]
                  for r in stacks]))
-    for s in (r for r in train if r.get("variant") == "summary"):
+    for s in (r for r in train if r["size"] == size and r.get("variant") == "summary"):
         print(f"\nproject/mcore = {f(s.get('ratio_project_over_mcore'), '.3f')}, "
               f"project/hf = {f(s.get('ratio_project_over_hf'), '.3f')} (tokens/s)")
+rows = [r for r in (trainer_row("dense"), trainer_row("moe")) if r]
+if rows:
+    print("\n## The trainer's CLI (torchrun -m megatron_patch.pretrain, last log window)\n")
+    print(table(["model", "loss", "tokens/s", "TFLOP/s/GPU", "peak memory"], rows))
 if load:
     r0 = load[0]
     print(f"\n## Checkpoint load (bench_load): {r0['size']} ({r0['params'] / 1e6:.0f}M params, bf16), TP={r0['tp']}\n")

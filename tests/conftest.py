@@ -4,11 +4,27 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every process the tests start (spawned ranks, torchrun, subprocesses) runs megatron-core's CPU adaptations in
+# strict-device mode: a host tensor of this project's reaching a collective fails the test, as NCCL would fail
+# the run on a GPU (runtime/strict_device.py, tests/test_device_placement.py).
+os.environ.setdefault("MEGATRON_PATCH_STRICT_DEVICE", "1")
 
 from megatron_patch.testing.tiny_models import CONFIGS  # noqa: E402
 
 # Every tiny config (one per family variant worth testing): parity and conversion run over all of them.
 FAMILIES = tuple(CONFIGS)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip without CUDA (one rule for every file; gpu_check.sh selects them with -m gpu)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

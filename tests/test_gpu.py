@@ -5,6 +5,10 @@ All device work runs in ONE spawned rank (a real NCCL group of size 1, see ``run
 one CUDA start-up, and no process-wide state (parallel_state, the RoPE backend) leaks into pytest.
 Each test then asserts on its part of that rank's results.
 
+The same worker functions also run on CPU in every suite run (``test_gpu_checks_run_on_cpu``: one family,
+bf16 on the CPU, gloo): the code they share with the GPU run (model building, loading, the trainer's step) can
+no longer rot unseen between GPU runs; only the compiled kernel and the device itself are GPU-only.
+
 bf16 tolerances are relative to what bf16 itself costs: megatron's bf16 logits must be as close to the
 fp32 truth as HF's own bf16 logits are (within 2x), and within 2% of the logits' norm in any case.
 """
@@ -16,7 +20,7 @@ import torch
 
 from megatron_patch.runtime import spawn
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_gpu = pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
 
 # (s, b, h, d, rot_dim): tiny odd shapes, partial rotary, and Llama-3-8B attention at 4k tokens
 # (s*b*h*d > 2**27 elements at b=2, exercising the 64-bit offsets).
@@ -104,13 +108,13 @@ def _train_check(model_dir: str) -> dict:
     from megatron_patch.fusions import rope as fused_rope
     from megatron_patch.models.family import args_from_hf, read_hf_config
     from megatron_patch.training import loop
-    from megatron_patch.training.arguments import parse_args
+    from megatron_patch.training.arguments import for_model, parse_args
     from megatron_patch.training.data import MockDataset, step_batches
 
-    args = parse_args(["--model-config", model_dir, "--mock-data", "--bf16", "--train-iters", str(TRAIN_STEPS),
-                       "--micro-batch-size", "4", "--seq-length", "64", "--lr", "3e-3", "--min-lr", "3e-3",
-                       "--lr-decay-style", "constant"], world_size=1)
     margs = args_from_hf(read_hf_config(model_dir))
+    args = for_model(parse_args(["--model-config", model_dir, "--mock-data", "--bf16", "--train-iters",
+                                 str(TRAIN_STEPS), "--micro-batch-size", "4", "--seq-length", "64", "--lr", "3e-3",
+                                 "--min-lr", "3e-3", "--lr-decay-style", "constant"], world_size=1), margs)
     runtime.initialize(1, 1, seed=3)
     config = loop.transformer_config_for(args, margs)
     chunks = loop.wrap_ddp(args, config, loop.build_model_chunks(args, margs, config))
@@ -131,7 +135,10 @@ def _gpu_worker(models: dict) -> dict:
     from megatron_patch import runtime
 
     runtime.initialize(1, 1, seed=5)
-    return {"logits": _logits_check(models), "rope": _rope_check(), "train": _train_check(models["llama3.1"])}
+    out = {"logits": _logits_check(models), "train": _train_check(models["llama3.1"])}
+    if runtime.on_gpu():
+        out["rope"] = _rope_check()
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -141,19 +148,44 @@ def gpu_results(tiny_models):
     return res
 
 
+def _check_logits(res: dict) -> None:
+    for (name, impl), r in res.items():
+        assert r["dtype"] == "torch.bfloat16"
+        assert r["megatron"] <= 2 * r["hf"] and r["megatron"] < 2e-2, (name, impl, r)
+
+
+def _check_training(r: dict, device: str) -> None:
+    print(f"\nbf16 losses ({r['backend']} RoPE): " + " ".join(f"{x:.3f}" for x in r["losses"]))
+    assert r["dtype"] == "torch.bfloat16" and r["device"] == device and r["ok"]
+    losses = torch.tensor(r["losses"])
+    assert torch.isfinite(losses).all()
+    # One fixed batch memorized: the loss drops by far more than step-to-step noise.
+    assert losses[-3:].mean() < losses[0] - 1.0, r["losses"]
+
+
+def test_gpu_checks_run_on_cpu(tiny_models):
+    """The GPU run's worker, on CPU: bf16 logits vs float64 HF and bf16 training through the trainer's stack."""
+    if torch.cuda.is_available():
+        pytest.skip("the GPU tests below run the same worker on the GPU")
+    (res,) = spawn.run(_gpu_worker, 1, {"llama3.1": tiny_models["llama3.1"]})
+    assert {name for name, _ in res["logits"]} == {"llama3.1"}
+    _check_logits(res["logits"])
+    _check_training(res["train"], "cpu")
+
+
+@needs_gpu
 def test_bf16_logits_match_hf_on_cuda(gpu_results, tiny_models):
     res = gpu_results["logits"]
     print("\nfamily     rope   backend  megatron-bf16  hf-bf16 (rel. L2 error vs float64)")
     for (name, impl), r in sorted(res.items()):
         print(f"{name:10s} {impl:6s} {r['backend']:8s} {r['megatron']:.3e}      {r['hf']:.3e}")
     assert {name for name, _ in res} == set(tiny_models)
-    for (name, impl), r in res.items():
-        assert r["dtype"] == "torch.bfloat16"
-        assert r["megatron"] <= 2 * r["hf"] and r["megatron"] < 2e-2, (name, impl, r)
+    _check_logits(res)
     # "auto" picks a fused kernel on a GPU (TE or apex when installed, else this project's Triton kernel).
     assert all(r["backend"] != "torch" for (_, impl), r in res.items() if impl == "auto")
 
 
+@needs_gpu
 def test_triton_rope_compiled_matches_torch(gpu_results):
     res = dict(gpu_results["rope"])
     assert res.pop("compiled") is True  # the real compiled kernel ran, never the interpreter
@@ -170,11 +202,6 @@ def test_triton_rope_compiled_matches_torch(gpu_results):
             assert r["fwd_err"] <= r["torch_fwd_err"] + 1e-6, (key, r)
 
 
+@needs_gpu
 def test_bf16_training_steps_reduce_loss(gpu_results):
-    r = gpu_results["train"]
-    print(f"\nbf16 losses ({r['backend']} RoPE): " + " ".join(f"{x:.3f}" for x in r["losses"]))
-    assert r["dtype"] == "torch.bfloat16" and r["device"] == "cuda" and r["ok"]
-    losses = torch.tensor(r["losses"])
-    assert torch.isfinite(losses).all()
-    # One fixed batch memorized: the loss drops by far more than step-to-step noise.
-    assert losses[-3:].mean() < losses[0] - 1.0, r["losses"]
+    _check_training(gpu_results["train"], "cuda")

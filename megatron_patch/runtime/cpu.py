@@ -40,6 +40,10 @@ On the MoE path (megatron-core 0.16 .. 0.19):
    unequal ones: those two cases are done as an equal-size gather of padded slices, and as an all-reduce
    followed by taking this rank's slice.
 
+With ``MEGATRON_PATCH_STRICT_DEVICE=1`` (the test suite) "the GPU" is ``cpu:0`` and host tensors made by this
+project are refused by collectives (``runtime/strict_device.py``): the CPU suite's guard against tensors that
+NCCL would refuse on a GPU.
+
 Fixes that do not depend on the device live in ``runtime/compat.py``.
 """
 
@@ -52,11 +56,15 @@ import os
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megatron_patch.runtime import strict_device
+
 log = logging.getLogger(__name__)
 
 _ENABLED = False
 _MODE: "_CudaToCpuMode | None" = None
 _CPU = torch.device("cpu")
+# What "the GPU" is here: plain CPU, or ``cpu:0`` in strict-device mode (``runtime/strict_device.py``).
+_DEVICE = [_CPU]
 
 _CUDA_TYPE_NAMES = {
     torch.float32: "torch.cuda.FloatTensor",
@@ -66,10 +74,11 @@ _CUDA_TYPE_NAMES = {
 
 
 def _is_cuda_device(dev) -> bool:
+    """Whether ``dev`` names the accelerator: CUDA, or ``cpu:0`` in strict-device mode (what "CUDA" became)."""
     if isinstance(dev, torch.device):
-        return dev.type == "cuda"
+        return dev.type == "cuda" or (dev.index is not None and dev == _DEVICE[0])
     if isinstance(dev, str):
-        return dev.startswith("cuda")
+        return dev.startswith("cuda") or (dev == "cpu:0" and _DEVICE[0].index is not None)
     return False
 
 
@@ -112,14 +121,23 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = kwargs or {}
         dev = kwargs.get("device")
         cuda_requested = dev is not None and _is_cuda_device(dev)
-        if cuda_requested:
-            kwargs = dict(kwargs, device=_CPU)
-        # Tensor.to("cuda") / Tensor.to(torch.device("cuda")) passes the device positionally.
-        if args and len(args) > 1 and _is_cuda_device(args[1]) and getattr(func, "__name__", "") == "to":
-            args = (args[0], _CPU) + tuple(args[2:])
+        if getattr(func, "__name__", "") == "to":
+            # Tensor.to("cuda") (the device may be positional): the tensor itself, never a copy, as for a tensor
+            # already on the GPU; megatron keeps references that a copy would orphan.
+            positional = len(args) > 1 and _is_cuda_device(args[1])
+            if cuda_requested or positional:
+                kwargs = dict(kwargs, device=_CPU) if cuda_requested else kwargs
+                args = (args[0], _CPU) + tuple(args[2:]) if positional else args
+                out = func(*args, **kwargs)
+                return strict_device.to_device(out) if strict_device.active() else out
+        elif cuda_requested:
+            kwargs = dict(kwargs, device=_DEVICE[0])
         if _draws_on_device(func, args, kwargs, cuda_requested):
             return _on_device_generator(func, args, kwargs)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if strict_device.active():
+            strict_device.mark(func, args, kwargs, out)
+        return out
 
 
 class _InertStream:
@@ -158,13 +176,18 @@ def enable() -> bool:
     if torch.cuda.is_available():
         return False
 
+    if strict_device.requested():
+        _DEVICE[0] = strict_device.DEVICE
+        strict_device.install()
+
     # 1. current device -> CPU
-    torch.cuda.current_device = lambda: _CPU
+    torch.cuda.current_device = lambda: _DEVICE[0]
     torch.cuda.set_device = lambda *a, **k: None
     torch.cuda.device_count = lambda: 0
 
-    # 3. .cuda() stays on CPU
-    torch.Tensor.cuda = lambda self, *a, **k: self
+    # 3. .cuda() stays on CPU: the same tensor, as on a GPU for a tensor already there (megatron relies on that
+    # aliasing); in strict-device mode it now counts as a device tensor.
+    torch.Tensor.cuda = strict_device.to_device
     torch.nn.Module.cuda = lambda self, *a, **k: self
 
     # 4. CUDA RNG -> the runtime's own device generator (never the default CPU generator)
@@ -213,6 +236,11 @@ def enable() -> bool:
 
 def is_enabled() -> bool:
     return _ENABLED
+
+
+def device() -> torch.device:
+    """The device megatron-core's "CUDA" tensors land on (``runtime.device()`` on a CPU machine)."""
+    return _DEVICE[0]
 
 
 def _moe_adaptations() -> None:

@@ -339,7 +339,8 @@ def _init_empty_adam_state(optimizer) -> None:
         for group in inner.param_groups:
             for p in group["params"]:
                 if not inner.state[p]:
-                    inner.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p.data),
+                    # torch's Adam keeps ``step`` on the host (unless capturable/fused), its moments with the param.
+                    inner.state[p].update(step=torch.tensor(0.0, device="cpu"), exp_avg=torch.zeros_like(p.data),
                                           exp_avg_sq=torch.zeros_like(p.data))
 
 
@@ -356,7 +357,7 @@ def _steps_from_param_groups(inner) -> None:
             continue
         for p in group["params"]:
             if "step" in inner.state[p]:
-                inner.state[p]["step"] = torch.tensor(float(group["step"]))
+                inner.state[p]["step"] = torch.tensor(float(group["step"]), device="cpu")
 
 
 def _override_group_lrs(args, optimizer) -> None:

@@ -126,9 +126,10 @@ class MockDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, idx: int) -> dict:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + idx)
-        text = torch.randint(0, self.vocab, (self.seq + 1,), generator=g)
-        return {"tokens": text[:-1], "labels": text[1:], "loss_mask": torch.ones(self.seq),
-                "position_ids": torch.arange(self.seq)}
+        # Samples are made on the host (device="cpu") and moved to the device a step at a time (step_batches).
+        text = torch.randint(0, self.vocab, (self.seq + 1,), generator=g, device="cpu")
+        return {"tokens": text[:-1], "labels": text[1:], "loss_mask": torch.ones(self.seq, device="cpu"),
+                "position_ids": torch.arange(self.seq, device="cpu")}
 
 
 class CyclicOrder(torch.utils.data.Dataset):
@@ -148,8 +149,8 @@ class CyclicOrder(torch.utils.data.Dataset):
 
     def order(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perm:
-            self._perm = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919
-                                                                                             + epoch))}
+            gen = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            self._perm = {epoch: torch.randperm(self.n, generator=gen, device="cpu")}
         return self._perm[epoch]
 
     def __getitem__(self, i: int):
@@ -189,7 +190,7 @@ def for_training(dataset, args):
 def collate(samples: list[dict]) -> dict:
     batch = {}
     for key in samples[0]:
-        batch[key] = torch.stack([torch.as_tensor(s[key]) for s in samples])
+        batch[key] = torch.stack([torch.as_tensor(s[key], device="cpu") for s in samples])
     return batch
 
 

@@ -28,7 +28,6 @@ class Metrics:
             reporting = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
         self.reporting = reporting
         self.window: list[dict] = []
-        self.history: list[dict] = []
         self.metrics_file = metrics_file if reporting else None
         self.tb = None
         if tensorboard_dir and reporting:
@@ -52,7 +51,6 @@ class Metrics:
         if load_balancing_loss is not None:  # MoE: logged apart from the LM loss (which excludes it)
             row["load_balancing_loss"] = load_balancing_loss
         self.window.append(row)
-        self.history.append(row)
         if self.metrics_file:
             with open(self.metrics_file, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -200,17 +200,25 @@ def check_finite(args, chunks: list, total: Optional[torch.Tensor], iteration: i
 
     Runs after the gradients are reduced and before the optimizer uses them. A finite sum proves a whole
     buffer finite at memory speed. fp16 gradients are left to the loss scaler, which skips such steps.
+    One device tensor of three flags, one all-reduce, one host read per step (the stop decision needs it).
     """
-    flags = torch.zeros(3)
-    if total is not None:
-        flags[0], flags[1] = float(torch.isnan(total[0])), float(torch.isinf(total[0]))
-    if not args.fp16:
-        buffers = [b for c in chunks for b in getattr(c, "buffers", []) + getattr(c, "expert_parallel_buffers", [])]
-        flags[2] = float(any(not torch.isfinite(b.grad_data.sum()) for b in buffers))
+    from megatron_patch import runtime
+
+    dev = runtime.device()
+    no = torch.zeros((), dtype=torch.bool, device=dev)
+    loss = total[0] if total is not None else None
+    buffers = [b for c in chunks for b in getattr(c, "buffers", []) + getattr(c, "expert_parallel_buffers", [])]
+    sums = [b.grad_data.sum() for b in buffers] if not args.fp16 else []
+    flags = torch.stack([
+        torch.isnan(loss) if loss is not None else no,
+        torch.isinf(loss) if loss is not None else no,
+        ~torch.isfinite(torch.stack(sums)).all() if sums else no,
+    ]).to(torch.float32)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    if not flags.any():
+    nan, inf, bad_grads = flags.tolist()
+    if not (nan or inf or bad_grads):
         return
-    what = "the loss is NaN" if flags[0] else "the loss is Inf" if flags[1] else "gradients hold NaN/Inf values"
+    what = "the loss is NaN" if nan else "the loss is Inf" if inf else "gradients hold NaN/Inf values"
     raise NonFiniteError(f"iteration {iteration}: {what}; stopped before the optimizer step and without saving (the "
                          "last checkpoint saved stays the one --load resumes). Lower --lr or check the data; "
                          "--no-check-for-nan-in-loss-and-grad trains on regardless")
@@ -231,21 +239,15 @@ def train_step(args, chunks: list, optimizer, scheduler, batches: list[dict], it
     return total, grad_norm, ok
 
 
-def moe_load_balancing_loss(args, margs: ModelArgs, config) -> Optional[float]:
-    """The step's load-balancing loss (megatron's tracker: mean over MoE layers and micro-batches, before the
-    coefficient), reduced over PP and DP by megatron's ``track_moe_metrics``; called on every rank."""
+def load_balancing_window(args, margs: ModelArgs, config, device):
+    """The MoE load-balancing loss tracker of this run (None for dense models or without the loss)."""
     if not margs.is_moe or not config.moe_aux_loss_coeff or args.moe_router_load_balancing_type == "none":
         return None
-    from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+    from megatron_patch.training.moe_metrics import LoadBalancingWindow
 
     name = "load_balancing_loss" if args.moe_router_load_balancing_type == "aux_loss" else \
         args.moe_router_load_balancing_type.replace("aux_loss", "load_balancing_loss")
-    out: dict = {}
-    # force_initialize: a stage without MoE layers must still join the reductions.
-    track_moe_metrics(loss_scale=1.0 / args.num_microbatches, iteration=0, total_loss_dict=out,
-                      force_initialize=True, track_names=[name], num_layers=margs.num_layers,
-                      moe_layer_freq=config.moe_layer_freq)
-    return float(out[name]) if name in out else None
+    return LoadBalancingWindow(name, margs.num_layers, config.moe_layer_freq, args.num_microbatches, device)
 
 
 def evaluate(args, chunks: list, dataset, device) -> Optional[float]:
@@ -275,7 +277,11 @@ def evaluate(args, chunks: list, dataset, device) -> Optional[float]:
 def train(args: argparse.Namespace, margs: ModelArgs, chunks: list, optimizer, scheduler, state: TrainState,
           datasets, metrics, save_fn, save_hf_fn=None) -> TrainState:
     """Run iterations ``state.iteration+1 .. --train-iters``; saves through ``save_fn(state)`` (and every
-    ``--save-hf-interval`` iterations through ``save_hf_fn(state)``)."""
+    ``--save-hf-interval`` iterations through ``save_hf_fn(state)``).
+
+    Per-step values (loss, token count, load-balancing loss) stay on the device and are read once per log
+    interval (``_report``): no host sync per step beyond the NaN/Inf check's.
+    """
     from megatron.core import parallel_state as ps
 
     from megatron_patch import runtime
@@ -284,31 +290,28 @@ def train(args: argparse.Namespace, margs: ModelArgs, chunks: list, optimizer, s
     train_ds, valid_ds = datasets[0], datasets[1]
     dev = runtime.device()
     dp_rank = ps.get_data_parallel_rank()
-    tokens_per_step = args.global_batch_size * args.seq_length
-    fpt = flops_per_token(margs, args.seq_length)
-    world = dist.get_world_size()
-    window_start, window_iters = time.perf_counter(), 0
+    balance = load_balancing_window(args, margs, unwrap(chunks[0]).config, dev)
+    window: list[tuple] = []  # (iteration, [loss_sum, tokens] on the device or None, lr, grad_norm, ok)
+    window_start = time.perf_counter()
     while state.iteration < args.train_iters:
         batches = step_batches(train_ds, state.consumed_train_samples, args.micro_batch_size,
                                args.data_parallel_size, dp_rank, args.num_microbatches, dev)
-        total, grad_norm, ok = train_step(args, chunks, optimizer, scheduler, batches, state.iteration + 1)
-        balance = moe_load_balancing_loss(args, margs, unwrap(chunks[0]).config)
+        try:
+            total, grad_norm, ok = train_step(args, chunks, optimizer, scheduler, batches, state.iteration + 1)
+        except NonFiniteError:  # raised on every rank alike: the steps before it are still reported
+            if window:
+                _report(args, margs, metrics, window, balance, window_start)
+            raise
+        if balance is not None:
+            balance.after_step()
         state.iteration += 1
         state.consumed_train_samples += args.global_batch_size
-        window_iters += 1
-        if total is not None:
-            metrics.record_step(state.iteration, loss=(total[0] / total[1].clamp(min=1)).item(),
-                                lr=optimizer.param_groups[0]["lr"],
-                                grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                                tokens=int(total[1].item()), skipped=not ok, load_balancing_loss=balance)
-        if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
-            elapsed = time.perf_counter() - window_start
-            tps = tokens_per_step * window_iters / elapsed
-            metrics.log_window(state.iteration, args.train_iters, tokens_per_second=tps,
-                               tflops_per_gpu=tps * fpt / world / 1e12 if runtime.on_gpu() or args.log_throughput
-                               else None, iteration_time=elapsed / window_iters,
-                               memory_gb=torch.cuda.max_memory_allocated() / 2**30 if runtime.on_gpu() else None)
-            window_start, window_iters = time.perf_counter(), 0
+        window.append((state.iteration, total, optimizer.param_groups[0]["lr"], grad_norm, ok))
+        last = state.iteration == args.train_iters or bool(args.exit_interval
+                                                          and state.iteration % args.exit_interval == 0)
+        if state.iteration % args.log_interval == 0 or last:
+            _report(args, margs, metrics, window, balance, window_start)
+            window, window_start = [], time.perf_counter()
         if args.eval_interval and valid_ds is not None and state.iteration % args.eval_interval == 0:
             val = evaluate(args, chunks, valid_ds, dev)
             metrics.record_eval(state.iteration, val)
@@ -320,3 +323,25 @@ def train(args: argparse.Namespace, margs: ModelArgs, chunks: list, optimizer, s
             break
     return state
 
+
+def _report(args, margs: ModelArgs, metrics, window: list[tuple], balance, window_start: float) -> None:
+    """Read a log window's values from the device (one transfer) and hand them to ``metrics``; every rank
+    calls it (the load-balancing loss is reduced over ranks)."""
+    from megatron_patch import runtime
+
+    balances = balance.flush() if balance is not None else [None] * len(window)
+    totals = [t for _, t, *_ in window if t is not None]
+    if totals:  # the last pipeline stage: [loss_sum, tokens] per step, reduced over DP
+        values = torch.stack([torch.stack([t[0] / t[1].clamp(min=1), t[1]]) for t in totals]).tolist()
+        for (iteration, _, lr, grad_norm, ok), (loss, tokens), lb in zip(window, values, balances):
+            metrics.record_step(iteration, loss=loss, lr=lr,
+                                grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                                tokens=int(tokens), skipped=not ok, load_balancing_loss=lb)
+    elapsed = time.perf_counter() - window_start  # after the reads above: the window's device work is done
+    tps = args.global_batch_size * args.seq_length * len(window) / elapsed
+    fpt = flops_per_token(margs, args.seq_length)
+    metrics.log_window(window[-1][0], args.train_iters, tokens_per_second=tps,
+                       tflops_per_gpu=tps * fpt / dist.get_world_size() / 1e12
+                       if runtime.on_gpu() or args.log_throughput else None,
+                       iteration_time=elapsed / len(window),
+                       memory_gb=torch.cuda.max_memory_allocated() / 2**30 if runtime.on_gpu() else None)

@@ -106,26 +106,27 @@ def read_conversations(paths: list[str], tok, seq_length: int, report: SFTReport
 
 
 def make_sample(convs: list[tuple[list, list]], seq_length: int, pad_id: int, packed: bool) -> dict:
-    """One training sample from one (or, packed, several) conversations."""
-    tokens = torch.full((seq_length,), pad_id, dtype=torch.long)
-    labels = torch.full((seq_length,), pad_id, dtype=torch.long)
-    loss_mask = torch.zeros(seq_length)
-    position_ids = torch.zeros(seq_length, dtype=torch.long)
+    """One training sample from one (or, packed, several) conversations, on the host (moved per step)."""
+    host = torch.device("cpu")
+    tokens = torch.full((seq_length,), pad_id, dtype=torch.long, device=host)
+    labels = torch.full((seq_length,), pad_id, dtype=torch.long, device=host)
+    loss_mask = torch.zeros(seq_length, device=host)
+    position_ids = torch.zeros(seq_length, dtype=torch.long, device=host)
     # True = masked out (megatron-core's convention). Padding attends only to itself.
-    attn = torch.ones(seq_length, seq_length, dtype=torch.bool)
+    attn = torch.ones(seq_length, seq_length, dtype=torch.bool, device=host)
     pos = 0
     for ids, mask in convs:
         n = len(ids) - 1  # inputs ids[:-1] predict labels ids[1:]
         sl = slice(pos, pos + n)
-        tokens[sl] = torch.tensor(ids[:-1])
-        labels[sl] = torch.tensor(ids[1:])
-        loss_mask[sl] = torch.tensor(mask[1:], dtype=torch.float)
-        position_ids[sl] = torch.arange(n)
-        attn[sl, sl] = ~torch.ones(n, n, dtype=torch.bool).tril()
+        tokens[sl] = torch.tensor(ids[:-1], device=host)
+        labels[sl] = torch.tensor(ids[1:], device=host)
+        loss_mask[sl] = torch.tensor(mask[1:], dtype=torch.float, device=host)
+        position_ids[sl] = torch.arange(n, device=host)
+        attn[sl, sl] = ~torch.ones(n, n, dtype=torch.bool, device=host).tril()
         pos += n
     for i in range(pos, seq_length):
         attn[i, i] = False
-    position_ids[pos:] = torch.arange(seq_length - pos)
+    position_ids[pos:] = torch.arange(seq_length - pos, device=host)
     sample = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
     if packed:
         sample["attention_mask"] = attn.unsqueeze(0)  # [1, s, s]
