@@ -40,6 +40,12 @@ On the MoE path (megatron-core 0.16 .. 0.19):
    unequal ones: those two cases are done as an equal-size gather of padded slices, and as an all-reduce
    followed by taking this rank's slice.
 
+On the context-parallel path:
+
+9. ``get_pos_emb_on_this_cp_rank`` (RoPE's per-CP-rank slice) builds its index with ``pin_memory=True``,
+   which raises on a machine without an accelerator: the mode of 2. drops ``pin_memory`` (pinning only
+   speeds up a host-to-device copy that does not happen here).
+
 Fixes that do not depend on the device live in ``runtime/compat.py``.
 """
 
@@ -105,8 +111,8 @@ def _on_device_generator(func, args, kwargs):
 
 
 class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites ``device="cuda"`` (or ``torch.device("cuda", i)``) keyword arguments to CPU, and runs the
-    model's random ops on the device generator (adaptation 4)."""
+    """Rewrites ``device="cuda"`` (or ``torch.device("cuda", i)``) keyword arguments to CPU, drops
+    ``pin_memory=True`` (adaptation 9), and runs the model's random ops on the device generator (adaptation 4)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -114,6 +120,8 @@ class _CudaToCpuMode(TorchFunctionMode):
         cuda_requested = dev is not None and _is_cuda_device(dev)
         if cuda_requested:
             kwargs = dict(kwargs, device=_CPU)
+        if kwargs.get("pin_memory"):  # adaptation 9: no pinned-memory allocator without an accelerator
+            kwargs = dict(kwargs, pin_memory=False)
         # Tensor.to("cuda") / Tensor.to(torch.device("cuda")) passes the device positionally.
         if args and len(args) > 1 and _is_cuda_device(args[1]) and getattr(func, "__name__", "") == "to":
             args = (args[0], _CPU) + tuple(args[2:])
