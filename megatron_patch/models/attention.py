@@ -196,7 +196,7 @@ class SDPAttention(MegatronModule):
             # Causal: let the kernel broadcast groups (flash on GPU, fastest on CPU). With a mask, expand:
             # the GPU memory-efficient kernel (the one taking masks) does not broadcast groups. Head i uses
             # group i // rep in both cases, as megatron's repeat_interleave does.
-            if causal is not False and SDPA_HAS_GQA:
+            if causal is not False and SDPA_HAS_GQA and _broadcasts_groups(q, k, v, kwargs["dropout_p"], causal):
                 kwargs["enable_gqa"] = True
             else:
                 k, v = (t.repeat_interleave(rep, dim=1) for t in (k, v))
@@ -214,3 +214,18 @@ class SDPAttention(MegatronModule):
             # [b, np, 1, hn]; dropout on a uniform row is rare enough to leave out (pad queries only).
             context = torch.where(full_rows, v.mean(dim=2, keepdim=True), context)
         return context
+
+
+def _broadcasts_groups(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, causal: Union[bool, CausalBias]) -> bool:
+    """Whether the kernel serving this causal call may be given grouped K/V (``enable_gqa``).
+
+    A lower-right ``CausalBias`` on CUDA runs flash (which broadcasts groups) or else the memory-efficient
+    kernel with its own lower-right mask type, which does not: given grouped K/V there, torch would
+    materialize an ``sq x sk`` mask for the math kernel, so K/V are expanded instead. On CPU both paths
+    materialize the mask anyway, and broadcasting saves the expanded copy.
+    """
+    if not isinstance(causal, CausalBias) or q.device.type != "cuda":
+        return True
+    from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+    return can_use_flash_attention(SDPAParams(q, k, v, None, dropout_p, False, True))
