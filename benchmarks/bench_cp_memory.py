@@ -87,7 +87,8 @@ def _worker(family: str, seq: int, batch: int, cp: int, hidden: int | None) -> d
     dev = runtime.device()
     cfg = hf_config(family, max_position_embeddings=seq)
     if hidden:  # same heads, wider heads and MLP
-        cfg = hf_config(family, max_position_embeddings=seq, hidden_size=hidden, head_dim=hidden // cfg.num_attention_heads,
+        cfg = hf_config(family, max_position_embeddings=seq, hidden_size=hidden,
+                        head_dim=hidden // cfg.num_attention_heads,
                         intermediate_size=cfg.intermediate_size * hidden // cfg.hidden_size)
     args = args_from_hf(cfg.to_dict())
     model = build_model(args, transformer_config(args, cp=cp, seq_length=seq), transformer_impl="local",
@@ -158,11 +159,12 @@ def main(argv=None) -> int:
         base = base or (saved - masks, peak)
         rows.append([cp, top["tokens"], f"{saved:.1f}", f"{masks:.1f}", f"{saved - masks:.1f}",
                      f"{base[0] / (saved - masks):.2f}x", f"{peak:.1f}", f"{base[1] / peak:.2f}x"])
-        records.append({"family": a.family, "hidden": a.hidden, "seq": a.seq, "batch": a.batch, "cp": cp, "saved_mib": saved,
-                        "cpu_mask_mib": masks, "peak_mib": peak,
+        records.append({"family": a.family, "hidden": a.hidden, "seq": a.seq, "batch": a.batch, "cp": cp,
+                        "saved_mib": saved, "cpu_mask_mib": masks, "peak_mib": peak,
                         "per_rank_saved_mib": [r["saved"] / MIB for r in per_rank],
                         "per_rank_peak_mib": [r["peak"] / MIB for r in per_rank]})
-    print(f"{a.family} (tiny{f', hidden {a.hidden}' if a.hidden else ''}), seq {a.seq}, batch {a.batch}, one forward + backward, largest rank, on "
+    width = f", hidden {a.hidden}" if a.hidden else ""
+    print(f"{a.family} (tiny{width}), seq {a.seq}, batch {a.batch}, one forward + backward, largest rank, on "
           f"{common.device_name()}")
     print(common.format_table(["CP", "tokens/rank", "saved MiB", "masks MiB", "saved - masks", "CP1 / this",
                                "peak MiB", "CP1 / this"], rows))

@@ -12,7 +12,9 @@ megatron-core's schedule, so the gradients compared are the ones DDP reduces ove
 - a packed batch (block-diagonal causal mask, per-rank mask rows from ``split_for_cp``) for Llama at every
   CP layout; the Triton RoPE kernel (interpreter) at CP2;
 - each rank's RoPE table is megatron's full table at ``local_positions`` (every backend gets those freqs),
-  and ``split_for_cp`` equals megatron-core's own ``get_batch_on_this_cp_rank`` on the real CP group.
+  and ``split_for_cp`` equals megatron-core's own ``get_batch_on_this_cp_rank`` on the real CP group;
+- SDPAttention alone at CP2/CP4 vs CP1 (outputs, q/k/v gradients): MHA/GQA/MQA causal, packed mask with a
+  query that sees nothing, sliding windows, bidirectional.
 In-process: split/unsplit inverses, the chunk order, mask derivation from segment ids, bad inputs.
 """
 
@@ -156,7 +158,7 @@ def _rope_and_split_checks(model, cp: int, cp_rank: int) -> float:
     mine = rot(S)
     full = rot.get_emb(S)[cps.local_positions(S, cp, cp_rank)]
     diff = (mine - full).abs().max().item()
-    data = {k: v for k, v in batch(packed=True).items()}
+    data = batch(packed=True)
     kw = {"is_hybrid_cp": False} if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters else {}
     theirs = get_batch_on_this_cp_rank(dict(data), cp_group=ps.get_context_parallel_group(), **kw)
     ours = cps.split_for_cp(data, cp, cp_rank)
@@ -171,20 +173,20 @@ def _module_checks(cp: int, cp_rank: int) -> dict:
     """SDPAttention at CP vs at CP 1 on random q/k/v: outputs and q/k/v gradients, per mask kind."""
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.utils import get_sliding_window_causal_mask
 
     from megatron_patch.models.attention import SDPAttention
-    from megatron.core.transformer.utils import get_sliding_window_causal_mask
 
     hn, diffs = 8, {}
     g = torch.Generator().manual_seed(3)
     packed = cps.packed_attention_mask(segments())
     packed[1, 0, S - 1] = True  # a query that sees nothing: megatron averages over all keys
-    cases = [("mha-causal", 4, 4, AttnMaskType.causal, None, None), ("gqa-causal", 4, 2, AttnMaskType.causal, None,
-             None), ("mqa-causal", 4, 1, AttnMaskType.causal, None, None),
-             ("gqa-packed", 4, 2, AttnMaskType.causal, None, packed),
-             ("gqa-window", 4, 2, AttnMaskType.causal, (3, 0), None),
-             ("gqa-window-both-sides", 4, 2, AttnMaskType.causal, (2, 5), None),
-             ("gqa-bidirectional", 4, 2, AttnMaskType.no_mask, None, None)]
+    causal, bidirectional = AttnMaskType.causal, AttnMaskType.no_mask
+    # (name, heads, groups, mask type, sliding window, explicit mask)
+    cases = [("mha-causal", 4, 4, causal, None, None), ("gqa-causal", 4, 2, causal, None, None),
+             ("mqa-causal", 4, 1, causal, None, None), ("gqa-packed", 4, 2, causal, None, packed),
+             ("gqa-window", 4, 2, causal, (3, 0), None), ("gqa-window-both-sides", 4, 2, causal, (2, 5), None),
+             ("gqa-bidirectional", 4, 2, bidirectional, None, None)]
     for name, heads, groups, mask_type, window, mask in cases:
         q = torch.randn(S, B, heads, hn, generator=g)
         k, v = (torch.randn(S, B, groups, hn, generator=g) for _ in range(2))
