@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_patch.checkpointing.placement import stage_sizes
+from megatron_patch.models import context_parallel as cp_split
 from megatron_patch.models import rope as rope_math
 from megatron_patch.models.config import ModelArgs, transformer_config_fields
 
@@ -64,12 +65,21 @@ def transformer_config(
     ep: int = 1,
     etp: Optional[int] = None,
     moe_token_dispatcher_type: str = "alltoall",
+    cp: int = 1,
+    cp_comm_type: Optional[str] = None,
+    seq_length: Optional[int] = None,
     **overrides,
 ):
-    """A megatron-core ``TransformerConfig`` for Llama/Qwen-style decoders (dense or MoE)."""
+    """A megatron-core ``TransformerConfig`` for Llama/Qwen-style decoders (dense or MoE).
+
+    ``cp`` is the context parallel size; ``cp_comm_type`` Megatron-LM's ``--cp-comm-type`` (for Transformer
+    Engine's attention; the local spec always all-gathers K/V). ``seq_length``, when given, is checked
+    against the layout (a multiple of 2 x CP, x TP with sequence parallelism).
+    """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    check_parallel_layout(args, tp, pp, vpp, first_stage_layers, last_stage_layers)
+    check_parallel_layout(args, tp, pp, vpp, first_stage_layers, last_stage_layers, cp=cp, seq_length=seq_length,
+                          sequence_parallel=sequence_parallel)
     on_gpu = torch.cuda.is_available()
     kw = dict(
         **transformer_config_fields(args),
@@ -81,6 +91,8 @@ def transformer_config(
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        cp_comm_type=cp_split.resolve_cp_comm_type(cp_comm_type) if cp > 1 else None,
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=tp if etp is None else etp,
         virtual_pipeline_model_parallel_size=vpp,
@@ -146,6 +158,17 @@ def layer_spec(args: ModelArgs, config, transformer_impl: str, attention_impl: s
     if attention_impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
     te = resolve_transformer_impl(transformer_impl) == "transformer_engine"
+    cp = config.context_parallel_size
+    if cp > 1 and not te and attention_impl == "dot_product":
+        raise ValueError(f"context parallelism (context parallel size {cp}) needs attention_impl 'sdpa' (or "
+                         "'auto') or the Transformer Engine spec: megatron's DotProductAttention cannot serve it")
+    if te and cp > 1 and config.cp_comm_type == "a2a+p2p":
+        from megatron.core import parallel_state
+
+        if parallel_state.get_hierarchical_context_parallel_groups(check_initialized=False) is None:
+            raise ValueError("cp_comm_type 'a2a+p2p' needs hierarchical context parallel groups "
+                             "(--hierarchical-context-parallel-sizes); initialize with them or use p2p / a2a / "
+                             "all_gather")
     if te and not args.is_moe:
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=args.qk_layernorm)
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization="RMSNorm",
@@ -274,14 +297,22 @@ def check_parallel_layout(
     last_stage_layers: Optional[int] = None,
     ep: int = 1,
     etp: Optional[int] = None,
+    cp: int = 1,
+    seq_length: Optional[int] = None,
+    sequence_parallel: bool = False,
 ) -> None:
-    """Reject a TP/PP/EP layout the model cannot be split into, with a message naming the problem.
+    """Reject a TP/PP/EP/CP layout the model cannot be split into, with a message naming the problem.
 
-    Called before any process group or tensor work, by the converter and the trainer alike.
+    Called before any process group or tensor work, by the converter and the trainer alike. The sequence
+    length rule (2 x CP chunks, x TP under sequence parallelism) applies when ``seq_length`` is given.
     """
     heads, groups = args.num_attention_heads, args.num_query_groups
     if tp < 1:
         raise ValueError(f"tensor parallel size must be >= 1, got {tp}")
+    if cp < 1:
+        raise ValueError(f"context parallel size must be >= 1, got {cp}")
+    if seq_length is not None:
+        cp_split.check_cp_layout(seq_length, cp, tp, sequence_parallel)
     if heads % tp:
         raise ValueError(f"num_attention_heads {heads} is not divisible by tensor parallel size {tp}")
     # megatron-core splits query groups across TP ranks; with TP > groups each group spans TP/groups ranks.

@@ -57,10 +57,13 @@ def initialize(
     etp: Optional[int] = None,
     seed: int = 1234,
     timeout_minutes: int = 30,
+    hierarchical_cp_sizes: Optional[list[int]] = None,
 ) -> None:
     """Initialize torch.distributed from torchrun's environment and megatron's parallel state.
 
     A single process without torchrun variables is treated as world size 1 (rank 0 on localhost).
+    ``hierarchical_cp_sizes`` (Megatron-LM's ``--hierarchical-context-parallel-sizes``, product = ``cp``)
+    creates the inner/outer CP groups Transformer Engine's ``a2a+p2p`` attention needs.
     """
     from megatron.core import parallel_state
 
@@ -86,6 +89,9 @@ def initialize(
         raise ValueError(
             f"world size {world} is not divisible by tensor ({tp}) x pipeline ({pp}) x context ({cp}) parallel sizes"
         )
+    if hierarchical_cp_sizes is not None and int(np.prod(hierarchical_cp_sizes)) != cp:
+        raise ValueError(f"hierarchical context parallel sizes {list(hierarchical_cp_sizes)} must multiply to the "
+                         f"context parallel size {cp}")
     etp = tp if etp is None else etp
     if world % (etp * ep * pp) != 0:
         raise ValueError(f"world size {world} is not divisible by expert tensor ({etp}) x expert ({ep}) x "
@@ -97,6 +103,7 @@ def initialize(
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
         context_parallel_size=cp,
+        hierarchical_context_parallel_sizes=hierarchical_cp_sizes,
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
     )

@@ -19,22 +19,23 @@ def fix_missing_te_names() -> None:
         moe_utils.te_general_gemm = None
 
 
-def aux_loss_coeff_scale(tp: int) -> int:
-    """Factor for ``moe_aux_loss_coeff`` that makes the load-balancing loss weigh what it should at TP > 1.
+def aux_loss_coeff_scale(tp: int, cp: int = 1) -> int:
+    """Factor for ``moe_aux_loss_coeff`` that makes the load-balancing loss weigh what it should at TP x CP > 1.
 
     With ``calculate_per_token_loss`` megatron-core scales each rank's aux loss by its local token count so
     that the division by the global token count cancels. Under sequence parallelism the router sees 1/TP of
-    the tokens, so up to megatron-core 0.18 the aux-loss gradient came out TP times too small (measured on
-    0.16.1: a TP=2 run matches a reference with half the coefficient, bit for bit). 0.19 multiplies by the
-    TP/CP group size itself (``attach_and_log_load_balancing_loss``); there the factor is 1. The logged
+    the tokens, and under context parallelism 1/CP of them, so up to megatron-core 0.18 the aux-loss gradient
+    came out TP x CP times too small (measured on 0.16.1: a TP=2 run matches a reference with half the
+    coefficient, bit for bit; CP=2 and CP=4 likewise, ``tests/test_context_parallel.py``). 0.19 multiplies by
+    the TP x CP group size itself (``attach_and_log_load_balancing_loss``); there the factor is 1. The logged
     load-balancing loss (aux / coeff) is unaffected either way.
     """
-    if tp == 1:
+    if tp * cp == 1:
         return 1
     from megatron.core.transformer.moe.router import TopKRouter
 
     source = inspect.getsource(TopKRouter.attach_and_log_load_balancing_loss)
-    return 1 if "tp_cp_group.size()" in source else tp
+    return 1 if "tp_cp_group.size()" in source else tp * cp
 
 
 def torch_dist_load_kwargs() -> dict:

@@ -40,6 +40,12 @@ On the MoE path (megatron-core 0.16 .. 0.19):
    unequal ones: those two cases are done as an equal-size gather of padded slices, and as an all-reduce
    followed by taking this rank's slice.
 
+On the context-parallel path:
+
+9. ``get_pos_emb_on_this_cp_rank`` (RoPE's per-CP-rank slice) builds its index with ``pin_memory=True``,
+   which raises on a machine without an accelerator: the mode of 2. drops ``pin_memory`` (pinning only
+   speeds up a host-to-device copy that does not happen here).
+
 With ``MEGATRON_PATCH_STRICT_DEVICE=1`` (the test suite) "the GPU" is ``cpu:0`` and host tensors made by this
 project are refused by collectives (``runtime/strict_device.py``): the CPU suite's guard against tensors that
 NCCL would refuse on a GPU.
@@ -114,13 +120,15 @@ def _on_device_generator(func, args, kwargs):
 
 
 class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites ``device="cuda"`` (or ``torch.device("cuda", i)``) keyword arguments to CPU, and runs the
-    model's random ops on the device generator (adaptation 4)."""
+    """Rewrites ``device="cuda"`` (or ``torch.device("cuda", i)``) keyword arguments to CPU, drops
+    ``pin_memory=True`` (adaptation 9), and runs the model's random ops on the device generator (adaptation 4)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         dev = kwargs.get("device")
         cuda_requested = dev is not None and _is_cuda_device(dev)
+        if kwargs.get("pin_memory"):  # adaptation 9: no pinned-memory allocator without an accelerator
+            kwargs = dict(kwargs, pin_memory=False)
         if getattr(func, "__name__", "") == "to":
             # Tensor.to("cuda") (the device may be positional): the tensor itself, never a copy, as for a tensor
             # already on the GPU; megatron keeps references that a copy would orphan.

@@ -69,13 +69,10 @@ def to_device(t: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def _is_host_device(dev) -> bool:
-    if dev is None:
-        return True
-    try:
-        d = torch.device(dev)
-    except (TypeError, RuntimeError):
-        return False
-    return d.type == "cpu" and d.index is None
+    """No device, or the string ``"cpu"``: a host tensor by intent. A ``torch.device`` object is taken as the
+    run's device: it usually comes from ``some_tensor.device``, which on a CPU machine reads ``cpu`` even for
+    the accelerator's ``cpu:0`` tensors (host-ness of such code is followed through its inputs instead)."""
+    return dev is None or (isinstance(dev, str) and dev == "cpu")
 
 
 def _tensors(values: Iterable) -> Iterable[torch.Tensor]:
