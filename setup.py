@@ -25,8 +25,11 @@ setup(
     ],
     extras_require={
         # six: imported by Megatron-LM's trainer (scripts/test_megatron_lm.sh runs tests against a checkout).
-        "test": ["pytest", "triton", "matplotlib", "tensorboard", "six"],
-        "gpu": ["transformer-engine[pytorch]"],
+        # liger-kernel: its Triton kernels are tested on CPU through Triton's interpreter (tests/test_liger.py).
+        "test": ["pytest", "triton", "matplotlib", "tensorboard", "six", "liger-kernel"],
+        # Without Transformer Engine, Liger's SwiGLU / cross-entropy kernels are the fused path (fusions/liger.py).
+        "gpu": ["liger-kernel"],
+        "te": ["transformer-engine[pytorch]"],
     },
     entry_points={"console_scripts": ["mpatch-convert=toolkits.checkpoint.__main__:main"]},
 )

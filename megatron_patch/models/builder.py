@@ -211,15 +211,19 @@ def build_model(
     post_process: Optional[bool] = None,
     attention_impl: str = "auto",
     pg_collection=None,
+    liger_kernels: frozenset = frozenset(),
 ):
     """One ``GPTModel`` chunk for this rank (and virtual stage ``vp_stage`` when interleaving).
 
     ``attention_impl`` picks the local spec's core attention: ``auto``/``sdpa`` (torch fused SDPA) or
     ``dot_product`` (megatron's DotProductAttention); the Transformer Engine spec ignores it.
+    ``liger_kernels`` (``fusions.liger.resolve``): Liger's SwiGLU (with ``config.bias_activation_fusion``) and
+    vocab-parallel cross entropy.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
+    from megatron_patch.fusions import liger
     from megatron_patch.fusions import rope as fused_rope
 
     ignore_virtual = vp_stage is None
@@ -228,6 +232,8 @@ def build_model(
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=ignore_virtual, vp_stage=vp_stage)
     config.apply_rope_fusion = fused_rope.configure(rope_impl)
+    if liger_kernels or liger.active_swiglu():
+        liger.configure_swiglu("swiglu" in liger_kernels)
     if args.is_moe:  # the TE spec's experts are a grouped GEMM, the local spec's a SequentialMLP
         config.moe_grouped_gemm = resolve_transformer_impl(transformer_impl) == "transformer_engine"
     tp = config.tensor_model_parallel_size
@@ -247,6 +253,8 @@ def build_model(
     install_rope_frequencies(model, args)
     if post_process:
         mask_vocab_padding(model, args.vocab_size)
+        if "cross_entropy" in liger_kernels:
+            liger.use_cross_entropy(model)
     return model
 
 
