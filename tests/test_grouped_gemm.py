@@ -356,6 +356,24 @@ def test_builder_default_and_explicit_choice(moe_models):
     assert default_moe_grouped_gemm(torch.float32) is False  # only bf16 on a fused-kernel GPU
 
 
+def test_which_resumes_carry_optimizer_state_across_expert_modules():
+    """Only torch_dist with the non-distributed optimizer keeps optimizer state by name; checkpoints without the
+    record (earlier ones here, Megatron-LM's) are read from transformer_impl / moe_grouped_gemm."""
+    from argparse import Namespace
+
+    from megatron_patch.checkpointing.megatron_args import experts_resume_problem, saved_experts_impl
+
+    ours = Namespace(num_experts=8, transformer_impl="local", moe_grouped_gemm=False, moe_experts_impl="TorchGroupedMLP")
+    old = Namespace(num_experts=8, transformer_impl="local", moe_grouped_gemm=False)
+    te = Namespace(num_experts=8, transformer_impl="transformer_engine", moe_grouped_gemm=True)
+    assert [saved_experts_impl(n) for n in (ours, old, te)] == ["TorchGroupedMLP", "SequentialMLP", "TEGroupedMLP"]
+    assert experts_resume_problem(ours, "TorchGroupedMLP", "torch", True) is None
+    assert experts_resume_problem(old, "TorchGroupedMLP", "torch_dist", False) is None
+    for fmt, dist_opt in (("torch", False), ("torch", True), ("torch_dist", True)):
+        assert "SequentialMLP" in experts_resume_problem(old, "TorchGroupedMLP", fmt, dist_opt)
+    assert experts_resume_problem(Namespace(num_experts=None), "TorchGroupedMLP", "torch", True) is None  # dense
+
+
 # ----------------------------------------------------------------------------- GPU (skipped without CUDA)
 
 
@@ -388,7 +406,59 @@ def _gpu_worker():
         out["cases"][name] = {"rel": rel, "used_kernel": grouped_mm.kernel_usable(x0, w0),
                               "empty_grad_zero": all(torch.count_nonzero(res["kernel"][2][e]) == 0 for e in empty),
                               "finite": all(bool(torch.isfinite(t).all()) for t in res["kernel"])}
+    out["module"] = _gpu_module_check(counts_big)
     return out
+
+
+def _gpu_module_check(counts: torch.Tensor) -> dict:
+    """TorchGroupedMLP vs SequentialMLP in bf16 at Qwen3-30B-A3B's expert shapes on one GPU (weights copied
+    through the state dict); the grouped forward + backward with host token counts (what megatron's dispatchers
+    hand over) must not synchronize with the host."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megatron_patch import runtime
+    from megatron_patch.fusions import grouped_mm
+    from megatron_patch.models.builder import transformer_config
+    from megatron_patch.models.experts import TorchGroupedMLP
+    from megatron_patch.models.family import args_from_hf
+    from megatron_patch.testing.tiny_models import hf_config
+
+    runtime.initialize(1, 1, seed=3)
+    args = args_from_hf(hf_config("qwen3-moe", hidden_size=2048, moe_intermediate_size=768, num_experts=128,
+                                  num_experts_per_tok=8).to_dict())
+    config = transformer_config(args, params_dtype=torch.bfloat16, moe_grouped_gemm=True)
+    pg = get_default_pg_collection()
+    subs = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear, activation_func=None)
+    seq = SequentialMLP(128, config, subs, pg_collection=pg)
+    grouped = TorchGroupedMLP(128, config, pg_collection=pg)
+    grouped.load_state_dict(seq.state_dict(), strict=True)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x0 = torch.randn(int(counts.sum()), 2048, generator=g).to("cuda", torch.bfloat16)
+    probs = torch.rand(int(counts.sum()), generator=g).cuda()
+    grad = torch.randn(int(counts.sum()), 2048, generator=g).to("cuda", torch.bfloat16)
+    res = []
+    for m in (seq, grouped):
+        x = x0.clone().requires_grad_()
+        y, _ = m(x, counts.clone(), probs)
+        y.backward(grad)
+        dw = m.fc1_weight.grad if m is grouped else torch.stack([e.linear_fc1.weight.grad for e in m.local_experts])
+        res.append((y.float(), x.grad.float(), dw.float()))
+    rel = [((a - b).norm() / b.norm()).item() for a, b in zip(res[1], res[0])]
+    x = x0.clone().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y, _ = grouped(x, counts.clone(), probs)
+        y.backward(grad)
+        no_sync = True
+    except RuntimeError as e:
+        no_sync = str(e).splitlines()[0]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return {"rel": rel, "no_sync": no_sync, "kernel": grouped_mm.kernel_usable(x0, grouped.fc1_weight)}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -401,5 +471,10 @@ def test_grouped_mm_on_gpu():
         print(f"  {name}: rel(out, dx, dw) {['%.1e' % r for r in c['rel']]} kernel={c['used_kernel']}")
         assert c["finite"] and c["empty_grad_zero"], (name, c)
         assert max(c["rel"]) <= 1e-2, (name, c["rel"])  # bf16 rounding of the same sums in another order
+    m = res["module"]
+    print(f"  TorchGroupedMLP vs SequentialMLP bf16 rel(out, dx, dw_fc1) {['%.1e' % r for r in m['rel']]}, "
+          f"kernel={m['kernel']}, no host sync={m['no_sync']}")
+    assert max(m["rel"]) <= 1e-2, m
     if res["capability"][0] in (9, 10):
-        assert res["fast"] and res["cases"]["fc1"]["used_kernel"]
+        assert res["fast"] and res["cases"]["fc1"]["used_kernel"] and m["kernel"]
+        assert m["no_sync"] is True, m["no_sync"]

@@ -122,7 +122,7 @@ class TorchGroupedMLP(MegatronModule):
         return (h * probs.unsqueeze(-1)).to(h.dtype)
 
     def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor,
-                permuted_probs: torch.Tensor, **unused):
+                permuted_probs: torch.Tensor):
         """``[tokens, hidden]`` sorted by local expert -> ``([tokens, hidden], None)`` (partial sums over ETP)."""
         x, probs = permuted_local_hidden_states, permuted_probs
         if self.config.moe_apply_probs_on_input:
