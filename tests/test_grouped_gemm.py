@@ -461,6 +461,7 @@ def _gpu_module_check(counts: torch.Tensor) -> dict:
     return {"rel": rel, "no_sync": no_sync, "kernel": grouped_mm.kernel_usable(x0, grouped.fc1_weight)}
 
 
+@pytest.mark.gpu  # gpu_check.sh selects the GPU tests with -m gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_grouped_mm_on_gpu():
     """bf16 on CUDA: torch's grouped kernel equals the per-expert loop (fwd, dgrad, wgrad), experts without tokens
