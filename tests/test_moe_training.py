@@ -25,10 +25,14 @@ BETAS, EPS, RTOL = (0.9, 0.95), 1e-8, 1e-5
 FAMILY = "qwen3-moe"
 
 # name: (extra trainer args, micro-batch size)
+TP2_SP_EP2 = ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-model-parallel-size", "2"]
 LAYOUTS = {
     "ep2_dp4": (["--expert-model-parallel-size", "2"], 1),
-    "tp2_sp_ep2": (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-model-parallel-size", "2"], 1),
+    "tp2_sp_ep2": (TP2_SP_EP2, 1),
     "pp2_ep2": (["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2"], 2),
+    # Grouped-GEMM experts (models/experts.py) in place of SequentialMLP.
+    "ep2_dp4_grouped": (["--expert-model-parallel-size", "2", "--moe-grouped-gemm"], 1),
+    "tp2_sp_ep2_grouped": (TP2_SP_EP2 + ["--moe-grouped-gemm"], 1),
 }
 
 
@@ -69,6 +73,21 @@ def _trainer_worker(ckpt, tmp):
         job(base + ["--metrics-file", f"{d}/full.jsonl"])
         job(base + ["--save", f"{d}/ckpt", "--exit-interval", "2", "--metrics-file", f"{d}/first.jsonl"])
         job(base + ["--load", f"{d}/ckpt", "--save", f"{d}/ckpt", "--metrics-file", f"{d}/second.jsonl"])
+    # SequentialMLP <-> grouped experts, torch_dist with the non-distributed optimizer (its state is kept by
+    # tensor name): Sequential 2 iterations, grouped 2 (and --save-hf), Sequential 2 == Sequential 6 straight.
+    x = os.path.join(tmp, "exchange")
+    base = ["--model-config", ckpt, "--mock-data", "--seq-length", str(SEQ), "--global-batch-size", str(GBS),
+            "--train-iters", "6", "--lr", "1e-2", "--transformer-impl", "local", "--rope-impl", "torch",
+            *TP2_SP_EP2, "--ckpt-format", "torch_dist", "--log-interval", "100", "--seed", "3"]
+    job(base + ["--no-moe-grouped-gemm", "--metrics-file", f"{x}/full.jsonl"])
+    job(base + ["--no-moe-grouped-gemm", "--save", f"{x}/seq", "--exit-interval", "2", "--metrics-file", f"{x}/a.jsonl"])
+    job(base + ["--moe-grouped-gemm", "--load", f"{x}/seq", "--save", f"{x}/grouped", "--exit-interval", "4",
+                "--save-hf", f"{x}/grouped_hf", "--metrics-file", f"{x}/b.jsonl"])
+    job(base + ["--no-moe-grouped-gemm", "--load", f"{x}/grouped", "--metrics-file", f"{x}/c.jsonl"])
+    # Grouped experts with the distributed optimizer in the torch format: 2 + 4 iterations.
+    dist_opt = ["--ckpt-format", "torch", "--use-distributed-optimizer", "--moe-grouped-gemm"]
+    job(base + dist_opt + ["--save", f"{x}/grouped_torch", "--exit-interval", "2", "--metrics-file", f"{x}/d.jsonl"])
+    job(base + dist_opt + ["--load", f"{x}/grouped_torch", "--metrics-file", f"{x}/e.jsonl"])
     # Weights across layouts: the TP2 x EP2 training checkpoint fine-tuned at EP4 and at TP1 x EP1.
     for name, extra in (("ft_ep4", ["--expert-model-parallel-size", "4"]), ("ft_ep1", [])):
         job(_argv(os.path.join(tmp, "resume_torch", "ckpt"), os.path.join(tmp, f"{name}.jsonl"), extra, 1))
@@ -188,3 +207,63 @@ def test_moe_finetune_across_layouts(runs):
     first = {n: _rows(os.path.join(runs["tmp"], f"{n}.jsonl"))[0]["loss"] for n in ("ft_ep4", "ft_ep1", "ft_same")}
     assert abs(first["ft_ep4"] - first["ft_same"]) <= 1e-5 * abs(first["ft_same"]), first
     assert abs(first["ft_ep1"] - first["ft_same"]) <= 1e-5 * abs(first["ft_same"]), first
+
+
+@pytest.mark.parametrize("layout", ["ep2_dp4", "tp2_sp_ep2"])
+def test_grouped_experts_train_as_sequential_mlp(runs, layout):
+    """Same losses (LM and load-balancing) with grouped-GEMM experts as with megatron's SequentialMLP."""
+    seq, grouped = (_rows(os.path.join(runs["tmp"], f"{name}.jsonl")) for name in (layout, layout + "_grouped"))
+    assert len(seq) == len(grouped) == ITERS
+    for key in ("loss", "load_balancing_loss"):
+        a, b = [r[key] for r in seq], [r[key] for r in grouped]
+        assert max(abs(x - y) / abs(x) for x, y in zip(a, b)) <= 1e-6, (key, a, b)
+
+
+def _exchange(runs, name):
+    return [r["loss"] for r in _rows(os.path.join(runs["tmp"], "exchange", f"{name}.jsonl"))]
+
+
+def test_resume_exchanges_sequential_and_grouped_experts(runs):
+    """torch_dist + the non-distributed optimizer: Sequential -> grouped -> Sequential resumes continue the
+    straight Sequential run (weights and Adam state carried over exactly; the GEMMs agree to fp32 rounding)."""
+    full, parts = _exchange(runs, "full"), [_exchange(runs, k) for k in ("a", "b", "c")]
+    assert [len(p) for p in parts] == [2, 2, 2] and len(full) == 6
+    got = parts[0] + parts[1] + parts[2]
+    assert max(abs(x - y) / abs(x) for x, y in zip(full, got)) <= 1e-6, (full, got)
+    # Grouped experts with the distributed optimizer, torch format, resumed by themselves.
+    d, e = _exchange(runs, "d"), _exchange(runs, "e")
+    assert len(d) == 2 and len(e) == 4
+    assert max(abs(x - y) / abs(x) for x, y in zip(full, d + e)) <= 1e-6, (full, d + e)
+
+
+def test_converter_and_save_hf_agree_on_a_grouped_checkpoint(runs, tmp_path):
+    """The torch_dist checkpoint grouped experts wrote (iteration 4) converts to the HF model their --save-hf
+    wrote, bit for bit; the torch-format rank files they wrote carry SequentialMLP's names."""
+    from megatron_patch.checkpointing.megatron_format import load_torch_rank
+    from megatron_patch.testing.compare import assert_same_tensors, hf_tensors
+    from toolkits.checkpoint.convert import mcore2hf
+
+    x = os.path.join(runs["tmp"], "exchange")
+    assert_same_tensors(hf_tensors(mcore2hf(os.path.join(x, "grouped"), str(tmp_path / "hf"))),
+                        hf_tensors(os.path.join(x, "grouped_hf")))
+    model = load_torch_rank(os.path.join(x, "grouped_torch"), 2, 0, 0, 1, ep_rank=1, ep=2)["model"]
+    names = [k for k in model if k.startswith("decoder.layers.0.mlp.experts.")]
+    assert len(names) == 4 * 4 and "decoder.layers.0.mlp.experts.local_experts.3.linear_fc2.weight" in names
+
+
+def test_resume_refuses_optimizer_state_of_another_expert_module(runs, monkeypatch):
+    """Optimizer state laid out by parameter (torch format; the distributed optimizer) does not carry over
+    between SequentialMLP and grouped experts: refused before any process starts, weights-only loads pass."""
+    from megatron_patch.pretrain import StartupError, prepare
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    x = os.path.join(runs["tmp"], "exchange")
+    base = ["--mock-data", "--seq-length", str(SEQ), "--global-batch-size", str(GBS), "--train-iters", "6",
+            "--lr", "1e-2", "--transformer-impl", "local", *TP2_SP_EP2, "--seed", "3"]
+    for load, extra in ((f"{x}/seq", ["--moe-grouped-gemm", "--use-distributed-optimizer"]),
+                        (f"{x}/grouped_torch", ["--no-moe-grouped-gemm", "--use-distributed-optimizer"])):
+        with pytest.raises(StartupError, match="SequentialMLP.*TorchGroupedMLP|TorchGroupedMLP.*SequentialMLP"):
+            prepare(base + ["--load", load] + extra)
+    prepare(base + ["--load", f"{x}/grouped_torch", "--no-moe-grouped-gemm", "--use-distributed-optimizer",
+                    "--no-load-optim"])
+    prepare(base + ["--load", f"{x}/seq", "--moe-grouped-gemm"])  # torch_dist, non-distributed optimizer

@@ -160,7 +160,6 @@ def test_two_nodes_match_one_node(runs, model_config, tmp_path):
 BAD = [
     (["--global-batch-size", "6", "--micro-batch-size", "4"], "not divisible by micro-batch size"),
     (["--sequence-parallel"], "--sequence-parallel needs"),
-    (["--moe-grouped-gemm", "--transformer-impl", "local"], "needs Transformer Engine layers"),
     (["--expert-model-parallel-size", "3"], "not divisible by expert TP"),
     (["--moe-layer-freq", "__import__('os')"], "neither an integer nor a list"),
     (["--tensor-model-parallel-size", "3"], "world size 4 is not divisible"),

@@ -106,3 +106,50 @@ def from_namespace(ns: argparse.Namespace, hf_config: Optional[str] = None,
 
         return model_args_from_megatron_lm(ns, hf_config, ckpt_dir)
     return ModelArgs.from_dict(d)
+
+
+# ----------------------------------------------------------------------------- which module held the experts
+
+# The MoE expert modules whose checkpoints hold the same weights under the same names but whose optimizer
+# state, where it is laid out by parameter (rather than by name), differs: SequentialMLP has one parameter per
+# expert and projection, TorchGroupedMLP (models/experts.py) one stacked parameter per projection.
+EXPERT_IMPLS = ("SequentialMLP", "TorchGroupedMLP", "TEGroupedMLP")
+
+
+def experts_impl(transformer_impl: str, moe_grouped_gemm: bool) -> str:
+    """The expert module a run builds: TE's grouped MLP on TE layers, else ours or megatron's SequentialMLP."""
+    if transformer_impl == "transformer_engine":
+        return "TEGroupedMLP" if moe_grouped_gemm else "SequentialMLP"
+    return "TorchGroupedMLP" if moe_grouped_gemm else "SequentialMLP"
+
+
+def saved_experts_impl(ns: argparse.Namespace) -> str:
+    """The expert module that wrote a checkpoint: ``moe_experts_impl`` when written here, else what the args say
+    (earlier checkpoints here, and Megatron-LM's local spec without a grouped GEMM, used SequentialMLP)."""
+    saved = getattr(ns, "moe_experts_impl", None)
+    if saved:
+        return saved
+    impl = getattr(ns, "transformer_impl", "local")
+    return experts_impl(impl, bool(getattr(ns, "moe_grouped_gemm", False)))
+
+
+def experts_resume_problem(ns: argparse.Namespace, run_impl: str, ckpt_format: str,
+                           distributed_optimizer: bool) -> Optional[str]:
+    """Why this run cannot resume the checkpoint's optimizer state with its expert module, or None.
+
+    Weights interchange between SequentialMLP and grouped experts (same names, same torch_dist tensors), and so
+    does the optimizer state torch_dist keeps per named tensor (the non-distributed optimizer). Optimizer state
+    kept per parameter position does not: torch's Adam state by parameter index (torch format), and the
+    distributed optimizer's flat buffers (both formats), where one stacked parameter and per-expert ones sit in
+    a different order. Loading it would fail, or worse, silently give Adam moments to the wrong weights.
+    """
+    if not getattr(ns, "num_experts", None):  # a dense model
+        return None
+    saved = saved_experts_impl(ns)
+    if saved == run_impl or (ckpt_format == "torch_dist" and not distributed_optimizer):
+        return None
+    where = "the distributed optimizer's buffers" if distributed_optimizer else "torch's per-parameter-index state"
+    return (f"the checkpoint's MoE experts were a {saved}, this run builds a {run_impl}: their optimizer state "
+            f"({where}) is laid out by parameter and does not carry over. Resume with the same expert module "
+            f"(--moe-grouped-gemm / --no-moe-grouped-gemm), or load the weights only (--no-load-optim or "
+            f"--finetune); the non-distributed optimizer's torch_dist state carries over exactly")

@@ -4,7 +4,9 @@ Everything here is a direct use of megatron-core's public pieces: ``TransformerC
 layer specs (Transformer Engine or local), ``GPTModel``. Two things are added on top:
 - the rotary inverse frequencies of the HF config (``models/rope.py``) replace megatron's own, which
   cannot express every llama3 parameter;
-- the RoPE kernel is chosen by ``fusions.rope`` (TE / apex / Triton / torch).
+- the RoPE kernel is chosen by ``fusions.rope`` (TE / apex / Triton / torch);
+- on the local spec, MoE experts can be one grouped GEMM per projection (``models/experts.py``) instead of
+  megatron's SequentialMLP (``moe_grouped_gemm``; on by default where torch has a fast grouped GEMM).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def transformer_config(
     cp: int = 1,
     cp_comm_type: Optional[str] = None,
     seq_length: Optional[int] = None,
+    moe_grouped_gemm: Optional[bool] = None,
     **overrides,
 ):
     """A megatron-core ``TransformerConfig`` for Llama/Qwen-style decoders (dense or MoE).
@@ -75,6 +78,8 @@ def transformer_config(
     ``cp`` is the context parallel size; ``cp_comm_type`` Megatron-LM's ``--cp-comm-type`` (for Transformer
     Engine's attention; the local spec always all-gathers K/V). ``seq_length``, when given, is checked
     against the layout (a multiple of 2 x CP, x TP with sequence parallelism).
+    ``moe_grouped_gemm``: experts as grouped GEMMs (None: ``default_moe_grouped_gemm``). The Transformer Engine
+    spec always uses TE's grouped MLP (``build_model`` sets it).
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -114,7 +119,8 @@ def transformer_config(
         apply_rope_fusion=False,
     )
     if args.is_moe:
-        kw.update(moe_config(args, moe_token_dispatcher_type))
+        grouped = default_moe_grouped_gemm(params_dtype) if moe_grouped_gemm is None else moe_grouped_gemm
+        kw.update(moe_config(args, moe_token_dispatcher_type), moe_grouped_gemm=grouped)
     kw.update(overrides)
     return TransformerConfig(**kw)
 
@@ -137,8 +143,16 @@ def moe_config(args: ModelArgs, dispatcher: str) -> dict:
         moe_expert_capacity_factor=None,  # no token dropping: every token reaches its top-k experts, as in HF
         moe_token_dispatcher_type=dispatcher,
         moe_router_dtype="fp32",  # HF computes the routing softmax in fp32
-        moe_grouped_gemm=False,  # build_model sets it to follow the layer spec (TE: grouped GEMM)
     )
+
+
+def default_moe_grouped_gemm(params_dtype: torch.dtype) -> bool:
+    """Grouped-GEMM experts by default where they are faster than SequentialMLP: bf16 on a GPU for which torch
+    has its fused grouped GEMM (sm90/sm100, torch >= 2.10 or ``torch._grouped_mm``). Elsewhere torch would loop
+    over the experts itself, so SequentialMLP (megatron's own module) stays the default."""
+    from megatron_patch.fusions.grouped_mm import fast_grouped_mm_available
+
+    return params_dtype == torch.bfloat16 and fast_grouped_mm_available()
 
 
 def layer_spec(args: ModelArgs, config, transformer_impl: str, attention_impl: str = "auto",
@@ -146,9 +160,10 @@ def layer_spec(args: ModelArgs, config, transformer_impl: str, attention_impl: s
     """megatron's own spec for this rank's decoder layers (dense/MoE per ``moe_layer_freq``).
 
     Transformer Engine: megatron's TE spec untouched (grouped-GEMM experts). Local spec: megatron's local
-    layers with two modules swapped in copies of the spec (megatron's own is never edited): core attention
-    per ``attention_impl`` (auto: torch SDPA, ``models/attention.py``) and the norms (``models/norm.py``,
-    which also works with sequence parallelism).
+    layers with modules swapped in copies of the spec (megatron's own is never edited): core attention
+    per ``attention_impl`` (auto: torch SDPA, ``models/attention.py``), the norms (``models/norm.py``,
+    which also works with sequence parallelism) and, with ``config.moe_grouped_gemm``, the experts
+    (``models/experts.py``).
     """
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_decoder_block_spec,
@@ -171,18 +186,45 @@ def layer_spec(args: ModelArgs, config, transformer_impl: str, attention_impl: s
                              "all_gather")
     if te and not args.is_moe:
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=args.qk_layernorm)
-    block = get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization="RMSNorm",
-                                       vp_stage=vp_stage)
     if te:
-        return block
+        return get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization="RMSNorm",
+                                          vp_stage=vp_stage)
+    grouped = bool(getattr(config, "moe_grouped_gemm", False))
+    # megatron's local spec would name its legacy GroupedMLP here (it needs the grouped_gemm package): ask for
+    # SequentialMLP's spec and swap the experts below.
+    config.moe_grouped_gemm = False
+    try:
+        block = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm",
+                                           vp_stage=vp_stage)
+    finally:
+        config.moe_grouped_gemm = grouped
     from megatron_patch.models.norm import RMSNorm
 
-    block.layer_specs = [_local_layer(s, attention_impl, RMSNorm) for s in block.layer_specs]
+    block.layer_specs = [_local_layer(s, attention_impl, RMSNorm, grouped) for s in block.layer_specs]
     block.layer_norm = RMSNorm
     return block
 
 
-def _local_layer(spec, attention_impl: str, norm):
+def _grouped_experts(mlp):
+    """A MoE layer's spec with ``TorchGroupedMLP`` experts (megatron-core <= 0.16: a ``ModuleSpec``; 0.17+: a
+    ``functools.partial`` of ``MoELayer``); any other MLP spec unchanged."""
+    from dataclasses import replace
+    from functools import partial
+
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from megatron_patch.models.experts import TorchGroupedMLP
+
+    if isinstance(mlp, ModuleSpec) and mlp.module is MoELayer:
+        return replace(mlp, submodules=replace(mlp.submodules, experts=TorchGroupedMLP))
+    if isinstance(mlp, partial) and mlp.func is MoELayer:
+        subs = replace(mlp.keywords["submodules"], experts=TorchGroupedMLP)
+        return partial(MoELayer, *mlp.args, **{**mlp.keywords, "submodules": subs})
+    return mlp
+
+
+def _local_layer(spec, attention_impl: str, norm, grouped_experts: bool = False):
     from dataclasses import replace
 
     from megatron.core.transformer.identity_op import IdentityOp
@@ -197,6 +239,8 @@ def _local_layer(spec, attention_impl: str, norm):
     if attention_impl in ("auto", "sdpa"):
         attn_sub = replace(attn_sub, core_attention=SDPAttention)
     sub = swap(spec.submodules, input_layernorm=norm, pre_mlp_layernorm=norm)
+    if grouped_experts:
+        sub = replace(sub, mlp=_grouped_experts(sub.mlp))
     return replace(spec, submodules=replace(sub, self_attention=replace(attn, submodules=attn_sub)))
 
 
@@ -212,6 +256,7 @@ def build_model(
     attention_impl: str = "auto",
     pg_collection=None,
     liger_kernels: frozenset = frozenset(),
+    moe_grouped_gemm: Optional[bool] = None,
 ):
     """One ``GPTModel`` chunk for this rank (and virtual stage ``vp_stage`` when interleaving).
 
@@ -219,6 +264,9 @@ def build_model(
     ``dot_product`` (megatron's DotProductAttention); the Transformer Engine spec ignores it.
     ``liger_kernels`` (``fusions.liger.resolve``): Liger's SwiGLU (with ``config.bias_activation_fusion``) and
     vocab-parallel cross entropy.
+    ``moe_grouped_gemm`` (MoE, local spec): True: grouped-GEMM experts (``models/experts.py``), False:
+    megatron's SequentialMLP, None: ``config.moe_grouped_gemm`` (``transformer_config``'s default, or
+    Megatron-LM's ``--moe-grouped-gemm``). The Transformer Engine spec always uses TE's grouped MLP.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -234,8 +282,11 @@ def build_model(
     config.apply_rope_fusion = fused_rope.configure(rope_impl)
     if liger_kernels or liger.active_swiglu():
         liger.configure_swiglu("swiglu" in liger_kernels)
-    if args.is_moe:  # the TE spec's experts are a grouped GEMM, the local spec's a SequentialMLP
-        config.moe_grouped_gemm = resolve_transformer_impl(transformer_impl) == "transformer_engine"
+    if args.is_moe:
+        if resolve_transformer_impl(transformer_impl) == "transformer_engine":
+            config.moe_grouped_gemm = True  # TE's grouped MLP
+        elif moe_grouped_gemm is not None:
+            config.moe_grouped_gemm = moe_grouped_gemm
     tp = config.tensor_model_parallel_size
     model = GPTModel(
         config=config,

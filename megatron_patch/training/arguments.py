@@ -76,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-router-load-balancing-type", default="aux_loss",
                    choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "none"],
                    help="load-balancing loss: per micro-batch (aux_loss, HF's granularity), per sequence, global, none")
-    g.add_argument("--moe-grouped-gemm", action="store_true",
-                   help="experts as one grouped GEMM (needs Transformer Engine layers; the default there)")
+    g.add_argument("--moe-grouped-gemm", action=argparse.BooleanOptionalAction, default=None,
+                   help="experts as grouped GEMMs: Transformer Engine's grouped MLP on TE layers (always), torch's "
+                        "grouped_mm on the local spec (default there: on for bf16 on GPUs with torch's fused grouped "
+                        "GEMM, sm90+; --no-moe-grouped-gemm: megatron's SequentialMLP)")
 
     g = p.add_argument_group("batch")
     g.add_argument("--micro-batch-size", type=int, default=1, help="samples per micro-batch per data-parallel rank")
@@ -207,9 +209,16 @@ def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> argpars
         impl = resolve_transformer_impl(a.transformer_impl)
     except ValueError as e:
         raise ArgumentError(str(e)) from None
-    if a.moe_grouped_gemm and impl != "transformer_engine":
-        raise ArgumentError("--moe-grouped-gemm needs Transformer Engine layers (the local spec's experts are a "
-                            "SequentialMLP)")
+    if a.moe_grouped_gemm is False and impl == "transformer_engine":
+        raise ArgumentError("--no-moe-grouped-gemm: Transformer Engine layers always run TE's grouped MLP "
+                            "(use --transformer-impl local for megatron's SequentialMLP)")
+    if a.moe_grouped_gemm is None:  # the default: TE's grouped MLP, or torch's where it is a fused kernel
+        import torch
+
+        from megatron_patch.models.builder import default_moe_grouped_gemm
+
+        a.moe_grouped_gemm = impl == "transformer_engine" or default_moe_grouped_gemm(
+            torch.bfloat16 if a.bf16 else torch.float16 if a.fp16 else torch.float32)
     if a.moe_token_dispatcher_type == "flex" and not torch_cuda():
         raise ArgumentError("--moe-token-dispatcher-type flex needs DeepEP on CUDA GPUs; use alltoall or allgather")
     if a.moe_layer_freq is not None:

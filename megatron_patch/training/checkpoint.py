@@ -113,7 +113,16 @@ def checkpoint_args(args, margs: ModelArgs, state: TrainState) -> argparse.Names
         hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
         use_distributed_optimizer=args.use_distributed_optimizer,
         world_size=args.data_parallel_size * args.tensor_model_parallel_size * args.pipeline_model_parallel_size,
+        **({"moe_experts_impl": _experts_impl(args)} if margs.is_moe else {}),
     )
+
+
+def _experts_impl(args) -> str:
+    """The MoE expert module this run builds (its optimizer state layout; ``experts_resume_problem``)."""
+    from megatron_patch.checkpointing.megatron_args import experts_impl
+    from megatron_patch.models.builder import resolve_transformer_impl
+
+    return experts_impl(resolve_transformer_impl(args.transformer_impl), bool(args.moe_grouped_gemm))
 
 
 def _model_entries(chunks: list) -> dict:
@@ -512,6 +521,11 @@ def check_resume(args, info) -> None:
             "layout (use --finetune to load the weights only, or convert the checkpoint with mcore2mcore first)")
     if args.no_load_optim:
         return
+    from megatron_patch.checkpointing.megatron_args import experts_resume_problem
+
+    problem = experts_resume_problem(info.ns, _experts_impl(args), info.format, args.use_distributed_optimizer)
+    if problem:
+        raise ResumeError(problem)
     check_schedule(args, _saved_schedule(info))
 
 
