@@ -76,6 +76,36 @@ def time_fn(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> list[
     return times
 
 
+def time_kernels(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> Optional[float]:
+    """Seconds per call of ``fn``'s GPU work alone: ``iters`` calls captured once in a CUDA graph and replayed,
+    so the host's launch overhead (Python, autograd, the launcher) is not counted. None without CUDA or when
+    ``fn`` cannot be captured. This is what a kernel's bandwidth is judged on; ``time_fn`` gives the latency
+    of one synchronized call."""
+    if not torch.cuda.is_available():
+        return None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(stream):  # capture needs warmed-up allocations on a side stream
+            for _ in range(max(1, warmup)):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(iters):
+                fn()
+    except RuntimeError:
+        return None
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters
+
+
 def median(xs: Iterable[float]) -> float:
     return statistics.median(list(xs))
 

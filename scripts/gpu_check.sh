@@ -141,10 +141,13 @@ steps = [line.split() for line in open(status)]
 print(table(["step", "result", "seconds"], [[n, "pass" if rc == "0" else f"FAIL (exit {rc})", s] for n, rc, s in steps]))
 if rope:
     print("\n## Fused RoPE (bench_rope)\n")
-    print(table(["backend", "seq", "fwd ms", "bwd ms", "fwd+bwd GB/s", "of peak HBM"],
+    print(table(["backend", "seq", "fwd ms", "bwd ms", "fwd+bwd GB/s", "of peak HBM", "kernel GB/s (graph)",
+                 "kernel of peak"],
                 [[r["backend"], r["seq"], f(r.get("fwd_ms"), ".3f"), f(r.get("bwd_ms"), ".3f"),
                   f(r.get("fwd_bwd_gbps"), ".0f"), f(100 * r["fraction_of_peak"], ".0f") + "%"
-                  if r.get("fraction_of_peak") else "-"] for r in rope]))
+                  if r.get("fraction_of_peak") else "-", f(r.get("kernel_fwd_bwd_gbps"), ".0f"),
+                  f(100 * r["kernel_fraction_of_peak"], ".0f") + "%" if r.get("kernel_fraction_of_peak") else "-"]
+                 for r in rope]))
 for size in dict.fromkeys(r["size"] for r in train):
     stacks = [r for r in train if r["size"] == size and r.get("variant") != "summary"]
     if not stacks:
