@@ -110,6 +110,17 @@ def _strict_worker() -> dict:
     t = torch.ones(2)
     dist.all_reduce(t)
     out["foreign_host_tensor"] = t.tolist()
+
+    # Gradient clipping's norm without apex/TE: torch's _foreach kernels instead of megatron's fallback, which
+    # reads every parameter's norm back to the host (runtime/compat.py); same value.
+    from megatron.core import utils as mc_utils
+    from megatron.core.optimizer import clip_grads
+
+    grads = [torch.randn(5, 3, generator=torch.Generator().manual_seed(i), device="cpu").to(dev) for i in range(4)]
+    ours, _ = clip_grads.l2_norm_impl(2048, None, [grads], False)
+    theirs, _ = mc_utils.local_multi_tensor_l2_norm(2048, None, [grads], False)
+    out["l2_norm"] = (clip_grads.l2_norm_impl is not mc_utils.local_multi_tensor_l2_norm,
+                      abs(ours.item() - theirs.item()) / theirs.item())
     return out
 
 
@@ -129,6 +140,12 @@ def test_nan_check_is_one_device_collective(strict_results):
     for r in strict_results:
         assert r["check_collectives"] == [False]
         assert "iteration 2: the loss is NaN" in r["nan"]  # found on rank 1, stopped on every rank
+
+
+def test_gradient_norm_uses_foreach_kernels(strict_results):
+    for r in strict_results:
+        replaced, rel = r["l2_norm"]
+        assert replaced and rel < 1e-6
 
 
 def test_strict_mode_judges_only_project_tensors_on_device_groups(strict_results):

@@ -56,6 +56,25 @@ from megatron_patch.models import context_parallel as cp_split
 # torch >= 2.5 broadcasts grouped k/v itself; older torch needs them expanded to one head per query head.
 SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
+# Which fused kernel SDPA tries first on CUDA, by Megatron-LM's ``--attention-backend`` names: ``fused`` is
+# cuDNN's fused attention (what TE's "fused" backend is; on Hopper ~2x flash's forward in torch's own data),
+# ``flash`` torch's FlashAttention-2, ``unfused`` the math kernel, ``auto`` torch's own order. Kernels that cannot
+# take a call (a mask, grouped K/V, a head size) are skipped in order, so every choice serves every call.
+SDPA_BACKENDS = ("auto", "fused", "flash", "unfused")
+_SDPA_ORDER: list = [None]
+
+
+def set_sdpa_backend(name: str = "auto") -> None:
+    """Process-wide preference for SDPA's CUDA kernels (``SDPA_BACKENDS``)."""
+    from torch.nn.attention import SDPBackend
+
+    if name not in SDPA_BACKENDS:
+        raise ValueError(f"attention backend must be one of {SDPA_BACKENDS}, got {name!r}")
+    first = {"fused": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "unfused": SDPBackend.MATH}.get(name)
+    rest = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    _SDPA_ORDER[0] = None if first is None else [first] + [b for b in rest if b != first]
+
 
 class SDPAttention(MegatronModule):
     """``DotProductAttention`` computed by ``torch.nn.functional.scaled_dot_product_attention``."""
@@ -209,7 +228,13 @@ class SDPAttention(MegatronModule):
             kwargs["attn_mask"] = causal
         else:
             kwargs["is_causal"] = bool(causal)
-        context = F.scaled_dot_product_attention(q, k, v, **kwargs)
+        if _SDPA_ORDER[0] is not None and q.is_cuda:
+            from torch.nn.attention import sdpa_kernel
+
+            with sdpa_kernel(_SDPA_ORDER[0], set_priority=True):
+                context = F.scaled_dot_product_attention(q, k, v, **kwargs)
+        else:
+            context = F.scaled_dot_product_attention(q, k, v, **kwargs)
         if full_rows is not None:
             # [b, np, 1, hn]; dropout on a uniform row is rare enough to leave out (pad queries only).
             context = torch.where(full_rows, v.mean(dim=2, keepdim=True), context)

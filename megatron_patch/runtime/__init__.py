@@ -69,6 +69,7 @@ def initialize(
 
     use_cuda = torch.cuda.is_available()
     compat.fix_missing_te_names()
+    compat.foreach_multi_tensor_ops()
     if not use_cuda:
         cpu.enable()
     if not dist.is_initialized():
