@@ -2,22 +2,20 @@
 # Download, on THIS machine, the wheels that scripts/gpu_check.sh installs on a GPU machine with no
 # network (Python 3.12, x86-64 Linux, torch/triton/transformers preinstalled; no megatron-core).
 #
-# Only megatron-core itself is missing there: its own requirements (torch, numpy, packaging) and this
-# project's (safetensors, transformers, tokenizers, tqdm, psutil, triton, pytest) are in that image,
-# and this script checks that against the wheel's metadata. The wheels land in .whl/ (git-ignored),
-# which a device run must name in its `carry` list.
+# Missing there: megatron-core itself, and liger-kernel (pure-Python Triton kernels: the SwiGLU and cross-entropy
+# fusions of fusions/liger.py). Their own requirements (torch, numpy, packaging, triton) and this project's
+# (safetensors, transformers, tokenizers, tqdm, psutil, pytest) are in that image, and this script checks
+# that against megatron-core's wheel metadata. The wheels land in .whl/ (git-ignored), which a device run
+# must name in its `carry` list.
 #
-#   scripts/prepare_gpu_wheels.sh                      # megatron-core == the version in .venv (else 0.16.1)
+#   scripts/prepare_gpu_wheels.sh                      # megatron-core 0.19.2: the newest tested (compat job, Python 3.12)
 #   MCORE_VERSION=0.16.1 scripts/prepare_gpu_wheels.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 DEST="$ROOT/.whl"
 PY="${PYTHON:-python3}"
-if [ -z "${MCORE_VERSION:-}" ]; then
-  MCORE_VERSION="$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("megatron-core"))' 2>/dev/null \
-    || echo 0.16.1)"
-fi
+MCORE_VERSION="${MCORE_VERSION:-0.19.2}"
 # What the GPU image already provides (KINDS.md's package list); a requirement outside it must be carried too.
 IMAGE_HAS="torch numpy packaging safetensors transformers tokenizers tqdm psutil triton pytest"
 
@@ -29,6 +27,9 @@ find "$DEST" -maxdepth 1 -name 'megatron_core-*.whl' ! -name "megatron_core-${MC
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
   -q -d "$DEST" "megatron-core==${MCORE_VERSION}"
+LIGER_VERSION="${LIGER_VERSION:-0.8.5}"
+find "$DEST" -maxdepth 1 -name 'liger_kernel-*.whl' ! -name "liger_kernel-${LIGER_VERSION}-*" -delete
+"$PY" -m pip download --no-deps --only-binary=:all: -q -d "$DEST" "liger-kernel==${LIGER_VERSION}"
 
 WHEEL="$(ls "$DEST"/megatron_core-"${MCORE_VERSION}"-cp312-*.whl | head -n1)"
 missing=""
