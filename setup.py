@@ -25,7 +25,7 @@ setup(
     ],
     extras_require={
         # six: imported by Megatron-LM's trainer (scripts/test_megatron_lm.sh runs tests against a checkout).
-        "test": ["pytest", "triton", "matplotlib", "tensorboard", "six"],
+        "test": ["pytest", "triton", "matplotlib", "tensorboard", "six", "peft"],
         "gpu": ["transformer-engine[pytorch]"],
     },
     entry_points={"console_scripts": ["mpatch-convert=toolkits.checkpoint.__main__:main"]},

@@ -71,7 +71,7 @@ def peft_logits(base: str, adapter: str, toks: torch.Tensor) -> torch.Tensor:
 def _worker(base: str, adapters: dict, root: str, layouts: list, toks: torch.Tensor):
     from megatron_patch import runtime
     from megatron_patch.checkpointing.sources import load_into_model, open_source
-    from megatron_patch.lora.apply import apply_lora, load_adapters, merge_lora
+    from megatron_patch.lora.apply import adapter_state_dict, apply_lora, load_adapters, merge_lora
     from megatron_patch.lora.hf_peft import PeftSource
     from megatron_patch.lora.mapping import is_adapter_key
     from megatron_patch.models.builder import build_model, transformer_config
@@ -87,6 +87,8 @@ def _worker(base: str, adapters: dict, root: str, layouts: list, toks: torch.Ten
         stages = [None] if vpp is None else list(range(vpp))
         save = dict(args=args, tp=tp, pp=pp, ep=ep, etp=etp, vpp=vpp)
         for adapter, peft_dir in adapters.items():
+            if adapter != "all" and name != layouts[1][0]:  # partial adapters: one layout is enough
+                continue
             peft = PeftSource(peft_dir, args)
             chunks = [build_model(args, config, transformer_impl="local", rope_impl="torch", vp_stage=v)
                       for v in stages]
@@ -103,6 +105,13 @@ def _worker(base: str, adapters: dict, root: str, layouts: list, toks: torch.Ten
             out[(name, adapter, "adapted")] = forward_logits(chunks, toks, args.vocab_size)
             if adapter != "all":
                 continue
+            # torch_dist: the first layout saves its adapters, every other one loads them (same tensors as
+            # PeftSource cut for this layout, bit for bit).
+            mine = [adapter_state_dict(c) for c in chunks]
+            count = _torch_dist_round_trip(chunks, os.path.join(root, "dist"), save=name == layouts[0][0])
+            after = [adapter_state_dict(c) for c in chunks]
+            out[(name, adapter, "torch_dist")] = (count, [k for a, b in zip(mine, after) for k in a
+                                                          if not torch.equal(a[k], b[k])])
             save_rank_files(chunks, os.path.join(root, f"adapted_{name}"), **save, **peft.config.to_args())
             # Gradients of a cross-entropy loss, saved in place of the adapters: whole tensors via the rank files.
             values = _adapter_grads(chunks, toks)
@@ -114,6 +123,27 @@ def _worker(base: str, adapters: dict, root: str, layouts: list, toks: torch.Ten
                 merge_lora(chunk)
             out[(name, adapter, "merged")] = forward_logits(chunks, toks, args.vocab_size)
     return out
+
+
+def _torch_dist_round_trip(chunks: list, path: str, save: bool) -> int:
+    """Save (or load) the chunks' adapters alone through megatron-core's dist_checkpointing."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from megatron_patch.lora.apply import adapter_sharded_state_dict, load_adapter_state_dict
+    from megatron_patch.runtime.compat import torch_dist_load_kwargs
+
+    sd = {f"model{i}": adapter_sharded_state_dict(c) for i, c in enumerate(chunks)}
+    if save:
+        if dist.get_rank() == 0:
+            os.makedirs(path)
+        dist.barrier()
+        dist_checkpointing.save(sd, path)
+    else:
+        loaded = dist_checkpointing.load(sd, path, **torch_dist_load_kwargs())
+        for i, c in enumerate(chunks):
+            load_adapter_state_dict(c, loaded[f"model{i}"])
+    return sum(len(s) for s in sd.values())
 
 
 def _adapter_grads(chunks: list, toks: torch.Tensor) -> list:
@@ -198,9 +228,14 @@ def _check_parity(run: dict) -> None:
     for r in rows:
         print(f"{r[0]:17s} {r[1]:7s} {r[2]:4d} {r[3]:.3e}")
     assert not [r for r in rows if not r[3] <= TOL], rows
-    assert len(rows) == 4 * len(run["layouts"]) * len(run["adapters"])
+    assert len(rows) == 4 * (len(run["layouts"]) + len(run["adapters"]) - 1)  # partial adapters: one layout
     for adapter, ref in run["ref"].items():  # the adapters change the model: a dropped one cannot pass
         assert (ref - run["hf"]).abs().max().item() > 1e-2, adapter
+
+
+def _check_torch_dist(run: dict) -> None:
+    loads = [v for results in run["results"] for (n, a, kind), v in results.items() if kind == "torch_dist"]
+    assert len(loads) == 4 * len(run["layouts"]) and all(count > 0 and not differ for count, differ in loads), loads
 
 
 def _check_trainable_and_merged(run: dict) -> None:
@@ -338,6 +373,14 @@ def test_dense_lora_init_is_layout_independent(dense):
 
 def test_dense_lora_exports(dense, tmp_path):
     _check_exports(dense, tmp_path)
+
+
+def test_dense_lora_torch_dist_round_trip(dense):
+    _check_torch_dist(dense)
+
+
+def test_moe_lora_torch_dist_round_trip(moe):
+    _check_torch_dist(moe)
 
 
 def test_dense_lora_gradients_match_peft(dense, tmp_path):

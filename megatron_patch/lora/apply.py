@@ -145,6 +145,12 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if is_adapter_key(k)}
 
 
+def adapter_sharded_state_dict(model) -> dict:
+    """The adapter entries of a chunk's megatron ``sharded_state_dict`` (global shapes and offsets: a torch_dist
+    save of them loads at any TP/PP/EP/ETP, as base weights do)."""
+    return {k: v for k, v in model.sharded_state_dict().items() if is_adapter_key(k)}
+
+
 def load_adapter_state_dict(model, state: dict[str, torch.Tensor]) -> None:
     """Copy an ``adapter_state_dict`` (same layout) into a chunk's adapters; every adapter must be given."""
     own = adapter_state_dict(model)
