@@ -405,3 +405,92 @@ def test_moe_lora_init_is_layout_independent(moe):
 
 def test_moe_lora_exports(moe, tmp_path):
     _check_exports(moe, tmp_path)
+
+
+def test_moe_expert_adapters_matter(moe):
+    """Negative control: without the expert adapters peft's logits move, so the parity above covers them."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(moe["base"], dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, moe["adapters"]["all"]).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "experts" in n and "lora_B" in n:
+                p.zero_()
+        assert (model(moe["toks"]).logits - moe["ref"]["all"]).abs().max().item() > 1e-3
+
+
+def _check_reslice(run: dict, tmp_path, layout: str, target: dict) -> None:
+    """mcore2mcore re-slices the adapters with the base (bit-exact), and refuses torch_dist output for them."""
+    from megatron_patch.checkpointing.sources import open_source
+    from toolkits.checkpoint.convert import ConversionError, mcore2mcore
+
+    ckpt = os.path.join(run["root"], f"adapted_{layout}")
+    out = mcore2mcore(ckpt, str(tmp_path / "resliced"), **target)
+    a, b = open_source(ckpt), open_source(out)
+    cfg = lora.from_args(a.info.ns)
+    assert lora.from_args(b.info.ns) == cfg
+    for m, layer, expert in _adapter_entries(a, cfg):
+        assert all(torch.equal(x, y) for x, y in zip(a.parts(m, layer, expert), b.parts(m, layer, expert)))
+    with pytest.raises(ConversionError, match="LoRA adapters"):
+        mcore2mcore(ckpt, str(tmp_path / "dist"), ckpt_format="torch_dist")
+
+
+def test_dense_lora_reslice(dense, tmp_path):
+    _check_reslice(dense, tmp_path, "tp2_sp", dict(tp=1, pp=2))
+
+
+def test_moe_lora_reslice(moe, tmp_path):
+    _check_reslice(moe, tmp_path, "tp2_ep2_sp", dict(tp=1, ep=4))
+
+
+def _fails(capsys, argv, *words):
+    from toolkits.checkpoint.cli import main
+
+    rc = main(argv + ["--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for w in words:
+        assert w in err, err
+
+
+def test_lora_bad_inputs(dense, tmp_path, capsys):
+    from megatron_patch.lora.hf_peft import PeftSource, check_same_config
+    from megatron_patch.models.family import args_from_hf, read_hf_config
+    from toolkits.checkpoint.cli import main
+    from toolkits.checkpoint.convert import hf2mcore
+
+    for rank in (0, -1):
+        with pytest.raises(lora.LoraError, match="rank must be a positive integer"):
+            lora.LoraConfig(rank, 8)
+    with pytest.raises(lora.LoraError, match="unknown LoRA target module 'q_proj'; choose from linear_qkv"):
+        lora.LoraConfig(4, 8, targets=("linear_qkv", "q_proj"))
+    args = args_from_hf(read_hf_config(dense["base"]))
+    # An adapter trained on another base (a Llama with head_dim 8; this Qwen3's is 16).
+    llama = save_tiny_model("llama3.1", str(tmp_path / "llama"))
+    other = make_peft_adapter(llama, str(tmp_path / "other"), HF_TARGETS, seed=1)
+    with pytest.raises(lora.LoraError, match=r"q_proj.lora_B.weight has shape \(64, 4\), expected \(128, 4\).*"
+                                             "another base model"):
+        PeftSource(other, args)
+    # Another rank than the run's.
+    with pytest.raises(lora.LoraError, match="holds rank-4 adapters, but the LoRA rank here is 8"):
+        check_same_config(lora.LoraConfig(8, 16), PeftSource(dense["adapters"]["all"], args).config, "the adapter")
+    dora = str(tmp_path / "dora")
+    os.makedirs(dora)
+    cfg = json.load(open(os.path.join(dense["adapters"]["all"], "adapter_config.json")))
+    json.dump(dict(cfg, use_dora=True), open(os.path.join(dora, "adapter_config.json"), "w"))
+    with pytest.raises(lora.LoraError, match="DoRA is not supported"):
+        PeftSource(dora, args)
+    # The converter: --adapter-only needs a checkpoint with adapters; --verify cannot check an adapter.
+    plain = hf2mcore(dense["base"], str(tmp_path / "plain"), transformer_impl="local")
+    capsys.readouterr()
+    _fails(capsys, ["mcore2hf", "--load-dir", plain, "--save-dir", str(tmp_path / "o"), "--adapter-only"],
+           "holds no LoRA adapters")
+    adapted = os.path.join(dense["root"], "adapted_tp1")
+    _fails(capsys, ["mcore2hf", "--load-dir", adapted, "--save-dir", str(tmp_path / "o"), "--adapter-only",
+                    "--verify"], "--adapter-only")
+    assert not os.path.exists(tmp_path / "o")
+    assert main(["mcore2hf", "--load-dir", adapted, "--save-dir", str(tmp_path / "o"), "--adapter-only",
+                 "--quiet"]) == 0
+    assert sorted(os.listdir(tmp_path / "o")) == ["adapter_config.json", "adapter_model.safetensors"]

@@ -234,9 +234,18 @@ class PeftSource:
                           targets=tuple(t for t in TARGETS if t in names), overrides=tuple(overrides))
 
     def _check_all_placed(self) -> None:
+        """Every tensor has a place in this model, with the shape the place needs."""
         expected = set()
         for m, layer, expert in iter_tensors(adapter_weights(self.weights, self.config), self.args):
-            expected.update(m.hf_names(layer, expert))
+            names = m.hf_names(layer, expert)
+            expected.update(names)
+            for name, shape in zip(names, m.shapes(self.args)):
+                t = self.tensors.get(name)
+                if t is not None and tuple(t.shape) != tuple(shape):
+                    r_dim = 1 if name.endswith(".lora_B.weight") else 0  # A is [r, in], B is [out, r]
+                    what = "rank" if t.shape[1 - r_dim] == shape[1 - r_dim] else "base model"
+                    raise LoraError(f"adapter tensor {PREFIX}{name} has shape {tuple(t.shape)}, expected "
+                                    f"{tuple(shape)} for this {self.args.architecture} (an adapter for another {what})")
         extra = sorted(set(self.tensors) - expected)
         if extra:
             more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
@@ -256,11 +265,9 @@ class PeftSource:
             if t is None:  # a projection of a fused layer the adapter left out: A = B = 0 changes nothing
                 dtype = next(iter(self.tensors.values())).dtype
                 t = torch.zeros(shape, dtype=dtype)
-            elif tuple(t.shape) != tuple(shape):
-                r_dim = 1 if name.endswith(".lora_B.weight") else 0  # A is [r, in], B is [out, r]
-                what = "rank" if t.shape[1 - r_dim] == shape[1 - r_dim] else "base model"
+            elif tuple(t.shape) != tuple(shape):  # a config other than the adapter's own
                 raise LoraError(f"adapter tensor {PREFIX}{name} has shape {tuple(t.shape)}, expected {tuple(shape)} "
-                                f"(an adapter for another {what})")
+                                f"(adapters of another rank)")
             hf.append(t)
         return m.to_megatron(hf, self.args)
 

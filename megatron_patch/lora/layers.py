@@ -106,10 +106,9 @@ def _te_traits(module) -> Optional[Traits]:
     expert = group is not None and group is ps.get_expert_tensor_parallel_group(check_initialized=False)
     expert_comm = expert and (size > 1 or ps.get_expert_model_parallel_world_size() > 1)
     seq = bool(getattr(module, "sequence_parallel", False)) and not expert_comm
-    if norm:  # TE returns the norm output gathered along the sequence: the adapter sees the whole sequence
+    if norm:  # TE also returns the norm's output (this rank's sequence slice under SP): the adapter's input
         module.return_layernorm_output = True
-        module.return_layernorm_output_gathered = True
-        seq = False
+        module.return_layernorm_output_gathered = False
     return Traits(column, group, size, rank, seq, bool(expert_comm), norm_fused=norm)
 
 
@@ -231,9 +230,15 @@ def attach(module, adapter: LoraAdapter, gated: bool) -> None:
 
     def hook(mod, args, kwargs, output):
         x = args[0] if args else next(iter(kwargs.values()))
-        out, bias = output
-        if norm_fused:  # TE LayerNormLinear with return_layernorm_output: ((out, norm output), bias)
-            out, x = out
+        if not norm_fused:
+            out, bias = output
+            return out + mod.adapter(x), bias
+        # TE LayerNormLinear with return_layernorm_output: megatron passes TE's (out, norm output) on as
+        # ((out, norm output), None), or TE's (out, bias, norm output) as is when it returns the bias.
+        if len(output) == 3:
+            out, bias, x = output
+        else:
+            (out, x), bias = output
         return out + mod.adapter(x), bias
 
     adapter._hook = module.register_forward_hook(hook, with_kwargs=True)
