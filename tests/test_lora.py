@@ -445,19 +445,10 @@ def test_moe_lora_reslice(moe, tmp_path):
     _check_reslice(moe, tmp_path, "tp2_ep2_sp", dict(tp=1, ep=4))
 
 
-def _fails(capsys, argv, *words):
-    from toolkits.checkpoint.cli import main
-
-    rc = main(argv + ["--quiet"])
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
-    for w in words:
-        assert w in err, err
-
-
 def test_lora_bad_inputs(dense, tmp_path, capsys):
     from megatron_patch.lora.hf_peft import PeftSource, check_same_config
     from megatron_patch.models.family import args_from_hf, read_hf_config
+    from tests.test_convert_errors import fails
     from toolkits.checkpoint.cli import main
     from toolkits.checkpoint.convert import hf2mcore
 
@@ -485,12 +476,12 @@ def test_lora_bad_inputs(dense, tmp_path, capsys):
     # The converter: --adapter-only needs a checkpoint with adapters; --verify cannot check an adapter.
     plain = hf2mcore(dense["base"], str(tmp_path / "plain"), transformer_impl="local")
     capsys.readouterr()
-    _fails(capsys, ["mcore2hf", "--load-dir", plain, "--save-dir", str(tmp_path / "o"), "--adapter-only"],
-           "holds no LoRA adapters")
+    out = tmp_path / "o"
+    fails(capsys, ["mcore2hf", "--load-dir", plain, "--save-dir", str(out), "--adapter-only"],
+          "holds no LoRA adapters", save_dir=out)
     adapted = os.path.join(dense["root"], "adapted_tp1")
-    _fails(capsys, ["mcore2hf", "--load-dir", adapted, "--save-dir", str(tmp_path / "o"), "--adapter-only",
-                    "--verify"], "--adapter-only")
-    assert not os.path.exists(tmp_path / "o")
+    fails(capsys, ["mcore2hf", "--load-dir", adapted, "--save-dir", str(out), "--adapter-only", "--verify"],
+          "--adapter-only", save_dir=out)
     assert main(["mcore2hf", "--load-dir", adapted, "--save-dir", str(tmp_path / "o"), "--adapter-only",
                  "--quiet"]) == 0
     assert sorted(os.listdir(tmp_path / "o")) == ["adapter_config.json", "adapter_model.safetensors"]
