@@ -105,6 +105,8 @@ def _worker(base: str, adapters: dict, root: str, layouts: list, toks: torch.Ten
             out[(name, adapter, "adapted")] = forward_logits(chunks, toks, args.vocab_size)
             if adapter != "all":
                 continue
+            if tp > 1 and pp == 1:  # dropout (train mode) runs on every path of this layout and changes the output
+                out[(name, adapter, "dropout")] = _dropout_changes_output(chunks[0], toks)
             # torch_dist: the first layout saves its adapters, every other one loads them (same tensors as
             # PeftSource cut for this layout, bit for bit).
             mine = [adapter_state_dict(c) for c in chunks]
@@ -123,6 +125,24 @@ def _worker(base: str, adapters: dict, root: str, layouts: list, toks: torch.Ten
                 merge_lora(chunk)
             out[(name, adapter, "merged")] = forward_logits(chunks, toks, args.vocab_size)
     return out
+
+
+def _dropout_changes_output(model, toks: torch.Tensor) -> bool:
+    from megatron_patch.lora.apply import adapted_modules
+
+    positions = torch.arange(toks.shape[1]).unsqueeze(0).expand(toks.shape[0], -1)
+    with torch.no_grad():
+        model.eval()
+        plain = model(toks, positions, attention_mask=None)
+        for _, m in adapted_modules(model):
+            m.adapter.p = 0.5
+        model.train()
+        dropped = model(toks, positions, attention_mask=None)
+        for _, m in adapted_modules(model):
+            m.adapter.p = 0.0
+    model.eval()
+    real = plain > torch.finfo(plain.dtype).min  # a TP rank may hold only vocab padding (masked): nothing to see
+    return not torch.equal(plain[real], dropped[real]) if real.any() else None
 
 
 def _torch_dist_round_trip(chunks: list, path: str, save: bool) -> int:
@@ -239,6 +259,8 @@ def _check_torch_dist(run: dict) -> None:
 
 
 def _check_trainable_and_merged(run: dict) -> None:
+    dropout = [v for results in run["results"] for (n, a, kind), v in results.items() if kind == "dropout"]
+    assert dropout and all(v is not False for v in dropout) and any(dropout)
     for results in run["results"]:
         for (name, adapter, kind), value in results.items():
             if kind == "trainable":

@@ -386,8 +386,7 @@ def _peft_body(info, cfg, params_dtype: Optional[str], allow_non_finite: bool, r
     def body(tmp: str) -> None:
         src = info.source()
         src.finite = _finite(allow_non_finite, report)
-        base = getattr(info.ns, "load", None)  # where the base came from, when the trainer recorded it
-        write_peft(src, tmp, cfg, dtype, base if isinstance(base, str) else None)
+        write_peft(src, tmp, cfg, dtype)
 
     return body
 
