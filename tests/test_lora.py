@@ -1,16 +1,20 @@
 """LoRA adapters on megatron-core vs HF transformers + peft, fp32, real gloo ranks.
 
-Two 4-process launches (a dense Qwen3, a Qwen3-MoE with adapters on the experts) run every layout; at each
-one a rank builds the model, loads the base, applies LoRA and:
-- writes the freshly initialised adapters as a torch-format checkpoint (layout-independent init: the whole
+Two 4-process launches (a dense Qwen3; a Qwen3-MoE with adapters on the experts, read from what peft saves
+for transformers 5's fused experts) run every layout; at each one the ranks build the model, load the base,
+apply LoRA and:
+- write the freshly initialised adapters as a torch-format checkpoint (layout-independent init: the whole
   adapters read back from every layout's rank files must be bit-identical);
-- checks that only adapter parameters require gradients;
-- loads an adapter written by ``peft`` itself (random, non-zero A and B, so a wrong placement cannot
-  pass) and computes logits (parity with ``PeftModel``: <= 1e-5);
-- writes the adapted model as a checkpoint, which the parent converts with ``mcore2hf --adapter-only``
-  (bit-exact with what peft wrote, and loadable by ``PeftModel.from_pretrained`` with the Megatron logits)
-  and with plain ``mcore2hf`` (merged: HF logits equal the adapted Megatron logits);
-- merges the adapters into the base weights and computes logits again (equal to the un-merged ones).
+- check that only adapter parameters require gradients;
+- load an adapter written by ``peft`` itself (random, non-zero A and B, so a wrong placement cannot pass)
+  and compute logits (parity with ``PeftModel``: <= 1e-5); a q/v-only adapter at one layout;
+- save the adapters alone through torch_dist at the first layout and load them at every other one;
+- write the adapted model as a checkpoint, which the parent converts with ``mcore2hf --adapter-only``
+  (dense: bit-exact with what peft wrote; both: Megatron -> PEFT -> Megatron bit-exact, and loadable by
+  ``PeftModel.from_pretrained`` with the Megatron logits), with plain ``mcore2hf`` (merged: HF logits
+  equal the adapted Megatron logits) and with ``mcore2mcore`` (adapters re-sliced bit-exactly);
+- compute adapter gradients of a cross entropy (dense: vs HF + peft's; MoE: vs the EP1 layout's);
+- merge the adapters into the base weights and compute logits again (equal to the un-merged ones).
 """
 
 import json
