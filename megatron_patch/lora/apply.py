@@ -78,7 +78,11 @@ def apply_lora(model, cfg: LoraConfig, args: ModelArgs, seed: int, vp_stage: Opt
         if not is_target(m, cfg):
             continue
         path, _, param = key.rpartition(".")
-        module = model.get_submodule(path)
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:  # e.g. experts whose weights are stacked in one parameter (grouped GEMM)
+            raise LoraError(f"cannot adapt {key}: the model has no module {path} (LoRA on experts needs "
+                            "SequentialMLP experts, not stacked grouped-GEMM ones, for now)") from None
         try:
             traits = layers.traits_of(module)
         except TypeError as e:
