@@ -25,8 +25,9 @@ setup(
     ],
     extras_require={
         # six: imported by Megatron-LM's trainer (scripts/test_megatron_lm.sh runs tests against a checkout).
-        # liger-kernel: its Triton kernels are tested on CPU through Triton's interpreter (tests/test_liger.py).
-        "test": ["pytest", "triton", "matplotlib", "tensorboard", "six", "liger-kernel"],
+        # liger-kernel: its Triton kernels are tested on CPU through Triton's interpreter (tests/test_liger.py);
+        # peft: LoRA adapters are checked against HF + peft and exported in its format (tests/test_lora.py).
+        "test": ["pytest", "triton", "matplotlib", "tensorboard", "six", "liger-kernel", "peft"],
         # Without Transformer Engine, Liger's SwiGLU / cross-entropy kernels are the fused path (fusions/liger.py).
         "gpu": ["liger-kernel"],
         "te": ["transformer-engine[pytorch]"],

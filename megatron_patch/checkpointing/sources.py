@@ -24,6 +24,7 @@ from megatron_patch.checkpointing import placement
 from megatron_patch.checkpointing.layout import CheckpointError
 from megatron_patch.checkpointing.mapping import Mapping, is_te_state
 from megatron_patch.checkpointing.transforms import check_shape, pad_vocab
+from megatron_patch.lora.mapping import is_adapter_key
 from megatron_patch.models.config import ModelArgs
 
 
@@ -62,11 +63,14 @@ def open_source(path: str, hf_config: Optional[str] = None) -> TensorSource:
     return open_checkpoint(path, hf_config=hf_config).source()
 
 
-def load_into_model(model, source: TensorSource, vp_stage: Optional[int] = None, strict: bool = True) -> None:
+def load_into_model(model, source: TensorSource, vp_stage: Optional[int] = None, strict: bool = True,
+                    weights: Optional[list[Mapping]] = None) -> None:
     """Fill this rank's ``GPTModel`` chunk from ``source`` (values cast to the model's dtype).
 
     Every tensor the chunk holds is rebuilt from the source: parts -> vocab padded to this model's ->
-    this rank's TP (or expert-TP) slice. Needs megatron's ``parallel_state`` initialized.
+    this rank's TP (or expert-TP) slice. Needs megatron's ``parallel_state`` initialized. ``weights``: the
+    mappings to fill (default: the source's base weights; LoRA passes its adapter mappings); ``strict``
+    then checks that the chunk holds nothing else of that kind (base weights, or adapters).
     """
     from megatron.core import parallel_state as ps
 
@@ -77,7 +81,8 @@ def load_into_model(model, source: TensorSource, vp_stage: Optional[int] = None,
     etp, etp_rank = ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
     args = source.args
     filled = set()
-    for key, m, layer, expert in placement.rank_entries(source.weights, args, model.config,
+    adapters = weights is not None
+    for key, m, layer, expert in placement.rank_entries(source.weights if weights is None else weights, args, model.config,
                                                         ps.get_pipeline_model_parallel_rank(), vp_stage, te,
                                                         model.pre_process, model.post_process, ep, ep_rank):
         if key not in state:
@@ -95,6 +100,7 @@ def load_into_model(model, source: TensorSource, vp_stage: Optional[int] = None,
             state[key].copy_(value)
         filled.add(key)
     source.release()
-    missing = [k for k in state if k not in filled and not k.endswith("_extra_state")]
+    missing = [k for k in state
+               if k not in filled and not k.endswith("_extra_state") and is_adapter_key(k) == adapters]
     if strict and missing:
         raise CheckpointError(f"model weights not found in the checkpoint: {missing[:5]}")

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _hf_config(p)
     p.add_argument("--verify", action="store_true", help="compare fp32 logits with the source checkpoint")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="a checkpoint with LoRA adapters: write them as a HF PEFT adapter (adapter_config.json + "
+                   "adapter_model.safetensors) instead of the merged model")
     p = sub.add_parser("mcore2mcore", help="Megatron checkpoint -> another TP/PP layout or format")
     _common(p)
     _hf_config(p)
@@ -102,8 +105,10 @@ def run(args: argparse.Namespace) -> int:
                                    args.overwrite, args.workers, update, args.ep, args.etp,
                                    allow_extra_tensors=args.allow_extra_tensors, **checks)
         elif args.command == "mcore2hf":
+            if args.adapter_only and args.verify:
+                raise ValueError("--verify compares models; it cannot check an --adapter-only export")
             out = convert.mcore2hf(args.load_dir, args.save_dir, args.params_dtype, args.overwrite, args.workers,
-                                   update, hf_config=hf_config, **checks)
+                                   update, hf_config=hf_config, adapter_only=args.adapter_only, **checks)
         else:
             out = convert.mcore2mcore(args.load_dir, args.save_dir, args.tp, args.pp, args.ckpt_format,
                                       args.transformer_impl, args.params_dtype, args.make_vocab_size_divisible_by,

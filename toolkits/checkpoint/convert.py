@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_patch import dtypes, safety
+from megatron_patch import dtypes, lora, safety
 from megatron_patch.checkpointing import integrity, layout, megatron_lm, placement
 from megatron_patch.checkpointing.hf import HFSource
 from megatron_patch.checkpointing.hf_export import copy_metadata
@@ -291,7 +291,8 @@ def _check_layout(args: ModelArgs, tp: int, pp: int, first: Optional[int], last:
 def _megatron_body(load_dir: str, src, ckpt_format: str, dtype: torch.dtype, impl: str, divisible: int, tp: int,
                    pp: int, first: Optional[int], last: Optional[int], ep: int, etp: Optional[int],
                    workers: Optional[int], progress: Progress,
-                   hf_meta: tuple[Optional[str], Optional[str]] = (None, None)) -> Callable[[str], None]:
+                   hf_meta: tuple[Optional[str], Optional[str]] = (None, None),
+                   extra_args: Optional[dict] = None) -> Callable[[str], None]:
     """What hf2mcore and mcore2mcore write into the temporary output: metadata, then the weights as
     streamed torch rank files or through megatron-core's torch_dist."""
     if ckpt_format not in ("torch", "torch_dist"):
@@ -299,7 +300,8 @@ def _megatron_body(load_dir: str, src, ckpt_format: str, dtype: torch.dtype, imp
     args = src.args
     padded = args.padded_vocab_size(divisible, tp)
     ns = to_namespace(args, tp, pp, dtypes.NAME_OF[dtype], impl, divisible, first, last, ep=ep, etp=etp,
-                      bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, ckpt_format=ckpt_format)
+                      bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, ckpt_format=ckpt_format,
+                      **(extra_args or {}))
 
     metadata_dir, hf_config = hf_meta
 
@@ -333,12 +335,22 @@ def _hf_metadata(info, load_dir: str, hf_config: Optional[str]) -> tuple[Optiona
 @guard.conversion
 def mcore2hf(load_dir: str, save_dir: str, params_dtype: Optional[str] = None, overwrite: bool = False,
              workers: Optional[int] = None, progress: Progress = None, allow_non_finite: bool = False,
-             report: Report = None, hf_config: Optional[str] = None) -> str:
+             report: Report = None, hf_config: Optional[str] = None, adapter_only: bool = False) -> str:
     """Convert a Megatron checkpoint (release or training, torch or torch_dist; written here or by Megatron-LM,
-    which then needs ``hf_config``) into a HF directory."""
+    which then needs ``hf_config``) into a HF directory.
+
+    A checkpoint holding LoRA adapters (its args carry ``lora_rank``) gives the merged model, or with
+    ``adapter_only`` a HF PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``)."""
     _check_load_dir(load_dir)
     info = open_checkpoint(load_dir, hf_config)
     args = info.args
+    lora_cfg = lora.from_args(info.ns)
+    if adapter_only:
+        if lora_cfg is None:
+            raise ConversionError(f"{load_dir} holds no LoRA adapters (its args have no lora_rank); "
+                                  "drop --adapter-only to convert the model")
+        return _with_output(save_dir, overwrite, _peft_body(info, lora_cfg, params_dtype, allow_non_finite, report),
+                            report)
     meta, config_source = _hf_metadata(info, load_dir, hf_config)
     template = read_hf_config(config_source) if config_source is not None else None
     if megatron_lm.is_megatron_lm_args(info.ns):  # its weights are in the dtype it trained in
@@ -354,11 +366,29 @@ def mcore2hf(load_dir: str, save_dir: str, params_dtype: Optional[str] = None, o
         copy_metadata(load_dir, tmp)
         src = info.source()
         src.finite = _finite(allow_non_finite, report)
+        if lora_cfg is not None:  # the merged model: W + scale * B @ A per HF projection
+            from megatron_patch.lora.mapping import MergedSource
+
+            src = MergedSource(src, lora_cfg)
         write_hf(src, tmp, args, dtype, workers or default_workers(), progress)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(output_config(args, dtype, template), f, indent=2)
 
     return _with_output(save_dir, overwrite, body, report)
+
+
+def _peft_body(info, cfg, params_dtype: Optional[str], allow_non_finite: bool, report: Report):
+    """What ``mcore2hf --adapter-only`` writes: the checkpoint's adapters as a HF PEFT adapter."""
+    from megatron_patch.lora.hf_peft import write_peft
+
+    dtype = _dtype(params_dtype, getattr(info.ns, "params_dtype", "fp32"))
+
+    def body(tmp: str) -> None:
+        src = info.source()
+        src.finite = _finite(allow_non_finite, report)
+        write_peft(src, tmp, cfg, dtype)
+
+    return body
 
 
 @guard.conversion
@@ -382,8 +412,17 @@ def mcore2mcore(load_dir: str, save_dir: str, tp: int = 1, pp: int = 1, ckpt_for
     _check_layout(info.args, tp, pp, first_stage_layers, last_stage_layers, ep, etp, ckpt_format)
     src = info.source()
     src.finite = _finite(allow_non_finite, report)
+    lora_cfg = lora.from_args(old)
+    if lora_cfg is not None:  # LoRA adapters are re-sliced with the base (their mappings derive from its table)
+        if ckpt_format != "torch":
+            raise ConversionError(f"{load_dir} holds LoRA adapters; mcore2mcore writes them in the torch format "
+                                  "only (use --ckpt-format torch)")
+        from megatron_patch.lora.mapping import adapter_weights
+
+        src.weights = src.weights + adapter_weights(src.weights, lora_cfg)
     body = _megatron_body(load_dir, src, ckpt_format, dtype, impl, divisible, tp, pp, first_stage_layers,
-                          last_stage_layers, ep, etp, workers, progress, _hf_metadata(info, load_dir, hf_config))
+                          last_stage_layers, ep, etp, workers, progress, _hf_metadata(info, load_dir, hf_config),
+                          lora_cfg.to_args() if lora_cfg is not None else {})
     return _with_output(save_dir, overwrite, body, report)
 
 

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from megatron_patch import lora
 from megatron_patch.runtime import spawn
 
 DEFAULT_TOL = 1e-5
@@ -46,7 +47,8 @@ def hf_logits(model_dir: str, tokens: torch.Tensor) -> torch.Tensor:
 
 def checkpoint_logits(ckpt_dir: str, tokens: torch.Tensor, tp: int, pp: int, ep: int = 1,
                       etp: Optional[int] = None, hf_config: Optional[str] = None) -> torch.Tensor:
-    """fp32 logits of a checkpoint (Megatron or HF directory) on THIS process group's TP x PP (x EP) ranks.
+    """fp32 logits of a checkpoint (Megatron or HF directory) on THIS process group's TP x PP (x EP) ranks; a
+    Megatron checkpoint holding LoRA adapters gives the adapted model's.
 
     Call it on every rank of a running group (e.g. inside ``spawn.run``); every rank gets the logits.
     """
@@ -65,6 +67,12 @@ def checkpoint_logits(ckpt_dir: str, tokens: torch.Tensor, tp: int, pp: int, ep:
                                 first_stage_layers=first, last_stage_layers=last)
     model = build_model(source.args, config, transformer_impl="local", make_vocab_size_divisible_by=divisible)
     load_into_model(model, source)
+    lora_cfg = lora.from_args(info.ns) if info is not None else None
+    if lora_cfg is not None:  # a checkpoint holding LoRA adapters: the adapted model's logits
+        from megatron_patch.lora.apply import apply_lora, load_adapters
+
+        apply_lora(model, lora_cfg, source.args, seed=0)
+        load_adapters(model, source, lora_cfg)
     return forward_logits([model], tokens, source.args.vocab_size)
 
 
