@@ -185,7 +185,7 @@ def hf_dir_of(hf_config: Optional[str]) -> Optional[str]:
 
 
 def model_args_from_megatron_lm(ns: argparse.Namespace, hf_config: Optional[str] = None,
-                                ckpt_dir: Optional[str] = None) -> ModelArgs:
+                                ckpt_dir: Optional[str] = None, tensors: Optional[int] = None) -> ModelArgs:
     """``ModelArgs`` of a Megatron-LM checkpoint: the HF config, checked against the checkpoint's args."""
     from megatron_patch.models.family import ModelConfigError, args_from_hf, read_hf_config
 
@@ -196,7 +196,7 @@ def model_args_from_megatron_lm(ns: argparse.Namespace, hf_config: Optional[str]
             "the model's HF config.json (and tokenizer), for the HF architecture, the true vocab size and the "
             "rope scaling that Megatron-LM's args do not hold")
     try:
-        margs = args_from_hf(read_hf_config(source))
+        margs = args_from_hf(read_hf_config(source), tensors)
     except ModelConfigError as e:
         raise CheckpointError(f"--hf-config {source}: {e}") from None
     wrong = disagreements(ns, margs)
