@@ -70,11 +70,10 @@ def _jobs_worker(cfg: str, tmp: str):
     data.step_batches = draws_on_tp_rank_0
     base = _common(cfg)
     ckpt = f"{tmp}/ckpt"
-    if rank == 0:  # a user's folder named like the temporary folder older versions used (issue 21)
-        os.makedirs(f"{tmp}/dist/.iter_0000002.tmp")
+    if rank == 0:  # a user's folder named like the temporary folder older versions used (issue 21); the
+        os.makedirs(f"{tmp}/dist/.iter_0000002.tmp")  # first job's collectives order it before the save there
         with open(f"{tmp}/dist/.iter_0000002.tmp/notes.txt", "w") as f:
             f.write("keep me")
-    dist.barrier()
     rcs = {
         "dropout": job("dropout", base + DROPOUT + ["--save", ckpt, "--exit-interval", "2",
                                                     "--metrics-file", f"{tmp}/dropout.jsonl"]),
