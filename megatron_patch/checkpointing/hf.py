@@ -25,7 +25,7 @@ from megatron_patch.checkpointing import integrity, placement
 from megatron_patch.checkpointing.layout import CheckpointError
 from megatron_patch.checkpointing.mapping import Mapping
 from megatron_patch.checkpointing.transforms import check_shape
-from megatron_patch.models.config import ModelArgs
+from megatron_patch.models.config import ModelArgs, short_repr
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -40,9 +40,10 @@ class HFReader:
         index = os.path.join(model_dir, INDEX)
         if os.path.isfile(index):
             try:
-                weight_map = jsonio.load_file(index).get("weight_map")
-            except (jsonio.JSONError, AttributeError) as e:
-                raise CheckpointError(f"{index} is not a valid safetensors index: {e or 'not an object'}") from None
+                content = jsonio.load_file(index)
+            except jsonio.JSONError as e:
+                raise CheckpointError(f"not a valid safetensors index: {e}") from None
+            weight_map = content.get("weight_map") if isinstance(content, dict) else None
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index} is not a valid safetensors index: 'weight_map' must be an object "
                                       "of tensor name -> shard file")
@@ -172,10 +173,10 @@ def _header_entry(name: str, meta, path: str, data_start: int, size: int) -> tup
     if not isinstance(code, str):
         raise CheckpointError(f"{bad} has no dtype string")
     if not isinstance(shape, list) or any(type(x) is not int or x < 0 for x in shape):
-        raise CheckpointError(f"{bad} has shape {integrity._short(shape)}, not a list of non-negative integers")
+        raise CheckpointError(f"{bad} has shape {short_repr(shape)}, not a list of non-negative integers")
     if not isinstance(offsets, list) or len(offsets) != 2 or any(type(x) is not int for x in offsets) or \
             not 0 <= offsets[0] <= offsets[1]:
-        raise CheckpointError(f"{bad} has data_offsets {integrity._short(offsets)}, not [begin, end]")
+        raise CheckpointError(f"{bad} has data_offsets {short_repr(offsets)}, not [begin, end]")
     dtype = dtypes.SAFETENSORS.get(code)
     if dtype is None:
         raise CheckpointError(f"tensor {name} in {path} has unsupported dtype {code}")

@@ -31,6 +31,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from megatron_patch.checkpointing.layout import CheckpointError
+from megatron_patch.models.config import short_repr
 
 CHUNK_BYTES = 64 << 20
 _LOCAL_HEADER = 30  # fixed part of a zip local file header; the name and extra field follow
@@ -202,7 +203,7 @@ def check_entries(obj: dict, where: str) -> None:
             raise CheckpointError(f"{where}: 'args' is a {type(args).__name__}, not an argparse.Namespace")
         check_expanded_size(args, f"{where} (args)")
     if iteration is not None and type(iteration) is not int:
-        raise CheckpointError(f"{where}: 'iteration' is {_short(iteration)}, not an integer")
+        raise CheckpointError(f"{where}: 'iteration' is {short_repr(iteration)}, not an integer")
 
 
 def _tensors(obj, where: str = "checkpoint") -> Iterator[torch.Tensor]:
@@ -360,11 +361,6 @@ def check_rank_files_agree(iter_dir: str, entries: dict[str, tuple[object, Optio
             diff = sorted(k for k in set(ref) | set(got) if ref.get(k, "<missing>") != got.get(k, "<missing>"))
             k = diff[0]
             raise CheckpointError(f"{iter_dir}: rank file {name} has different args than {ref_name} ({k}: "
-                                  f"{_short(got.get(k, '<missing>'))} vs {_short(ref.get(k, '<missing>'))}"
+                                  f"{short_repr(got.get(k, '<missing>'))} vs {short_repr(ref.get(k, '<missing>'))}"
                                   f"{f' and {len(diff) - 1} more' if len(diff) > 1 else ''}): rank files of "
                                   "different models are mixed")
-
-
-def _short(value, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."

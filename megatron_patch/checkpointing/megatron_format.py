@@ -34,7 +34,7 @@ from megatron_patch.checkpointing.layout import CheckpointError
 from megatron_patch.checkpointing.mapping import EXPERT, FIRST, GLOBAL, Mapping, is_te_state
 from megatron_patch.checkpointing.megatron_args import from_namespace
 from megatron_patch.checkpointing.transforms import strip_vocab
-from megatron_patch.models.config import ModelArgs, check_against_checkpoint
+from megatron_patch.models.config import ModelArgs, check_against_checkpoint, short_repr
 
 # ----------------------------------------------------------------------------- rank files
 
@@ -210,7 +210,7 @@ def _layout_arg(ns: argparse.Namespace, name: str, default=None, limit: Optional
         return default
     if type(value) is not int or value < 1 or (limit is not None and value > limit):
         bound = f" and at most {limit} (the rank folders there are)" if limit is not None else ""
-        raise CheckpointError(f"the checkpoint's args say {name} {integrity._short(value)}: it must be an integer "
+        raise CheckpointError(f"the checkpoint's args say {name} {short_repr(value)}: it must be an integer "
                               f">= 1{bound}")
     return value
 

@@ -48,6 +48,7 @@ from megatron_patch.checkpointing import integrity, layout
 from megatron_patch.checkpointing.layout import CheckpointError
 from megatron_patch.checkpointing.mapping import EXPERT, GLOBAL, Mapping
 from megatron_patch.checkpointing.transforms import strip_vocab
+from megatron_patch.models.config import short_repr
 
 METADATA = ".metadata"
 COMMON = "common.pt"  # megatron-core <= 0.18
@@ -108,7 +109,7 @@ def _ints(value, n: Optional[int], what: str) -> tuple[int, ...]:
         raise CheckpointError(f"{what} is not a sequence of integers") from None
     if any(type(x) is not int or x < 0 for x in out) or (n is not None and len(out) != n):
         raise CheckpointError(f"{what} must be {n if n is not None else 'some'} non-negative integers, got "
-                              f"{integrity._short(value)}")
+                              f"{short_repr(value)}")
     return out
 
 

@@ -145,7 +145,7 @@ class ModelArgs:
             if not isinstance(freq, (tuple, list)) or len(freq) != self.num_layers or \
                     not all(type(x) is int and x in (0, 1) for x in freq) or not any(freq):
                 raise ModelConfigError(f"the MoE layer pattern must be {self.num_layers} values 0/1 with at least one "
-                                       f"1 (one per layer), got {_short(freq)}")
+                                       f"1 (one per layer), got {short_repr(freq)}")
             object.__setattr__(self, "moe_layer_freq", tuple(freq))
 
     @property
@@ -197,7 +197,8 @@ class ModelArgs:
         return cls(**d)
 
 
-def _short(value: Any, limit: int = 60) -> str:
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (for error lines)."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
 
@@ -211,10 +212,10 @@ def check_value(value: Any, f: Field, where: str) -> Any:
     number finite and in range (> 0, or >= 0 where ``f.positive`` is False); returns it as ``f.kind``."""
     if f.kind is bool:
         if not isinstance(value, bool):
-            raise ModelConfigError(f"{where} must be true or false, got {_short(value)}")
+            raise ModelConfigError(f"{where} must be true or false, got {short_repr(value)}")
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ModelConfigError(f"{where} must be a number, got {type(value).__name__} {_short(value)}")
+        raise ModelConfigError(f"{where} must be a number, got {type(value).__name__} {short_repr(value)}")
     if not math.isfinite(value):
         raise ModelConfigError(f"{where} must be a finite number, got {value!r}")
     if f.kind is int:
@@ -275,7 +276,7 @@ def differences(a: ModelArgs, b: ModelArgs, a_name: str, b_name: str) -> list[st
 
     for (name, x), (_, y) in zip(pairs(a), pairs(b)):
         if x != y:
-            out.append(f"{name} {_short(x)} ({a_name}) vs {_short(y)} ({b_name})")
+            out.append(f"{name} {short_repr(x)} ({a_name}) vs {short_repr(y)} ({b_name})")
     return out
 
 
