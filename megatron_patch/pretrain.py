@@ -41,35 +41,29 @@ def model_args_for(args, info=None):
     (``info``: that checkpoint, if already opened).
 
     A HF directory given to ``--load`` is checked whole (every tensor present with its shape, every shard
-    readable) here, before any process group exists; with ``--model-config`` too, both must describe the
-    same architecture.
+    readable) here, before any process group exists. With both, one source of truth: ``--model-config`` must
+    describe the model ``--load`` holds (every disagreeing field named), whatever kind of checkpoint it is.
     """
     from megatron_patch.checkpointing.megatron_format import open_checkpoint
     from megatron_patch.checkpointing.sources import is_hf_dir
-    from megatron_patch.models.family import args_from_hf
+    from megatron_patch.models.family import args_from_hf, check_config_agrees
 
-    margs = args_from_hf(hf_config_for(args)) if args.model_config else None
+    source = loaded = None
     if args.load and is_hf_dir(args.load):
         from megatron_patch.checkpointing.hf import HFSource
 
         source = HFSource(args.load)
-        if margs is not None and margs != source.args:
-            raise ValueError(f"--load {args.load} holds a {source.args.architecture} that differs from "
-                             f"--model-config ({margs.architecture}{_first_difference(margs, source.args)})")
+        loaded = source.args
+    elif args.load:
+        loaded = (info or open_checkpoint(args.load, getattr(args, "hf_config", None))).args
+    if args.model_config:
+        cfg = hf_config_for(args)
+        if loaded is None:
+            return args_from_hf(cfg)
+        check_config_agrees(cfg, loaded, f"--model-config {args.model_config}", f"--load {args.load}")
+    if source is not None:
         source.preflight()
-        return source.args
-    if margs is None:
-        margs = (info or open_checkpoint(args.load, getattr(args, "hf_config", None))).args
-    return margs
-
-
-def _first_difference(a, b) -> str:
-    import dataclasses
-
-    for f in dataclasses.fields(a):
-        if getattr(a, f.name) != getattr(b, f.name):
-            return f": {f.name} {getattr(b, f.name)} vs {getattr(a, f.name)}"
-    return ""
+    return loaded
 
 
 def prepare(argv: Optional[Sequence[str]] = None):
@@ -90,6 +84,8 @@ def prepare(argv: Optional[Sequence[str]] = None):
         margs = model_args_for(args, info)
         if info is not None:
             checkpoint.check_resume(for_model(args, margs), info)
+        if args.save:
+            safety.check_writable(args.save, "--save")
         if args.save_hf:
             from megatron_patch.checkpointing.hf_export import check_output
 

@@ -12,7 +12,9 @@
 - ``OutputLock``: an exclusive ``fcntl.flock`` on ``.NAME.lock`` next to an output, so a second writer of
   the same output is refused instead of silently replacing the first one's result.
 - ``check_output_path``: the output is neither an input, nor inside one, nor an ancestor of one (symlinks
-  resolved), so even ``--overwrite`` can never delete what is being read.
+  and hard links resolved: ``overlapping_input``, the one rule of the converter, the trainer and the
+  preprocessor), so even ``--overwrite`` can never delete what is being read.
+- ``check_writable``: an output location that cannot be written is refused before any work is done for it.
 """
 
 from __future__ import annotations
@@ -193,19 +195,51 @@ def _inside(path: str, root: str) -> bool:
     return path != root and path.startswith(root.rstrip(os.sep) + os.sep)
 
 
+def _same_file(a: str, b: str) -> bool:
+    """Two existing paths name one file: a hard link (or a bind mount) that no path comparison shows."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def overlapping_input(output: str, inputs: Sequence[Optional[str]]) -> Optional[tuple[str, str]]:
-    """(relation, input) for the first input that ``output`` is, lies inside or contains (symlinks resolved),
-    else None. Empty inputs are skipped."""
+    """(relation, input) for the first input that ``output`` is, lies inside or contains (symlinks and hard
+    links resolved), else None. Empty inputs are skipped. The one overlap rule of every tool that writes."""
     out = os.path.realpath(output)
     for src in inputs:
         if not src:
             continue
         s = os.path.realpath(src)
-        relation = ("is" if out == s else "lies inside" if _inside(out, s) else "contains" if _inside(s, out)
-                    else None)
+        relation = ("is" if out == s or _same_file(out, s) else "lies inside" if _inside(out, s)
+                    else "contains" if _inside(s, out) else None)
         if relation:
             return relation, src
     return None
+
+
+def check_writable(path: str, what: str) -> None:
+    """Refuse an output location that cannot be written, before any work is done for it: ``path`` (existing or
+    not) must be a directory or creatable as one, i.e. its nearest existing ancestor is a directory this
+    process may write (a read-only file system, a file in the way, a missing permission)."""
+    probe = os.path.abspath(path)
+    if os.path.exists(probe) and not os.path.isdir(probe):
+        raise OutputRefused(f"{what} {path} exists and is not a directory")
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise OutputRefused(f"{what} {path} cannot be created: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        reason = "a read-only file system" if _read_only(probe) else "no write permission"
+        raise OutputRefused(f"{what} {path} cannot be written: {probe} is on {reason}"
+                            if reason.startswith("a") else f"{what} {path} cannot be written: {reason} in {probe}")
+
+
+def _read_only(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def check_output_path(output: str, inputs: Sequence[Optional[str]], overwrite: bool, what: str = "--save-dir",

@@ -51,3 +51,27 @@ def mcore_dir(hf_dir, tmp_path_factory):
     from toolkits.checkpoint import convert
 
     return convert.hf2mcore(hf_dir, str(tmp_path_factory.mktemp("m") / "m22"), 2, 2, transformer_impl="local")
+
+
+@pytest.fixture
+def hang_guard():
+    """``with hang_guard(seconds):`` fails the test with a message instead of hanging the suite when the block
+    does not finish (SIGALRM in the main thread). A guard against hangs, far above any expected time: not a
+    speed limit."""
+    import contextlib
+    import signal
+
+    @contextlib.contextmanager
+    def guard(seconds: int = 120, what: str = "the block"):
+        def fire(signum, frame):
+            raise AssertionError(f"{what} did not finish within {seconds} s: it hangs")
+
+        old = signal.signal(signal.SIGALRM, fire)
+        signal.alarm(seconds)
+        try:
+            yield
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+
+    return guard

@@ -271,7 +271,15 @@ BAD_CONFIGS = [
     ({"num_hidden_layers": 0}, "'num_hidden_layers' must be >= 1"),
     ({"intermediate_size": -112}, "'intermediate_size' must be >= 1"),
     ({"num_key_value_heads": 0}, "'num_key_value_heads' must be >= 1"),
-    ({"rms_norm_eps": -1e-5}, "'rms_norm_eps' must be >= 0"),
+    ({"rms_norm_eps": -1e-5}, "'rms_norm_eps' must be > 0"),
+    # Values that make no model (issue 21): NaN/Infinity (Python's json reads both), zero epsilon / theta.
+    ({"rms_norm_eps": float("nan")}, "'rms_norm_eps' must be a finite number, got nan"),
+    ({"rms_norm_eps": 0}, "'rms_norm_eps' must be > 0"),
+    ({"hidden_size": float("inf")}, "'hidden_size' must be a finite number, got inf"),
+    ({"num_hidden_layers": float("nan")}, "'num_hidden_layers' must be a finite number"),
+    ({"rope_theta": float("nan")}, "'rope_theta' must be a positive number, got nan"),
+    ({"rope_theta": float("inf")}, "'rope_theta' must be a positive number, got inf"),
+    ({"rope_scaling": dict(BASE_ROPE, factor=float("inf"))}, "'rope_scaling.factor' must be a positive number"),
     ({"tie_word_embeddings": "false"}, "'tie_word_embeddings' must be true or false"),
     ({"architectures": "LlamaForCausalLM"}, "'architectures' must be a list"),
     ({"rope_scaling": "llama3"}, "'rope_scaling' must be an object"),
@@ -285,6 +293,7 @@ BAD_CONFIGS = [
     ({"rope_parameters": dict(BASE_ROPE, rope_theta=5e5, high_freq_factor=1.0)},
      "'rope_parameters.low_freq_factor' (1.0) must be smaller"),
     ([1, 2], "must hold a JSON object"),
+    ("[" * 200_000 + "]" * 200_000, "nested deeper than 64 levels"),  # RecursionError inside json before
 ]
 
 
@@ -295,7 +304,300 @@ def test_bad_config_values_are_one_line_errors_naming_the_field(hf_dir, tmp_path
     good.pop("rope_parameters")
     good.update(rope_theta=500000.0, rope_scaling=BASE_ROPE)
     for change, words in BAD_CONFIGS:
-        cfg = change if isinstance(change, list) else dict(copy.deepcopy(good), **change)
-        (d / "config.json").write_text(json.dumps(cfg))
+        cfg = change if isinstance(change, (list, str)) else dict(copy.deepcopy(good), **change)
+        (d / "config.json").write_text(cfg if isinstance(cfg, str) else json.dumps(cfg))
         one_error(capsys, h2m(d, tmp_path / "o"), words)
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- issue 21: no silent garbage
+
+def _with_metadata(src, dst, edit):
+    """A copy of torch_dist checkpoint ``src`` whose ``.metadata`` ``edit(md, iter_dir)`` changed."""
+    from megatron_patch.checkpointing.torch_dist import read_metadata
+
+    d = shutil.copytree(src, dst)
+    md = read_metadata(str(d / "release"))
+    edit(md, d / "release")
+    (d / "release" / ".metadata").write_bytes(pickle.dumps(md))
+    return d
+
+
+def _tensor(md, key):
+    return md.state_dict_metadata[key]
+
+
+FC1 = "decoder.layers.mlp.linear_fc1.weight"  # [layers, 2 * ffn, hidden]: gate and up are chunks of their own
+
+
+def _absurd(md, _):
+    """A tensor (and its one chunk) of 10^12 elements: more bytes than its record, or any file, holds."""
+    meta = _tensor(md, "decoder.final_layernorm.weight")
+    meta.size = torch.Size([10**12])
+    meta.chunks[0] = type(meta.chunks[0])(offsets=torch.Size([0]), sizes=torch.Size([10**12]))
+
+
+def test_torch_dist_chunks_must_tile_each_tensor_exactly(non_finite, tmp_path, capsys):
+    """A chunk entry duplicated over another kept the size sum right, and the uncovered rows were written out as
+    uninitialised memory (exit 0). Every tensor's chunks must now cover it exactly, every size be a non-negative
+    integer backed by its record's bytes, before anything is read -- for the converter and the trainer alike."""
+    from megatron_patch import pretrain
+
+    src = non_finite["dist"]
+    assert main(to_hf(src, tmp_path / "ok", "--allow-non-finite", "--quiet")) == 0  # the unchanged copy converts
+    capsys.readouterr()
+
+    def duplicate(md, _):  # the issue's case: chunk 1 (the up half of layer 0) replaced by chunk 0
+        _tensor(md, FC1).chunks[1] = _tensor(md, FC1).chunks[0]
+
+    def gap(md, _):
+        del _tensor(md, FC1).chunks[1]
+
+    def outside(md, _):
+        c = _tensor(md, FC1).chunks[1]
+        _tensor(md, FC1).chunks[1] = type(c)(offsets=torch.Size([0, 200, 0]), sizes=c.sizes)
+
+    def negative(md, _):
+        _tensor(md, "decoder.final_layernorm.weight").size = torch.Size([-64])
+
+    cases = [(duplicate, ["chunks of tensor " + FC1, "overlap"]), (gap, [FC1, "uncovered"]),
+             (outside, [FC1, "lies outside its size"]), (negative, ["size of tensor decoder.final_layernorm.weight",
+                                                                    "non-negative integers"]),
+             (_absurd, ["decoder.final_layernorm.weight", "claims more data than its record holds"])]
+    for i, (edit, words) in enumerate(cases):
+        d = _with_metadata(src, tmp_path / f"c{i}", edit)
+        one_error(capsys, to_hf(d, tmp_path / "o", "--allow-non-finite"), *words)
+        if edit is duplicate:  # the trainer's --load reads the metadata through the same check
+            with pytest.raises(pretrain.StartupError, match="overlap"):
+                pretrain.prepare(["--load", str(d), "--mock-data", "--train-iters", "2"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_torch_dist_data_files_must_be_regular_files_inside_the_checkpoint(non_finite, tmp_path, capsys,
+                                                                           hang_guard):
+    """``.metadata`` names each record's data file: a FIFO there hung the trainer's resume check (open() blocks),
+    ``/dev/zero`` made it read gigabytes. Only regular files directly inside the checkpoint are opened, by the
+    converter and the trainer through the same reader."""
+    from megatron_patch import pretrain
+    from megatron_patch.checkpointing.torch_dist import read_record
+
+    def point_at(name):
+        def edit(md, iter_dir):
+            if name == "fifo":
+                os.mkfifo(iter_dir / "fifo")
+            elif name == "zero":
+                os.symlink("/dev/zero", iter_dir / "zero")  # inside by name, a device in fact
+            elif name == "link":
+                os.mkfifo(iter_dir / "fifo")
+                os.symlink("fifo", iter_dir / "link")
+            for st in md.storage_data.values():
+                if st.relative_path.startswith("__0_"):
+                    st.relative_path = name
+        return edit
+
+    with hang_guard(120, "refusing a FIFO / device as a torch_dist data file"):
+        for name, words in (("fifo", "data file fifo is not a regular file"), ("zero", "outside the checkpoint"),
+                            ("link", "data file link is not a regular file")):
+            d = _with_metadata(non_finite["dist"], tmp_path / name, point_at(name))
+            one_error(capsys, to_hf(d, tmp_path / "o", "--allow-non-finite"), words)
+            with pytest.raises(pretrain.StartupError, match=words):
+                pretrain.prepare(["--load", str(d), "--mock-data", "--train-iters", "2"])
+        # The record reader itself (the trainer's CRC pass, the converter's chunk reads) never blocks on one.
+        with pytest.raises(CheckpointError, match="not a regular file"):
+            read_record(str(tmp_path / "fifo" / "release"), "fifo", 0, 16)
+    assert not (tmp_path / "o").exists()
+
+
+def _with_args(src, dst, change):
+    """A copy of torch checkpoint ``src`` whose rank files' ``args`` ``change(ns)`` altered (all alike)."""
+    d = shutil.copytree(src, dst)
+    for f in sorted(d.glob("release/mp_rank_*/model_optim_rng.pt")):
+        state = torch.load(f, weights_only=False)
+        change(state["args"])
+        torch.save(state, f)
+    return d
+
+
+def _model_args(**values):
+    def change(ns):
+        ns.model_args = dict(ns.model_args, **values)
+    return change
+
+
+def test_model_args_that_make_no_model_are_refused_wherever_they_come_from(mcore_dir, tmp_path, capsys):
+    """The config.json cases are ``test_bad_config_values_are_one_line_errors_naming_the_field``; here the same
+    checks (``ModelArgs`` validates itself) on a MoE config and on the model args stored in rank files, where
+    NaN, Infinity and strings went straight into the model (and into the printed Megatron-LM flags)."""
+    moe = save_tiny_model("qwen3-moe", str(tmp_path / "moe"))
+    cfg = json.loads(open(f"{moe}/config.json").read())
+    (tmp_path / "moe" / "config.json").write_text(json.dumps(dict(cfg, num_experts_per_tok=9)))
+    capsys.readouterr()
+    one_error(capsys, h2m(moe, tmp_path / "o"), "num_experts_per_tok 9 is larger than num_experts 8")
+    for i, (values, words) in enumerate((
+            ({"norm_epsilon": float("nan")}, "'norm_epsilon' must be a finite number, got nan"),
+            ({"hidden_size": float("inf")}, "'hidden_size' must be a finite number, got inf"),
+            ({"num_layers": "4"}, "'num_layers' must be a number, got str '4'"),
+            ({"rope": {"theta": float("inf")}}, "'theta' must be a positive number, got inf"),
+            ({"vocab_size": 0}, "'vocab_size' must be >= 1, got 0"))):
+        d = _with_args(mcore_dir, tmp_path / f"m{i}", _model_args(**values))
+        one_error(capsys, to_hf(d, tmp_path / "o"), "release", words)
+    assert not (tmp_path / "o").exists()
+
+
+def test_config_beside_a_checkpoint_must_describe_its_model(mcore_dir, tmp_path, capsys):
+    """One source of truth: a config.json beside the rank files that disagrees with their model args was copied
+    next to weights of another shape (mcore2hf, --save-hf), and --model-config silently won over a checkpoint's
+    own args; now each disagreement is one line naming every differing field."""
+    from megatron_patch import pretrain
+    from megatron_patch.testing.tiny_models import hf_config
+
+    d = shutil.copytree(mcore_dir, tmp_path / "m")
+    good = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(good, rms_norm_eps=1e-3, intermediate_size=96)))
+    words = ("config.json and the checkpoint's args describe different models", "ffn_hidden_size 96 (",
+             "norm_epsilon 0.001 (")
+    one_error(capsys, to_hf(d, tmp_path / "o"), *words)
+    one_error(capsys, ["mcore2mcore", "--load-dir", d, "--save-dir", tmp_path / "o"], *words)
+    run = ["--mock-data", "--train-iters", "2"]
+    with pytest.raises(pretrain.StartupError, match="describe different models"):  # what --save-hf would copy
+        pretrain.prepare(["--load", str(d), "--save-hf", str(tmp_path / "hf")] + run)
+    # The trainer's --load CKPT --model-config CFG: refused like a HF --load dir, every field named.
+    other = tmp_path / "cfg.json"
+    other.write_text(json.dumps(dict(good, rms_norm_eps=1e-6, rope_parameters=dict(good["rope_parameters"],
+                                                                                    rope_theta=10000.0))))
+    with pytest.raises(pretrain.StartupError, match=r"--model-config .* and --load .* describe different models: "
+                                                    r"norm_epsilon 1e-06 .*rope theta 10000.0 "):
+        pretrain.prepare(["--load", mcore_dir, "--model-config", str(other)] + run)
+    hf_config("llama3.1").save_pretrained(str(tmp_path / "same"))
+    pretrain.prepare(["--load", mcore_dir, "--model-config", str(tmp_path / "same")] + run)  # agreeing: fine
+    assert not (tmp_path / "o").exists() and not (tmp_path / "hf").exists()
+
+
+def test_make_vocab_size_divisible_by_must_be_positive(hf_dir, tmp_path, capsys):
+    """-128 padded a 250-token vocab to 128 rows (a silently truncated embedding); 0 and negatives are refused
+    by the converter and the trainer alike."""
+    from megatron_patch.training.arguments import ArgumentError, parse_args
+
+    for value in ("-128", "0"):
+        one_error(capsys, h2m(hf_dir, tmp_path / "o", "--make-vocab-size-divisible-by", value),
+                  f"--make-vocab-size-divisible-by must be an integer >= 1, got {value}")
+        with pytest.raises(ArgumentError, match=f"--make-vocab-size-divisible-by must be >= 1, got {value}"):
+            parse_args(["--model-config", hf_dir, "--mock-data", "--train-iters", "2",
+                        "--make-vocab-size-divisible-by", value])
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- issue 21: hangs and memory
+
+def test_sizes_are_checked_against_the_tensors_present_before_planning(hf_dir, mcore_dir, non_finite, tmp_path,
+                                                                     capsys, hang_guard):
+    """num_hidden_layers 10^9 spent minutes counting parameters per layer (the progress bar) and a MoE pattern
+    of 10^8 layers took 1.2 GB before any check; a rank file saying num_layers 10^7 took 13 GB. The layer and
+    expert counts are now checked against the tensors the files hold, before anything per layer."""
+    dense = shutil.copytree(hf_dir, tmp_path / "dense")
+    cfg = json.loads((dense / "config.json").read_text())
+    (dense / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=10**9)))
+    moe = save_tiny_model("qwen3-moe", str(tmp_path / "moe"))
+    moe_cfg = json.loads(open(f"{moe}/config.json").read())
+    (tmp_path / "moe" / "config.json").write_text(json.dumps(dict(moe_cfg, num_hidden_layers=10**8)))
+    many_experts = save_tiny_model("mixtral", str(tmp_path / "mixtral"))
+    mix_cfg = json.loads(open(f"{many_experts}/config.json").read())
+    (tmp_path / "mixtral" / "config.json").write_text(json.dumps(dict(mix_cfg, num_local_experts=10**6)))
+    torch_ckpt = _with_args(mcore_dir, tmp_path / "m", _model_args(num_layers=10**7))
+    capsys.readouterr()
+
+    def dist_layers(md, iter_dir):  # common.pt wins over a 0.19+ common state inside the DCP files
+        from megatron_patch.checkpointing.torch_dist import read_common
+
+        common = read_common(str(iter_dir))
+        common["args"].model_args = dict(common["args"].model_args, num_layers=10**7)
+        torch.save(common, iter_dir / "common.pt")
+
+    dist_ckpt = _with_metadata(non_finite["dist"], tmp_path / "dist", dist_layers)
+    with hang_guard(120, "checking absurd layer / expert counts"):
+        for cmd, d, words in (
+                ("hf2mcore", dense, ["'num_hidden_layers' is 1000000000", "tensors (at least one per layer)"]),
+                ("hf2mcore", moe, ["'num_hidden_layers' is 100000000"]),
+                ("hf2mcore", many_experts, ["1000000 experts in each of 4 MoE layers"]),
+                ("mcore2hf", torch_ckpt, ["num_layers 10000000", "holds 4 layers"]),
+                ("mcore2hf", dist_ckpt, ["num_layers 10000000", "holds 4 layers"])):
+            assert convert.total_params(cmd, str(d)) == 0  # the progress bar's planner gives up at once
+            argv = h2m(d, tmp_path / "o") if cmd == "hf2mcore" else to_hf(d, tmp_path / "o", "--allow-non-finite")
+            one_error(capsys, argv, *words)
+    assert not (tmp_path / "o").exists()
+
+
+def _deep_shared(levels: int):
+    x = [1]
+    for _ in range(levels):
+        x = [x, x]  # 2^levels elements to a walk that follows every reference, 2 * levels objects
+    return x
+
+
+def test_integrity_walk_visits_each_object_once_and_bounds_depth(mcore_dir, tmp_path, capsys, hang_guard):
+    """A 654 KB rank file whose args hold shared references 60 levels deep hung the integrity walk (2^60
+    visits). Unpickled objects are now walked once each, depth-bounded; what is compared and printed (args)
+    is bounded in its expanded size."""
+    with hang_guard(120, "walking shared references"):
+        d = _with_args(mcore_dir, tmp_path / "args", lambda ns: setattr(ns, "junk", _deep_shared(60)))
+        one_error(capsys, to_hf(d, tmp_path / "o"), "mp_rank_00", "(args) holds more than 65536 values")
+
+        def chain(ns):
+            x = []
+            for _ in range(200):
+                x = [x]
+            ns.junk = x
+
+        d = _with_args(mcore_dir, tmp_path / "chain", chain)
+        one_error(capsys, to_hf(d, tmp_path / "o"), "nests containers deeper than 64 levels")
+        # Beside the weights (not compared or printed) the same shared structure is walked once: it converts.
+        d = shutil.copytree(mcore_dir, tmp_path / "model")
+        for f in sorted(d.glob("release/mp_rank_*/model_optim_rng.pt")):
+            state = torch.load(f, weights_only=False)
+            state["junk"] = _deep_shared(50)
+            torch.save(state, f)
+        assert main(to_hf(d, tmp_path / "o", "--quiet")) == 0
+    from tests.test_convert import assert_same, hf_tensors
+
+    capsys.readouterr()
+    assert_same(hf_tensors(str(tmp_path / "o")), hf_tensors(convert.mcore2hf(mcore_dir, str(tmp_path / "ref"))))
+
+
+# ----------------------------------------------------------------------------- issue 21: one line, not a traceback
+
+def _rewrite_header(path, edit) -> None:
+    """Rewrite the JSON header of safetensors file ``path`` (data offsets are relative: the data stays valid)."""
+    raw = open(path, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    header = edit(json.loads(raw[8:8 + n]))
+    text = header.encode() if isinstance(header, str) else json.dumps(header).encode()
+    open(path, "wb").write(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+
+
+def test_safetensors_headers_and_indexes_of_the_wrong_json_types_are_one_line_errors(hf_dir, tmp_path, capsys):
+    """A shard named by an index is read by this project's header reader (safetensors validates only the files it
+    opens itself): a list header, an int entry or a string shape were tracebacks."""
+    shard = "model-00001-of-00001.safetensors"
+
+    def indexed(name, edit_header=None, weight_map=None):
+        d = shutil.copytree(hf_dir, tmp_path / name)
+        os.rename(d / "model.safetensors", d / shard)
+        names = list(load_file(d / shard))
+        (d / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": weight_map if weight_map is not None else {n: shard for n in names}}))
+        if edit_header:
+            _rewrite_header(d / shard, edit_header)
+        return d
+
+    emb = "model.embed_tokens.weight"
+    cases = [
+        (indexed("list", lambda h: list(h.values())), ["its header is not a JSON object"]),
+        (indexed("int", lambda h: dict(h, **{emb: 5})), [emb, "is not an object"]),
+        (indexed("shape", lambda h: dict(h, **{emb: dict(h[emb], shape="250x64")})), [emb, "has shape '250x64'"]),
+        (indexed("offsets", lambda h: dict(h, **{emb: dict(h[emb], data_offsets=[5])})), [emb, "data_offsets"]),
+        (indexed("deep", lambda h: "[" * 100_000 + "]" * 100_000), ["nested deeper than 64 levels"]),
+        (indexed("map", weight_map=[["a", shard]]), ["'weight_map' must be an object"]),
+    ]
+    for d, words in cases:
+        one_error(capsys, h2m(d, tmp_path / "o"), *words)
+    assert main(h2m(indexed("good"), tmp_path / "o", "--quiet")) == 0  # the index itself is fine

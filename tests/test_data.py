@@ -46,7 +46,7 @@ def test_preprocess_roundtrip_and_bad_lines(tmp_path, tok_dir):
         preprocess([str(src)], str(tmp_path / "out"), tok_dir, progress=False)
     with pytest.raises(PreprocessError, match="does not exist"):
         preprocess([str(tmp_path / "missing.jsonl")], str(tmp_path / "o2"), tok_dir, progress=False)
-    with pytest.raises(PreprocessError, match=":2: malformed JSON"):
+    with pytest.raises(PreprocessError, match=":2: not valid JSON"):
         preprocess([str(src)], str(tmp_path / "o3"), tok_dir, strict=True, progress=False)
     assert not list(tmp_path.glob("o3*")) and not list(tmp_path.glob(".o3*")), "strict failure left partial output"
 
@@ -126,13 +126,17 @@ def test_sft_bad_data_is_counted_and_named(tmp_path, tok_dir):
     long = {"messages": [{"role": "user", "content": " ".join(WORDS * 5)}, {"role": "assistant", "content": "ok"}]}
     rows = [json.dumps(good), "{oops", json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
             json.dumps({"messages": [{"role": "robot", "content": "x"}]}), json.dumps(long), json.dumps(good)]
+    # A line that is not UTF-8 stopped the run naming no file; one nested 100k deep was a RecursionError.
+    raw = [r.encode() for r in rows] + ['{"messages": "caf\u00e9"}'.encode("latin-1"),
+                                        b"[" * 100_000 + b"]" * 100_000, json.dumps(good).encode()]
     path = tmp_path / "chat.jsonl"
-    path.write_text("\n".join(rows) + "\n")
+    path.write_bytes(b"\n".join(raw) + b"\n")
     report = SFTReport()
     convs = read_conversations([str(path)], tok, 32, report)
-    assert len(convs) == 2 and report.conversations == 2
-    assert [m.split(": ")[0] for m in report.malformed] == [f"{path}:2", f"{path}:3", f"{path}:4"]
+    assert len(convs) == 3 and report.conversations == 3
+    assert [m.split(": ")[0] for m in report.malformed] == [f"{path}:{i}" for i in (2, 3, 4, 7, 8)]
     assert "no assistant message" in report.malformed[1]
+    assert "not valid UTF-8 (byte 0xe9" in report.malformed[3] and "nested deeper than" in report.malformed[4]
     assert len(report.too_long) == 1 and report.too_long[0].startswith(f"{path}:5:")
     args = argparse.Namespace(data_path=[str(tmp_path / "missing.jsonl")], seq_length=32, seed=1, split="1,0,0",
                               sft_pack_sequences=False, transformer_impl="local")
@@ -157,3 +161,93 @@ def test_blend_parsing():
     with pytest.raises(ArgumentError, match="pairs"):
         parse_blend(["0.3", "a", "0.7"])
     assert np.isclose(sum(parse_blend(["1", "a", "3", "b"])[1]), 4.0)
+
+
+# ----------------------------------------------------------------------------- issue 21: data megatron-core chokes on
+
+def _pretraining(prefix, split, tmp_path):
+    return argparse.Namespace(data_path=[str(prefix)], split=split, seed=1, seq_length=8,
+                              data_cache_path=str(tmp_path / "cache"))
+
+
+def _corpus(tmp_path, tok_dir, n: int):
+    from toolkits.data.preprocess import preprocess
+
+    src = tmp_path / f"in{n}.jsonl"
+    src.write_text("".join(json.dumps({"text": " ".join(WORDS[i % 9:i % 9 + 6])}) + "\n" for i in range(n)))
+    preprocess([str(src)], str(tmp_path / f"c{n}"), tok_dir, progress=False)
+    return tmp_path / f"c{n}"
+
+
+def test_empty_splits_are_found_before_megatron_core_builds_them(tmp_path, tok_dir, hang_guard):
+    """A small corpus with the default --split 969,30,1 leaves the test split empty, and megatron-core's
+    GPTDataset then loops forever in _get_num_epochs. Each split the run builds must get sequences with
+    tokens; the error names the split and a --split that works."""
+    from transformers import AutoTokenizer
+
+    from megatron_patch.data_checks import DataCheckError, check_splits, parse_split
+    from megatron_patch.training.data import DatasetTokenizer, build_pretraining_datasets
+
+    prefix = _corpus(tmp_path, tok_dir, 20)
+    tok = DatasetTokenizer(AutoTokenizer.from_pretrained(tok_dir))
+    with hang_guard(120, "building datasets from a small corpus"):
+        with pytest.raises(DataCheckError, match=r"--split 969,30,1 leaves the test split of .*c20 empty \(20 "
+                                                 r"sequences: 19 train, 1 valid, 0 test\).*--split 969,30,0"):
+            build_pretraining_datasets(_pretraining(prefix, "969,30,1", tmp_path), tok, [16, 0, 0])
+        with pytest.raises(DataCheckError, match=r"the valid split .* 20 train, 0 valid.*--split 98,0,0"):
+            build_pretraining_datasets(_pretraining(prefix, "98,1,0", tmp_path), tok, [16, 0, 0])
+        train, valid, test = build_pretraining_datasets(_pretraining(prefix, "969,30,0", tmp_path), tok, [16, 4, 0])
+    assert len(train) >= 16 and len(valid) >= 4 and test is None  # the suggested split builds
+    with pytest.raises(DataCheckError, match="the train data .* holds no tokens"):
+        check_splits([str(_empty(tmp_path))], None, names=("train",))  # Megatron-LM's --train-data-path
+    for bad in ("0,0,0", "-1,2,3", "1,x", "1,2,3,4", "nan,1,1"):
+        with pytest.raises(DataCheckError):
+            parse_split(bad)
+    assert parse_split("98/2") == [98.0, 2.0, 0.0]
+
+
+def _empty(tmp_path):
+    """An indexed dataset with one zero-length sequence (preprocess never writes one; a damaged file may)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = tmp_path / "empty"
+    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
+    builder.add_document(np.array([], dtype=np.uint16), [0])
+    builder.finalize(str(prefix) + ".idx")
+    return prefix
+
+
+def test_indexed_dataset_files_are_checked_before_megatron_core_reads_them(tmp_path, tok_dir, capfd):
+    """An absurd sequence count in a .idx header failed inside NumPy with no file named (and again in the
+    reader's __del__); a truncated .bin failed only when a sample was read, naming no file."""
+    import shutil
+    import struct
+
+    from megatron_patch.data_checks import DataCheckError, read_index
+    from megatron_patch.training.data import build_pretraining_datasets
+
+    prefix = _corpus(tmp_path, tok_dir, 12)
+    good = read_index(str(prefix))
+    assert good.sequences == 12 and int(good.sequence_lengths.min()) > 0
+
+    def damaged(name, edit):
+        for ext in (".bin", ".idx"):
+            shutil.copy(str(prefix) + ext, tmp_path / (name + ext))
+        edit(tmp_path / name)
+        return tmp_path / name
+
+    def absurd_count(p):
+        with open(f"{p}.idx", "r+b") as f:
+            f.seek(18)
+            f.write(struct.pack("<Q", 2**40))
+
+    def truncated_bin(p):
+        with open(f"{p}.bin", "r+b") as f:
+            f.truncate(f.seek(0, 2) - 3)
+
+    for name, edit, words in (("absurd", absurd_count, r"absurd\.idx: its header says 1099511627776 sequences"),
+                              ("short", truncated_bin, r"short\.bin is shorter .* than .*short\.idx says")):
+        d = damaged(name, edit)
+        with pytest.raises(DataCheckError, match=words):
+            build_pretraining_datasets(_pretraining(d, "1,0,0", tmp_path), None, [8, 0, 0])
+    assert "Exception ignored" not in capfd.readouterr().err

@@ -100,7 +100,7 @@ def test_bad_hf_inputs_are_one_line_errors(runs, tmp_path):
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     for argv, words in (
-        (["--load", hf, "--model-config", str(other)], ["differs from --model-config"]),
+        (["--load", hf, "--model-config", str(other)], ["describe different models", "architecture"]),
         (["--load", str(broken)], ["model-00001-of-00002.safetensors", "missing"]),
         (["--load", hf, "--save-hf", hf], ["overlaps the input"]),  # would replace the source model
         (["--load", hf, "--save-hf", os.path.dirname(hf)], ["overlaps the input"]),

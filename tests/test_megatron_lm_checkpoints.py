@@ -170,8 +170,14 @@ def test_cli_errors_name_what_is_needed(hf, tmp_path, capsys):
     fails(["mcore2hf", "--load-dir", ckpt, "--save-dir", o, "--hf-config", other], "num_layers 4 (checkpoint) vs 2",
           "layernorm_epsilon 1e-06 (checkpoint) vs 1e-05")
     fails(["mcore2hf", "--load-dir", ckpt, "--save-dir", o, "--hf-config", str(tmp_path / "nope")], "does not exist")
-    # A global outside the allow-list is refused by name and never imported.
+    # A string or Infinity where its args hold a number (issue 21): a disagreement by name, not a silent cast.
     state = load_torch_rank(ckpt, ITER, 0, 0, 1)
+    for value in ("1e-06", float("inf")):
+        save_torch_rank(ckpt, ITER, 0, 0, 1, dict(state, args=argparse.Namespace(**dict(
+            vars(state["args"]), layernorm_epsilon=value, hidden_size=str(state["args"].hidden_size)))))
+        fails(["mcore2hf", "--load-dir", ckpt, "--save-dir", o, "--hf-config", hf["qwen2.5"]],
+              f"layernorm_epsilon {value!r} (checkpoint) vs 1e-06 (config)", "hidden_size '64' (checkpoint) vs 64")
+    # A global outside the allow-list is refused by name and never imported.
     state["args"].evil = os.system
     save_torch_rank(ckpt, ITER, 0, 0, 1, state)
     fails(["mcore2hf", "--load-dir", ckpt, "--save-dir", o, "--hf-config", hf["qwen2.5"]], "posix.system")

@@ -496,3 +496,30 @@ def test_workers_write_the_same_bytes_as_one_process(tmp_path, tok_dir, capsys, 
     assert outs[2] == outs[1]
     assert outs[1][3].startswith("21 documents, ") and outs[1][4] == "skipped 9 malformed and 3 empty lines\n"
     assert len(dataset(tmp_path / "w2")) == 21
+
+
+# -- issue 21: an output that is an input --------------------------------------------------------------------
+
+def test_an_output_that_is_an_input_is_refused_even_with_overwrite(tmp_path, tok_dir, capsys):
+    """``--input P.bin --output-prefix P --overwrite`` replaced the input corpus. The converter's overlap rule
+    (``safety.overlapping_input``) now guards every tool, symlinks and hard links resolved."""
+    corpus = json.dumps({"text": "the cat sat"}).encode() + b"\n"
+    cases = {}
+    cases["same"] = tmp_path / "same.bin"  # the issue's case: the input is one of the outputs
+    cases["same"].write_bytes(corpus)
+    (tmp_path / "real.jsonl").write_bytes(corpus)
+    os.symlink(tmp_path / "real.jsonl", tmp_path / "sym.idx")  # an output path that is a link to the input
+    cases["sym"] = tmp_path / "real.jsonl"
+    (tmp_path / "hard.jsonl").write_bytes(corpus)
+    os.link(tmp_path / "hard.jsonl", tmp_path / "hard.bin")  # an output path that is a hard link to it
+    cases["hard"] = tmp_path / "hard.jsonl"
+    for prefix, src in cases.items():
+        rc, err = _cli(capsys, "--input", str(src), "--output-prefix", str(tmp_path / prefix), "--tokenizer-model",
+                       tok_dir, "--overwrite")
+        assert rc == 2 and len(err) == 1 and "is the input" in err[0] and "even with --overwrite" in err[0], err
+        assert src.read_bytes() == corpus
+    # The same rule answers for directories (the converter, --save-hf): hard links are resolved there too.
+    assert safety.overlapping_input(str(tmp_path / "hard.bin"), [str(tmp_path / "hard.jsonl")]) == (
+        "is", str(tmp_path / "hard.jsonl"))
+    assert safety.overlapping_input(str(tmp_path / "x" / "y"), [str(tmp_path)])[0] == "lies inside"
+    assert safety.overlapping_input(str(tmp_path / "other.bin"), [str(tmp_path / "hard.jsonl")]) is None

@@ -70,6 +70,10 @@ def _jobs_worker(cfg: str, tmp: str):
     data.step_batches = draws_on_tp_rank_0
     base = _common(cfg)
     ckpt = f"{tmp}/ckpt"
+    if rank == 0:  # a user's folder named like the temporary folder older versions used (issue 21); the
+        os.makedirs(f"{tmp}/dist/.iter_0000002.tmp")  # first job's collectives order it before the save there
+        with open(f"{tmp}/dist/.iter_0000002.tmp/notes.txt", "w") as f:
+            f.write("keep me")
     rcs = {
         "dropout": job("dropout", base + DROPOUT + ["--save", ckpt, "--exit-interval", "2",
                                                     "--metrics-file", f"{tmp}/dropout.jsonl"]),
@@ -296,3 +300,76 @@ def test_a_full_disk_during_a_save_is_one_error_line_and_leaves_nothing(model_co
     assert r.returncode == 2, r.stderr[-3000:]
     assert r.stderr.splitlines() == [f"error: cannot write {save}/iter_0000001: No space left on device"], r.stderr
     assert left == []  # no temporary folder, no tracker
+
+
+def test_a_folder_named_like_an_old_temporary_folder_is_left_alone(runs):
+    """The save of iteration 2 removed ``.iter_0000002.tmp/`` inside --save, with everything in it (the fixed
+    temporary name of older versions). Only owner-tagged temporary folders of dead runs are removed now."""
+    tmp, result = runs
+    assert result[0]["rcs"]["no_dropout"] == 0
+    assert open(f"{tmp}/dist/.iter_0000002.tmp/notes.txt").read() == "keep me"
+    assert open(f"{tmp}/dist/{layout.TRACKER}").read() == "2"
+
+
+def _one_error(capsys, argv) -> str:
+    from megatron_patch import pretrain
+
+    rc = pretrain.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), (rc, err)
+    return err[0]
+
+
+def test_bad_arguments_are_one_line_before_any_work(model_config, tmp_path, capsys):
+    """Each was a traceback (or a late failure) before: --split 0,0,0 (ZeroDivisionError), negative split
+    weights (read as positive by megatron-core), --train-iters 1 --lr-warmup-iters 1 (megatron-core asserts
+    warmup < decay), --make-vocab-size-divisible-by 0, and a --save / --save-hf that cannot be written (found
+    only after training)."""
+    from types import SimpleNamespace
+
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megatron_patch.training.arguments import ArgumentError, parse_args
+
+    base = ["--model-config", model_config, "--mock-data", "--train-iters", "2"]
+    (tmp_path / "afile").write_text("")
+    for extra, words in (
+            (["--split", "0,0,0"], "--split '0,0,0' must not be all zero"),
+            (["--split=-1,2,3"], "--split '-1,2,3' must be up to three non-negative numbers"),
+            (["--train-iters", "1", "--lr-warmup-iters", "1"], "--lr-warmup-iters 1 must lie in [0, 1)"),
+            (["--lr-decay-iters", "-4"], "decay iterations (-4"),
+            (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+            (["--make-vocab-size-divisible-by", "0"], "--make-vocab-size-divisible-by must be >= 1, got 0"),
+            (["--save", str(tmp_path / "afile" / "ckpt")], f"--save {tmp_path}/afile/ckpt cannot be created: "
+                                                           f"{tmp_path}/afile is not a directory"),
+            (["--save-hf", str(tmp_path / "afile" / "hf")], "--save-hf"),
+    ):
+        assert words in _one_error(capsys, base + extra), extra
+    # The warmup rule is megatron-core's own: parse_args accepts exactly what its scheduler accepts.
+    for iters, warmup, decay in ((1, 0, None), (1, 1, None), (4, 3, None), (4, 4, None), (4, 2, 2), (4, 1, 2)):
+        argv = base[:-1] + [str(iters), "--lr-warmup-iters", str(warmup)]
+        argv += ["--lr-decay-iters", str(decay)] if decay else []
+        try:
+            parse_args(argv)
+            ours = True
+        except ArgumentError:
+            ours = False
+        try:
+            OptimizerParamScheduler(SimpleNamespace(param_groups=[]), 0.0, 1e-3, 0.0, warmup * 2,
+                                    (decay or iters) * 2, "cosine", 0.0, 0.0, iters * 2, "constant")
+            theirs = True
+        except AssertionError:
+            theirs = False
+        assert ours == theirs, (iters, warmup, decay)
+
+
+def test_an_output_on_a_read_only_file_system_is_refused_before_training(model_config, tmp_path, capsys):
+    from megatron_patch.testing.fs import small_tmpfs
+
+    base = ["--model-config", model_config, "--mock-data", "--train-iters", "2"]
+    with small_tmpfs(tmp_path / "ro", read_only=True):
+        err = _one_error(capsys, base + ["--save", str(tmp_path / "ro" / "ckpt")])
+        assert err == f"error: --save {tmp_path}/ro/ckpt cannot be written: {tmp_path}/ro is on a read-only file " \
+                      "system", err
+        err = _one_error(capsys, base + ["--save-hf", str(tmp_path / "ro" / "hf")])
+        assert "--save-hf" in err and "read-only" in err, err

@@ -13,7 +13,6 @@ refuses tensors the family's mappings have no place for (``allow_extra`` skips t
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from typing import Optional
@@ -21,12 +20,12 @@ from typing import Optional
 import torch
 from safetensors import safe_open
 
-from megatron_patch import dtypes
+from megatron_patch import dtypes, jsonio
 from megatron_patch.checkpointing import integrity, placement
 from megatron_patch.checkpointing.layout import CheckpointError
 from megatron_patch.checkpointing.mapping import Mapping
 from megatron_patch.checkpointing.transforms import check_shape
-from megatron_patch.models.config import ModelArgs
+from megatron_patch.models.config import ModelArgs, short_repr
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -40,11 +39,15 @@ class HFReader:
         self.finite = finite or integrity.STRICT
         index = os.path.join(model_dir, INDEX)
         if os.path.isfile(index):
-            with open(index) as f:
-                try:
-                    self.where = dict(json.load(f)["weight_map"])
-                except (json.JSONDecodeError, KeyError) as e:
-                    raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
+            try:
+                content = jsonio.load_file(index)
+            except jsonio.JSONError as e:
+                raise CheckpointError(f"not a valid safetensors index: {e}") from None
+            weight_map = content.get("weight_map") if isinstance(content, dict) else None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index} is not a valid safetensors index: 'weight_map' must be an object "
+                                      "of tensor name -> shard file")
+            self.where = weight_map
         elif os.path.isfile(os.path.join(model_dir, SINGLE)):
             self.where = {k: SINGLE for k in self._open(SINGLE).keys()}
         else:
@@ -147,20 +150,40 @@ def _read_header(fd: int, path: str) -> dict:
     if n < 0 or 8 + n > size:
         raise CheckpointError(f"cannot read safetensors shard {path}: header is truncated")
     try:
-        header = json.loads(os.pread(fd, n, 8))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        header = jsonio.loads(os.pread(fd, n, 8))
+    except jsonio.JSONError as e:
         raise CheckpointError(f"cannot read safetensors shard {path}: bad header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"cannot read safetensors shard {path}: its header is not a JSON object")
     out = {}
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        dtype, shape, (begin, end) = dtypes.SAFETENSORS.get(meta["dtype"]), tuple(meta["shape"]), meta["data_offsets"]
-        if dtype is None:
-            raise CheckpointError(f"tensor {name} in {path} has unsupported dtype {meta['dtype']}")
-        if end - begin != torch.Size(shape).numel() * dtype.itemsize or 8 + n + end > size:
-            raise CheckpointError(f"cannot read tensor {name} from {path}: data out of bounds (truncated shard?)")
-        out[name] = (dtype, shape, 8 + n + begin)
+        out[name] = _header_entry(name, meta, path, 8 + n, size)
     return out
+
+
+def _header_entry(name: str, meta, path: str, data_start: int, size: int) -> tuple[torch.dtype, tuple, int]:
+    """(dtype, shape, absolute data offset) of one header entry, every JSON type checked (as safetensors does
+    for files it opens itself; a shard named by an index is read here first)."""
+    bad = f"cannot read safetensors shard {path}: the header entry of tensor {name}"
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{bad} is not an object")
+    code, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+    if not isinstance(code, str):
+        raise CheckpointError(f"{bad} has no dtype string")
+    if not isinstance(shape, list) or any(type(x) is not int or x < 0 for x in shape):
+        raise CheckpointError(f"{bad} has shape {short_repr(shape)}, not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or any(type(x) is not int for x in offsets) or \
+            not 0 <= offsets[0] <= offsets[1]:
+        raise CheckpointError(f"{bad} has data_offsets {short_repr(offsets)}, not [begin, end]")
+    dtype = dtypes.SAFETENSORS.get(code)
+    if dtype is None:
+        raise CheckpointError(f"tensor {name} in {path} has unsupported dtype {code}")
+    begin, end = offsets
+    if end - begin != torch.Size(shape).numel() * dtype.itemsize or data_start + end > size:
+        raise CheckpointError(f"cannot read tensor {name} from {path}: data out of bounds (truncated shard?)")
+    return dtype, tuple(shape), data_start + begin
 
 
 def _pread_into(fd: int, t: torch.Tensor, offset: int, name: str, shard: str) -> None:
@@ -182,9 +205,10 @@ class HFSource:
         from megatron_patch.models.family import args_from_hf, family_of, read_hf_config
 
         self.dir = model_dir
-        self.args = args or args_from_hf(read_hf_config(model_dir))
-        self.weights = family_of(self.args).weights(self.args)
         self.reader = reader or HFReader(model_dir)
+        # Sizes checked against the tensors the directory holds before anything is planned per layer.
+        self.args = args or args_from_hf(read_hf_config(model_dir), tensors=len(self.reader.where))
+        self.weights = family_of(self.args).weights(self.args)
         self.finite = self.reader.finite = finite or self.reader.finite
         self.skipped: list[str] = []  # unexpected tensors ``preflight`` was allowed to skip
 

@@ -41,11 +41,12 @@ def copy_metadata(src_dir: str, dst_dir: str, skip: tuple[str, ...] = ()) -> Non
 
 def check_output(out_dir: str, inputs: tuple[Optional[str], ...]) -> None:
     """Refuse an output that would replace what the user has: an input (or a folder holding one, or one inside
-    it) or an existing non-empty directory that an earlier save_hf did not write. Call before training."""
-    from megatron_patch.safety import overlapping_input
+    it), an existing non-empty directory that an earlier save_hf did not write, or a place that cannot be
+    written. Call before training."""
+    from megatron_patch import safety
 
     out = os.path.realpath(out_dir)
-    found = overlapping_input(out_dir, inputs)
+    found = safety.overlapping_input(out_dir, inputs)
     if found:
         raise ValueError(f"--save-hf {out_dir} overlaps the input {found[1]}; choose another directory")
     if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MARKER)):
@@ -53,6 +54,7 @@ def check_output(out_dir: str, inputs: tuple[Optional[str], ...]) -> None:
                          "directory (nothing there is replaced)")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--save-hf {out_dir} exists and is not a directory")
+    safety.check_writable(out_dir, "--save-hf")
 
 
 def _gather(shard: torch.Tensor, group) -> Optional[list[torch.Tensor]]:

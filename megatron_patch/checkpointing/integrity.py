@@ -31,6 +31,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from megatron_patch.checkpointing.layout import CheckpointError
+from megatron_patch.models.config import short_repr
 
 CHUNK_BYTES = 64 << 20
 _LOCAL_HEADER = 30  # fixed part of a zip local file header; the name and extra field follow
@@ -136,17 +137,77 @@ def verify_record(path: str, suffix: str, index: Optional[ZipIndex] = None) -> N
         raise _crc_error(path, name)
 
 
-def _tensors(obj) -> Iterator[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
-    elif isinstance(obj, argparse.Namespace):
-        yield from _tensors(vars(obj))
+# ----------------------------------------------------------------------------- walking unpickled objects
+
+# A checkpoint's objects nest a few levels (state dict -> optimizer state -> per-parameter dict); anything far
+# deeper is not a checkpoint, and recursive code (repr, ==) would fail on it or, on shared references, take
+# exponential time: a list holding the same list twice, 60 levels deep, is 2^60 elements to a naive walk.
+MAX_DEPTH = 64
+# The expanded size (shared references counted each time they are reached) of a checkpoint's ``args``: what
+# comparing or printing them costs. Megatron-LM's args are a few hundred values.
+MAX_ARGS_VALUES = 1 << 16
+
+
+def _children(obj) -> Optional[Iterator]:
+    if isinstance(obj, dict):
+        return iter(obj.values())
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return iter(obj)
+    if isinstance(obj, argparse.Namespace):
+        return iter(vars(obj).values())
+    return None
+
+
+def walk(obj, where: str, max_depth: int = MAX_DEPTH) -> Iterator:
+    """Every object inside ``obj`` once (shared references visited once), iteratively; ``CheckpointError``
+    when containers nest deeper than ``max_depth``."""
+    seen: set[int] = set()
+    stack = [(obj, 0)]
+    while stack:
+        x, d = stack.pop()
+        kids = _children(x)
+        if kids is None:
+            yield x
+            continue
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if d >= max_depth:
+            raise CheckpointError(f"{where} nests containers deeper than {max_depth} levels: not a checkpoint")
+        stack.extend((k, d + 1) for k in kids)
+
+
+def check_expanded_size(obj, where: str, max_values: int = MAX_ARGS_VALUES, max_depth: int = MAX_DEPTH) -> None:
+    """Refuse ``obj`` when comparing or printing it would visit more than ``max_values`` values (shared references
+    counted each time, as ``==`` and ``repr`` visit them) or nest deeper than ``max_depth``; stops at the bound."""
+    count, stack = 0, [(obj, 0)]
+    while stack:
+        x, d = stack.pop()
+        count += 1
+        if count > max_values:
+            raise CheckpointError(f"{where} holds more than {max_values} values (counting shared references each "
+                                  "time): not a checkpoint's arguments")
+        kids = _children(x)
+        if kids is not None:
+            if d >= max_depth:
+                raise CheckpointError(f"{where} nests containers deeper than {max_depth} levels: not a checkpoint")
+            stack.extend((k, d + 1) for k in kids)
+
+
+def check_entries(obj: dict, where: str) -> None:
+    """The entries of a checkpoint that readers compare and print (``args``, ``iteration``) are what Megatron-LM
+    writes: an ``argparse.Namespace`` of bounded size and an integer (see ``check_expanded_size``)."""
+    args, iteration = obj.get("args"), obj.get("iteration")
+    if args is not None:
+        if not isinstance(args, argparse.Namespace):
+            raise CheckpointError(f"{where}: 'args' is a {type(args).__name__}, not an argparse.Namespace")
+        check_expanded_size(args, f"{where} (args)")
+    if iteration is not None and type(iteration) is not int:
+        raise CheckpointError(f"{where}: 'iteration' is {short_repr(iteration)}, not an integer")
+
+
+def _tensors(obj, where: str = "checkpoint") -> Iterator[torch.Tensor]:
+    return (x for x in walk(obj, where) if isinstance(x, torch.Tensor))
 
 
 class MappedFile:
@@ -163,7 +224,7 @@ class MappedFile:
     def __init__(self, path: str, obj, index: ZipIndex, done: set, lock: threading.Lock):
         self.path, self.index, self.done, self.lock = path, index, done, lock
         storages = {}
-        for t in _tensors(obj):
+        for t in _tensors(obj, path):
             s = t.untyped_storage()
             if s.nbytes():
                 storages[s.data_ptr()] = s.nbytes()
@@ -300,11 +361,6 @@ def check_rank_files_agree(iter_dir: str, entries: dict[str, tuple[object, Optio
             diff = sorted(k for k in set(ref) | set(got) if ref.get(k, "<missing>") != got.get(k, "<missing>"))
             k = diff[0]
             raise CheckpointError(f"{iter_dir}: rank file {name} has different args than {ref_name} ({k}: "
-                                  f"{_short(got.get(k, '<missing>'))} vs {_short(ref.get(k, '<missing>'))}"
+                                  f"{short_repr(got.get(k, '<missing>'))} vs {short_repr(ref.get(k, '<missing>'))}"
                                   f"{f' and {len(diff) - 1} more' if len(diff) > 1 else ''}): rank files of "
                                   "different models are mixed")
-
-
-def _short(value, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."

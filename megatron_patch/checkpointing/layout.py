@@ -141,6 +141,7 @@ def load_rank_file(path: str, mmap: bool = False, verify: bool = True) -> dict:
         raise CheckpointError(f"{path} is not a readable checkpoint file: {str(e).splitlines()[0]}") from None
     if not isinstance(obj, dict) or not any(k == "model" or re.fullmatch(r"model\d+", str(k)) for k in obj):
         raise CheckpointError(f"{path} is not a Megatron checkpoint (no 'model' entry)")
+    integrity.check_entries(obj, path)
     return obj
 
 

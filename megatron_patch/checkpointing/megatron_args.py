@@ -97,14 +97,15 @@ def megatron_lm_fields(args: ModelArgs, transformer_impl: str) -> dict:
 
 
 def from_namespace(ns: argparse.Namespace, hf_config: Optional[str] = None,
-                   ckpt_dir: Optional[str] = None) -> ModelArgs:
+                   ckpt_dir: Optional[str] = None, tensors: Optional[int] = None) -> ModelArgs:
     """Recover ``ModelArgs`` from a checkpoint's ``args``: ``model_args`` when written here, else (Megatron-LM)
-    from its args and the HF config ``hf_config`` (or one found beside the checkpoint)."""
+    from its args and the HF config ``hf_config`` (or one found beside the checkpoint). ``tensors``: how many
+    tensors the checkpoint holds (a HF config's layer count is checked against it before anything per layer)."""
     d = getattr(ns, "model_args", None)
     if d is None:
         from megatron_patch.checkpointing.megatron_lm import model_args_from_megatron_lm
 
-        return model_args_from_megatron_lm(ns, hf_config, ckpt_dir)
+        return model_args_from_megatron_lm(ns, hf_config, ckpt_dir, tensors)
     return ModelArgs.from_dict(d)
 
 

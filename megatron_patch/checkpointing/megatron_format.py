@@ -21,6 +21,7 @@ import collections
 import errno
 import os
 import pickle
+import re
 import sys
 import threading
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from megatron_patch.checkpointing.layout import CheckpointError
 from megatron_patch.checkpointing.mapping import EXPERT, FIRST, GLOBAL, Mapping, is_te_state
 from megatron_patch.checkpointing.megatron_args import from_namespace
 from megatron_patch.checkpointing.transforms import strip_vocab
-from megatron_patch.models.config import ModelArgs
+from megatron_patch.models.config import ModelArgs, check_against_checkpoint, short_repr
 
 # ----------------------------------------------------------------------------- rank files
 
@@ -202,9 +203,16 @@ class CheckpointInfo:
         return TorchDistSource(self)
 
 
-def _layout_arg(ns: argparse.Namespace, name: str, default=None):
+def _layout_arg(ns: argparse.Namespace, name: str, default=None, limit: Optional[int] = None):
+    """A layout size from a checkpoint's args: a positive integer (``default`` when absent), at most ``limit``."""
     value = getattr(ns, name, default)
-    return default if value is None else value
+    if value is None:
+        return default
+    if type(value) is not int or value < 1 or (limit is not None and value > limit):
+        bound = f" and at most {limit} (the rank folders there are)" if limit is not None else ""
+        raise CheckpointError(f"the checkpoint's args say {name} {short_repr(value)}: it must be an integer "
+                              f">= 1{bound}")
+    return value
 
 
 def open_checkpoint(ckpt_dir: str, hf_config: Optional[str] = None) -> CheckpointInfo:
@@ -212,6 +220,11 @@ def open_checkpoint(ckpt_dir: str, hf_config: Optional[str] = None) -> Checkpoin
 
     ``hf_config`` (a HF directory or config.json): the model description a checkpoint written by Megatron-LM
     needs (``megatron_lm.model_args_from_megatron_lm``); ignored for checkpoints written here.
+
+    Before anything is planned per layer, the layer count of the args must be the one the files hold and the
+    expert count one their tensors can back (``config.check_against_checkpoint``); a ``config.json`` beside
+    the checkpoint must describe the same model as its args (``family.check_config_agrees``), since
+    converters and ``--save-hf`` copy it next to the weights.
     """
     if not os.path.isdir(ckpt_dir):
         raise CheckpointError(f"load dir {ckpt_dir} does not exist")
@@ -235,45 +248,92 @@ def open_checkpoint(ckpt_dir: str, hf_config: Optional[str] = None) -> Checkpoin
         ns = read_common(iter_dir).get("args")
     if not isinstance(ns, argparse.Namespace):
         raise CheckpointError(f"{iter_dir} carries no 'args' namespace: cannot tell the model shape")
+    limit = len(layout.rank_dirs(iter_dir)) if fmt == "torch" else None
+    tp, pp = _layout_arg(ns, "tensor_model_parallel_size", 1, limit), \
+        _layout_arg(ns, "pipeline_model_parallel_size", 1, limit)
+    ep = _layout_arg(ns, "expert_model_parallel_size", 1, limit)
+    etp = _layout_arg(ns, "expert_tensor_parallel_size", tp, limit)
+    vpp = _layout_arg(ns, "virtual_pipeline_model_parallel_size")
+    if fmt == "torch":
+        try:
+            files = placement.torch_rank_files(tp, pp, ep, etp)
+        except ValueError as e:
+            raise CheckpointError(f"{iter_dir}: {e}") from None
+        layout.check_rank_files(iter_dir, files, pp, ep)
+        entries, tensors, layers = _read_rank_files(iter_dir, files, pp, ep, vpp, rank0, rank0_obj)
+    else:
+        from megatron_patch.checkpointing.torch_dist import count_present
+
+        try:
+            tensors, layers = count_present(metadata)
+        except CheckpointError as e:
+            raise CheckpointError(f"{iter_dir}: {e}") from None
     try:
-        args = from_namespace(ns, hf_config, ckpt_dir)
+        args = from_namespace(ns, hf_config, ckpt_dir, tensors)
+        check_against_checkpoint(args, iter_dir, tensors, layers)
     except CheckpointError:
         raise
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{iter_dir}: {e}") from None
-    tp, pp = _layout_arg(ns, "tensor_model_parallel_size", 1), _layout_arg(ns, "pipeline_model_parallel_size", 1)
-    ep = _layout_arg(ns, "expert_model_parallel_size", 1)
-    info = CheckpointInfo(ckpt_dir, iteration, iter_dir, fmt, ns, args, tp, pp, ep,
-                          _layout_arg(ns, "expert_tensor_parallel_size", tp),
-                          _layout_arg(ns, "virtual_pipeline_model_parallel_size"),
+    if fmt == "torch":  # after the values: args holding a NaN would not even agree with themselves
+        _check_rank_files_agree(iter_dir, iteration, entries, rank0)
+    _check_config_beside(ckpt_dir, ns, args)
+    return CheckpointInfo(ckpt_dir, iteration, iter_dir, fmt, ns, args, tp, pp, ep, etp, vpp,
                           _layout_arg(ns, "decoder_first_pipeline_num_layers"),
                           _layout_arg(ns, "decoder_last_pipeline_num_layers"), metadata)
-    if fmt == "torch":
-        try:
-            files = placement.torch_rank_files(tp, pp, ep, info.etp)
-        except ValueError as e:
-            raise CheckpointError(f"{iter_dir}: {e}") from None
-        layout.check_rank_files(iter_dir, files, pp, ep)
-        _check_rank_files_agree(info, rank0, rank0_obj)
-    return info
 
 
-def _check_rank_files_agree(info: CheckpointInfo, rank0: str, rank0_obj: dict) -> None:
-    """Every rank file carries the same ``iteration`` and ``args``, and the iteration is the folder's.
+def _check_config_beside(ckpt_dir: str, ns: argparse.Namespace, args: ModelArgs) -> None:
+    """A ``config.json`` beside a checkpoint whose args carry ``model_args`` must describe that model (for a
+    Megatron-LM checkpoint the args were built from a HF config and checked against it already, unless the
+    user named another one: then this one must agree too)."""
+    from megatron_patch.models.family import ModelConfigError, check_config_agrees, read_hf_config
+
+    path = os.path.join(ckpt_dir, "config.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        check_config_agrees(read_hf_config(path), args, path, "the checkpoint's args")
+    except ModelConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def _read_rank_files(iter_dir: str, files, pp: int, ep: int, vpp: Optional[int], rank0: str,
+                     rank0_obj: dict) -> tuple[dict, int, int]:
+    """({rank folder: (iteration, args)}, tensors, layers) of a torch-format iteration folder; layers: the
+    distinct local layer indices of each pipeline stage's chunks, summed.
 
     Mapped loads: only each file's pickle is read (and CRC-checked), not its tensors.
     """
-    entries = {}
-    for name in layout.rank_dirs(info.iter_dir):
+    stage_files = {layout.rank_dir_name(f.tp_rank, f.pp_rank, pp, f.ep_rank, ep) for f in files
+                   if f.tp_rank == 0 and f.ep_rank == 0}
+    chunks = layout.chunk_keys(vpp or 1)
+    entries, tensors, layers = {}, 0, 0
+    for name in layout.rank_dirs(iter_dir):
         obj = rank0_obj if name == rank0 else layout.load_rank_file(
-            os.path.join(info.iter_dir, name, layout.RANK_FILE), mmap=True)
+            os.path.join(iter_dir, name, layout.RANK_FILE), mmap=True)
         entries[name] = (obj.get("iteration"), obj.get("args"))
+        for c in chunks:
+            state = obj.get(c)
+            if not isinstance(state, dict):
+                raise CheckpointError(f"rank file {name} of {iter_dir} has no '{c}' state dict")
+            tensors += len(state)
+            if name in stage_files:
+                layers += len({m.group(1) for m in map(_LAYER.match, map(str, state)) if m})
         del obj
-    integrity.check_rank_files_agree(info.iter_dir, entries)
-    iteration = entries[rank0][0]
-    if info.iteration != "release" and iteration is not None and iteration != info.iteration:
-        raise CheckpointError(f"{info.iter_dir}: its rank files are from iteration {iteration}, not "
-                              f"{info.iteration}: rank files of another checkpoint were copied in")
+    return entries, tensors, layers
+
+
+def _check_rank_files_agree(iter_dir: str, iteration, entries: dict, rank0: str) -> None:
+    """Every rank file carries the same ``iteration`` and ``args``, and the iteration is the folder's."""
+    integrity.check_rank_files_agree(iter_dir, entries)
+    saved = entries[rank0][0]
+    if iteration != "release" and saved is not None and saved != iteration:
+        raise CheckpointError(f"{iter_dir}: its rank files are from iteration {saved}, not "
+                              f"{iteration}: rank files of another checkpoint were copied in")
 
 
 # ----------------------------------------------------------------------------- reading torch format

@@ -28,7 +28,7 @@ from typing import Any, BinaryIO, Optional, Union
 import torch
 
 from megatron_patch.checkpointing.layout import CheckpointError
-from megatron_patch.models.config import FIELDS, ModelArgs
+from megatron_patch.models.config import FIELDS, ModelArgs, short_repr
 
 # Modules whose enum classes Megatron-LM pickles into ``args`` (megatron-core's two enum modules).
 ENUM_MODULES = ("megatron.core.enums", "megatron.core.transformer.enums")
@@ -185,7 +185,7 @@ def hf_dir_of(hf_config: Optional[str]) -> Optional[str]:
 
 
 def model_args_from_megatron_lm(ns: argparse.Namespace, hf_config: Optional[str] = None,
-                                ckpt_dir: Optional[str] = None) -> ModelArgs:
+                                ckpt_dir: Optional[str] = None, tensors: Optional[int] = None) -> ModelArgs:
     """``ModelArgs`` of a Megatron-LM checkpoint: the HF config, checked against the checkpoint's args."""
     from megatron_patch.models.family import ModelConfigError, args_from_hf, read_hf_config
 
@@ -196,7 +196,7 @@ def model_args_from_megatron_lm(ns: argparse.Namespace, hf_config: Optional[str]
             "the model's HF config.json (and tokenizer), for the HF architecture, the true vocab size and the "
             "rope scaling that Megatron-LM's args do not hold")
     try:
-        margs = args_from_hf(read_hf_config(source))
+        margs = args_from_hf(read_hf_config(source), tensors)
     except ModelConfigError as e:
         raise CheckpointError(f"--hf-config {source}: {e}") from None
     wrong = disagreements(ns, margs)
@@ -217,8 +217,9 @@ def _effective(ns: argparse.Namespace, name: str):
     value = getattr(ns, name, None)
     if name == "num_query_groups" and not getattr(ns, "group_query_attention", False):
         return getattr(ns, "num_attention_heads", None)  # without --group-query-attention groups = heads
-    if name == "kv_channels" and value is None and getattr(ns, "num_attention_heads", None):
-        return ns.hidden_size // ns.num_attention_heads
+    heads, hidden = getattr(ns, "num_attention_heads", None), getattr(ns, "hidden_size", None)
+    if name == "kv_channels" and value is None and type(heads) is int and type(hidden) is int and heads > 0:
+        return hidden // heads
     if name == "add_bias_linear" and value is None and getattr(ns, "disable_bias_linear", None) is not None:
         return not ns.disable_bias_linear
     return value
@@ -227,9 +228,11 @@ def _effective(ns: argparse.Namespace, name: str):
 def _layer_pattern(freq, num_layers: int) -> Optional[list[int]]:
     if freq is None:
         return None
-    if isinstance(freq, int):
+    if type(freq) is int and freq >= 1:
         return [int(i % freq == 0) for i in range(num_layers)]
-    return [int(x) for x in freq]
+    if isinstance(freq, (list, tuple)) and all(type(x) is int for x in freq):
+        return list(freq)
+    return freq  # neither: compared as it is, so it disagrees by name
 
 
 def disagreements(ns: argparse.Namespace, margs: ModelArgs) -> list[str]:
@@ -243,10 +246,13 @@ def disagreements(ns: argparse.Namespace, margs: ModelArgs) -> list[str]:
     def check(name: str, ckpt, model) -> None:
         if ckpt is None or model is None:
             return
-        same = abs(float(ckpt) - float(model)) <= 1e-12 * abs(float(model)) if isinstance(model, float) else \
-            ckpt == model
+        if isinstance(model, float):  # a string or a bool where the checkpoint must hold a number disagrees too
+            number = isinstance(ckpt, (int, float)) and not isinstance(ckpt, bool)
+            same = number and abs(float(ckpt) - model) <= 1e-12 * abs(model)
+        else:
+            same = type(ckpt) is type(model) and ckpt == model
         if not same:
-            wrong.append(f"{name} {ckpt!r} (checkpoint) vs {model!r} (config)")
+            wrong.append(f"{name} {short_repr(ckpt)} (checkpoint) vs {model!r} (config)")
 
     for f in FIELDS:
         if not f.mlm_arg or f.name == "max_position_embeddings" or (f.moe and not margs.is_moe and

@@ -17,6 +17,14 @@ then only the chunks that hold the requested layer, so converting from torch_dis
 format does. Every reader of torch_dist in this project (the converter, the trainer's ``--load``) validates
 ``.metadata`` and the common state here first. Each chunk record read is CRC-checked (torch does not) and its values pass the source's ``FiniteCheck`` (``integrity``).
 
+What ``read_metadata`` checks before anyone reads a byte of data (``validate_metadata``): every data file it
+names is a regular file directly inside the folder (no FIFO, device or symlink out: opening one would hang or
+read forever), every record lies inside its file and no two tensor records overlap, every size is a
+non-negative integer, and the chunks of every tensor tile it exactly, with no overlap and no gap (a
+duplicated chunk would otherwise leave part of a tensor as uninitialised memory while a size sum still
+matched). A tensor's chunks then hold at most its records' bytes, so no declared size can make a reader
+allocate more than the files hold.
+
 Writing stays with megatron-core (``save``): its sharded state dict is the format's definition.
 """
 
@@ -24,18 +32,23 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import os
 import pickle
+import re
+import stat
 import warnings
 import zipfile
 from typing import Optional, Union
 
+import numpy as np
 import torch
 
 from megatron_patch.checkpointing import integrity, layout
 from megatron_patch.checkpointing.layout import CheckpointError
 from megatron_patch.checkpointing.mapping import EXPERT, GLOBAL, Mapping
 from megatron_patch.checkpointing.transforms import strip_vocab
+from megatron_patch.models.config import short_repr
 
 METADATA = ".metadata"
 COMMON = "common.pt"  # megatron-core <= 0.18
@@ -77,9 +90,162 @@ def read_metadata(iter_dir: str):
             md = _MetadataUnpickler(f).load()
     except Exception as e:  # noqa: BLE001 - any failure is a bad file
         raise CheckpointError(f"refusing {path}: {_first_line(e)}") from None
-    if type(md).__name__ != "Metadata" or not isinstance(getattr(md, "state_dict_metadata", None), dict):
+    if type(md).__name__ != "Metadata" or not isinstance(getattr(md, "state_dict_metadata", None), dict) or \
+            not isinstance(getattr(md, "storage_data", None), dict):
         raise CheckpointError(f"{path} is not a PyTorch distributed checkpoint metadata file")
+    validate_metadata(md, iter_dir)
     return md
+
+
+# Chunks that are not a grid of their tensor (megatron's never are) may cost at most this many cells to check.
+_MAX_CELLS = 1 << 20
+
+
+def _ints(value, n: Optional[int], what: str) -> tuple[int, ...]:
+    """A sequence of non-negative Python ints (of length ``n`` when given)."""
+    try:
+        out = tuple(value)
+    except TypeError:
+        raise CheckpointError(f"{what} is not a sequence of integers") from None
+    if any(type(x) is not int or x < 0 for x in out) or (n is not None and len(out) != n):
+        raise CheckpointError(f"{what} must be {n if n is not None else 'some'} non-negative integers, got "
+                              f"{short_repr(value)}")
+    return out
+
+
+def _check_tiling(key: str, size: tuple[int, ...], chunks: list[tuple[tuple[int, ...], tuple[int, ...]]],
+                  where: str) -> None:
+    """The chunks cover ``size`` exactly: every element once, none twice (coordinate-compressed grid)."""
+    if math.prod(size) == 0:
+        return
+    bounds = [sorted({0, n, *(o[d] for o, _ in chunks), *(o[d] + z[d] for o, z in chunks)}) for d, n in
+              enumerate(size)]
+    cells = math.prod(len(b) - 1 for b in bounds)
+    if cells > max(_MAX_CELLS, 4 * len(chunks)):
+        raise CheckpointError(f"{where}: the {len(chunks)} chunks of tensor {key} do not form a grid")
+    index = [{v: i for i, v in enumerate(b)} for b in bounds]
+    grid = np.zeros([len(b) - 1 for b in bounds], dtype=np.bool_)
+    for off, sz in chunks:
+        if not math.prod(sz):
+            continue
+        box = tuple(slice(index[d][o], index[d][o + z]) for d, (o, z) in enumerate(zip(off, sz)))
+        if grid[box].any():
+            raise CheckpointError(f"{where}: chunks of tensor {key} overlap (at offsets {list(off)}): refusing "
+                                  "a tensor whose values would depend on which chunk is read last")
+        grid[box] = True
+    if not grid.all():
+        raise CheckpointError(f"{where}: the chunks of tensor {key} leave part of it uncovered (a missing "
+                              ".distcp record?): refusing to make up its values")
+
+
+def validate_metadata(md, iter_dir: str) -> None:
+    """Check what ``.metadata`` says against itself and the files (see the module docstring)."""
+    where = f"torch_dist metadata of {iter_dir}"
+    root = os.path.realpath(iter_dir)
+    files: dict[str, int] = {}  # relative path -> size
+    records: dict[tuple, tuple[str, int, int]] = {}  # (key, chunk offsets) -> (file, offset, length)
+    for idx, st in md.storage_data.items():
+        fqn, rel = getattr(idx, "fqn", None), getattr(st, "relative_path", None)
+        if not isinstance(fqn, str) or not isinstance(rel, str):
+            raise CheckpointError(f"{where}: a storage entry has no key or no file name")
+        if getattr(st, "transform_descriptors", None):
+            raise CheckpointError(f"{iter_dir}: compressed/transformed DCP records are not supported")
+        if rel not in files:
+            path = os.path.join(iter_dir, rel)
+            if rel in ("", ".", "..") or os.path.basename(rel) != rel or \
+                    os.path.dirname(os.path.realpath(path)) != root:
+                raise CheckpointError(f"{iter_dir}: metadata names a data file outside the checkpoint ({rel!r})")
+            try:
+                info = os.stat(path)
+            except OSError as e:
+                raise CheckpointError(f"{where}: data file {rel}: {e.strerror}") from None
+            if not stat.S_ISREG(info.st_mode):
+                raise CheckpointError(f"{where}: data file {rel} is not a regular file")
+            files[rel] = info.st_size
+        offset, length = getattr(st, "offset", None), getattr(st, "length", None)
+        if type(offset) is not int or type(length) is not int or offset < 0 or length < 0 or \
+                offset + length > files[rel]:
+            raise CheckpointError(f"{where}: the record of {fqn} (bytes {offset}..+{length}) does not lie inside "
+                                  f"{rel} ({files[rel]} bytes): a truncated or altered checkpoint")
+        if idx.offset is not None:
+            records[(fqn, _ints(idx.offset, None, f"{where}: storage offset of {fqn}"))] = (rel, offset, length)
+    _check_tensors(md, where, records)
+
+
+def _check_tensors(md, where: str, records: dict) -> None:
+    used: dict[str, list[tuple[int, int, str]]] = {}  # file -> (offset, length, key) of tensor records
+    for key, meta in md.state_dict_metadata.items():
+        if not hasattr(meta, "chunks"):
+            continue
+        if not isinstance(key, str) or not isinstance(getattr(getattr(meta, "properties", None), "dtype", None),
+                                                      torch.dtype):
+            raise CheckpointError(f"{where}: tensor {key!r} has no dtype")
+        size = _ints(meta.size, None, f"{where}: size of tensor {key}")
+        itemsize = meta.properties.dtype.itemsize
+        chunks = []
+        for c in meta.chunks:
+            off = _ints(c.offsets, len(size), f"{where}: chunk offsets of tensor {key}")
+            sz = _ints(c.sizes, len(size), f"{where}: chunk sizes of tensor {key}")
+            if any(o + z > n for o, z, n in zip(off, sz, size)):
+                raise CheckpointError(f"{where}: a chunk of tensor {key} (offsets {list(off)}, sizes {list(sz)}) "
+                                      f"lies outside its size {list(size)}")
+            record = records.get((key, off))
+            if record is None:
+                raise CheckpointError(f"{where}: no storage entry for the chunk of {key} at offsets {list(off)}")
+            if math.prod(sz) * itemsize > record[2]:  # a torch.save record holds at least its data bytes
+                raise CheckpointError(f"{where}: the chunk of {key} at offsets {list(off)} claims more data than its "
+                                      f"record holds ({record[2]} bytes)")
+            used.setdefault(record[0], []).append((record[1], record[2], key))
+            chunks.append((off, sz))
+        _check_tiling(key, size, chunks, where)
+    for rel, spans in used.items():
+        spans.sort()
+        for (a, n, k), (b, _, k2) in zip(spans, spans[1:]):
+            if a + n > b:
+                raise CheckpointError(f"{where}: the records of {k} and {k2} overlap in {rel}: a crafted or "
+                                      "damaged checkpoint")
+
+
+def read_record(iter_dir: str, relative_path: str, offset: int, length: int) -> bytes:
+    """The bytes of one record of a data file named by validated metadata. The file is opened without
+    blocking and must still be a regular file (it may have been swapped since ``validate_metadata``)."""
+    path = os.path.join(iter_dir, relative_path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointError(f"{path} is not a regular file")
+        raw = os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+    if len(raw) != length:
+        raise CheckpointError(f"{path} is truncated")
+    return raw
+
+
+_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def count_present(md) -> tuple[int, Optional[int]]:
+    """(elements, layers) of the model tensors a torch_dist checkpoint holds: every tensor instance has at least
+    one element, and the layer count is the leading size of the layer-stacked tensors (``decoder.layers.<name>``)
+    or the number of distinct ``decoder.layers.<i>.`` indices. What ``config.check_against_checkpoint`` needs."""
+    elements, stacked, indices = 0, set(), set()
+    for key, meta in md.state_dict_metadata.items():
+        if not hasattr(meta, "chunks") or not key.startswith("decoder."):
+            continue
+        elements += math.prod(meta.size)
+        m = _LAYER_KEY.match(key)
+        if m:
+            indices.add(int(m.group(1)))
+        elif key.startswith("decoder.layers.") and len(meta.size):
+            stacked.add(meta.size[0])
+    if len(stacked) > 1:
+        raise CheckpointError(f"its layer-stacked tensors disagree on the number of layers ({sorted(stacked)})")
+    layers = next(iter(stacked)) if stacked else (len(indices) if indices else None)
+    return elements, layers
 
 
 def read_common(iter_dir: str) -> dict:
@@ -117,6 +283,7 @@ def read_common(iter_dir: str) -> dict:
         common = value[0]
     if not isinstance(common, dict):
         raise CheckpointError(f"{where} does not hold a dict")
+    integrity.check_entries(common, where)
     return common
 
 
@@ -204,19 +371,12 @@ class TorchDistSource:
         self.info, self.args = info, info.args
         self.weights = family_of(self.args).weights(self.args)
         self.finite = integrity.STRICT
+        # Validated by read_metadata: files inside the folder, chunks tiling each tensor exactly.
         md = info.dist_metadata if info.dist_metadata is not None else read_metadata(info.iter_dir)
         self.tensors = {k: v for k, v in md.state_dict_metadata.items() if hasattr(v, "chunks")}
         # (key, chunk offsets) -> (file, byte offset, length) of that chunk's torch.save record.
-        self.where = {}
-        for idx, st in md.storage_data.items():
-            if getattr(st, "transform_descriptors", None):
-                raise CheckpointError(f"{info.iter_dir}: compressed/transformed DCP records are not supported")
-            self.where[(idx.fqn, tuple(idx.offset) if idx.offset is not None else None)] = st
-        for st in self.where.values():
-            path = os.path.normpath(os.path.join(info.iter_dir, st.relative_path))
-            if os.path.dirname(path) != os.path.normpath(info.iter_dir):
-                raise CheckpointError(f"{info.iter_dir}: metadata names a data file outside the checkpoint "
-                                      f"({st.relative_path!r})")
+        self.where = {(idx.fqn, tuple(idx.offset) if idx.offset is not None else None): st
+                      for idx, st in md.storage_data.items()}
 
     def fork(self) -> "TorchDistSource":
         return self  # stateless between reads: safe to share
@@ -277,11 +437,7 @@ class TorchDistSource:
             raise CheckpointError(f"torch_dist metadata of {self.info.iter_dir} has no storage entry for {key}")
         path = os.path.join(self.info.iter_dir, st.relative_path)
         try:
-            with open(path, "rb") as f:
-                f.seek(st.offset)
-                raw = f.read(st.length)
-            if len(raw) != st.length:
-                raise CheckpointError(f"{path} is truncated")
+            raw = read_record(self.info.iter_dir, st.relative_path, st.offset, st.length)
             integrity.verify_zip_bytes(raw, f"{path} (chunk of {key} at byte {st.offset})")
             t = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         except CheckpointError:

@@ -13,6 +13,7 @@ translates a config in any direction walks that table: ``args_from_hf`` (HF -> M
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -41,6 +42,8 @@ class Field:
     # whether its ``--use-checkpoint-args`` restores it (if not, a user must pass the flag ``--<name>``).
     mlm: Optional[str] = None
     mlm_restored: bool = True
+    # Numbers must be finite and > 0 (every size, epsilon); False: >= 0 (a loss coefficient may be 0).
+    positive: bool = True
 
     @property
     def mlm_arg(self) -> str:
@@ -72,7 +75,7 @@ FIELDS: tuple[Field, ...] = (
     Field("moe_ffn_hidden_size", ("moe_intermediate_size",), "moe_ffn_hidden_size", default=None, moe=True),
     Field("moe_router_topk", ("num_experts_per_tok",), "moe_router_topk", default=None, moe=True),
     Field("moe_aux_loss_coeff", ("router_aux_loss_coef",), "moe_aux_loss_coeff", default=0.0, kind=float,
-          moe=True, mlm_restored=False),
+          moe=True, mlm_restored=False, positive=False),
     Field("moe_shared_expert_intermediate_size", ("shared_expert_intermediate_size",),
           "moe_shared_expert_intermediate_size", default=None, moe=True),
 )
@@ -106,15 +109,63 @@ class ModelArgs:
     moe_shared_expert_gate: bool = False
     moe_layer_freq: Optional[tuple[int, ...]] = None  # 1 = MoE layer, 0 = dense; None = every layer MoE
 
+    def __post_init__(self) -> None:
+        """Every ``ModelArgs``, wherever it comes from (a HF config, a checkpoint's ``model_args``, a test), is
+        one a model can be built from: numbers finite and positive, types right, fields consistent."""
+        if not isinstance(self.architecture, str):
+            raise ModelConfigError(f"model argument 'architecture' must be a string, got {self.architecture!r}")
+        if not isinstance(self.rope, RopeSpec):
+            raise ModelConfigError(f"model argument 'rope' must be a RopeSpec, got {type(self.rope).__name__}")
+        for f in FIELDS:
+            value = getattr(self, f.name)
+            if value is None and f.default is None:
+                continue
+            object.__setattr__(self, f.name, check_value(value, f, f"model argument {f.name!r}"))
+        for name in ("moe_router_pre_softmax", "moe_shared_expert_gate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ModelConfigError(f"model argument {name!r} must be true or false, got {getattr(self, name)!r}")
+        for name in ("num_query_groups", "kv_channels"):
+            if getattr(self, name) is None:
+                raise ModelConfigError(f"model argument {name!r} is missing")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ModelConfigError(f"num_attention_heads {self.num_attention_heads} is not divisible by "
+                                   f"num_key_value_heads {self.num_query_groups}")
+        if self.is_moe:
+            self._check_moe()
+
+    def _check_moe(self) -> None:
+        for name in ("moe_ffn_hidden_size", "moe_router_topk"):
+            if getattr(self, name) is None:
+                raise ModelConfigError(f"a mixture-of-experts model needs {name} ({_hf_name(name)})")
+        if self.moe_router_topk > self.num_experts:
+            raise ModelConfigError(f"num_experts_per_tok {self.moe_router_topk} is larger than num_experts "
+                                   f"{self.num_experts}: a token cannot be routed to more experts than there are")
+        freq = self.moe_layer_freq
+        if freq is not None:
+            if not isinstance(freq, (tuple, list)) or len(freq) != self.num_layers or \
+                    not all(type(x) is int and x in (0, 1) for x in freq) or not any(freq):
+                raise ModelConfigError(f"the MoE layer pattern must be {self.num_layers} values 0/1 with at least one "
+                                       f"1 (one per layer), got {short_repr(freq)}")
+            object.__setattr__(self, "moe_layer_freq", tuple(freq))
+
     @property
     def is_moe(self) -> bool:
         return bool(self.num_experts)
+
+    @property
+    def num_moe_layers(self) -> int:
+        if not self.is_moe:
+            return 0
+        return self.num_layers if self.moe_layer_freq is None else sum(self.moe_layer_freq)
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.is_moe and (self.moe_layer_freq is None or bool(self.moe_layer_freq[layer]))
 
     def padded_vocab_size(self, divisible_by: int, tp: int) -> int:
         """Megatron pads the vocab to a multiple of ``divisible_by * tp`` so each TP shard is even."""
+        for name, value in (("--make-vocab-size-divisible-by", divisible_by), ("tensor-parallel size", tp)):
+            if type(value) is not int or value < 1:
+                raise ModelConfigError(f"{name} must be an integer >= 1, got {value!r}")
         multiple = divisible_by * tp
         return -(-self.vocab_size // multiple) * multiple
 
@@ -126,25 +177,47 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
+        if not isinstance(d, dict) or not isinstance(d.get("rope"), dict):
+            raise ModelConfigError("model arguments must be a dict holding a 'rope' dict")
         d = dict(d)
-        d["rope"] = RopeSpec(**d["rope"])
+        try:
+            d["rope"] = RopeSpec(**d["rope"])
+        except TypeError as e:
+            raise ModelConfigError(f"rope arguments: {e}") from None
         if d.get("moe_layer_freq") is not None:
             d["moe_layer_freq"] = tuple(d["moe_layer_freq"])
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(str(k) for k in set(d) - known)
         if unknown:
             raise ModelConfigError(f"unknown model argument(s) {', '.join(unknown)}")
+        missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in d and
+                         f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        if missing:
+            raise ModelConfigError(f"missing model argument(s) {', '.join(missing)}")
         return cls(**d)
 
 
-def _typed(value: Any, f: Field, where: str) -> Any:
-    """Check the JSON type of a config value (a string for a number is refused, not coerced)."""
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (for error lines)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _hf_name(name: str) -> str:
+    return next((f.hf[0] for f in FIELDS if f.name == name and f.hf), name)
+
+
+def check_value(value: Any, f: Field, where: str) -> Any:
+    """A value of field ``f`` with its JSON type checked (a string for a number is refused, not coerced) and a
+    number finite and in range (> 0, or >= 0 where ``f.positive`` is False); returns it as ``f.kind``."""
     if f.kind is bool:
         if not isinstance(value, bool):
-            raise ModelConfigError(f"{where} must be true or false, got {value!r}")
+            raise ModelConfigError(f"{where} must be true or false, got {short_repr(value)}")
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ModelConfigError(f"{where} must be a number, got {type(value).__name__} {value!r}")
+        raise ModelConfigError(f"{where} must be a number, got {type(value).__name__} {short_repr(value)}")
+    if not math.isfinite(value):
+        raise ModelConfigError(f"{where} must be a finite number, got {value!r}")
     if f.kind is int:
         if value != int(value):
             raise ModelConfigError(f"{where} must be an integer, got {value!r}")
@@ -153,8 +226,8 @@ def _typed(value: Any, f: Field, where: str) -> Any:
             raise ModelConfigError(f"{where} must be >= 1, got {value}")
         return value
     value = float(value)
-    if value < 0:
-        raise ModelConfigError(f"{where} must be >= 0, got {value}")
+    if value < 0 or (f.positive and value == 0):
+        raise ModelConfigError(f"{where} must be {'>' if f.positive else '>='} 0, got {value}")
     return value
 
 
@@ -168,7 +241,7 @@ def read_fields(hf_config: dict) -> dict:
                 raise ModelConfigError(f"config is missing the required field {f.hf[0]!r}")
             values[f.name] = f.default
             continue
-        value = _typed(hf_config[key], f, f"config field {key!r}")
+        value = check_value(hf_config[key], f, f"config field {key!r}")
         values[f.name] = (not value) if f.invert else value
     return values
 
@@ -186,3 +259,38 @@ def hf_fields(args: ModelArgs) -> dict:
 def transformer_config_fields(args: ModelArgs) -> dict:
     """``TransformerConfig`` keyword arguments of the table fields that have one."""
     return {f.tc: getattr(args, f.name) for f in FIELDS if f.tc and (args.is_moe or not f.moe)}
+
+
+def differences(a: ModelArgs, b: ModelArgs, a_name: str, b_name: str) -> list[str]:
+    """Every field where ``a`` and ``b`` differ, as 'name A (a_name) vs B (b_name)' (rope fields one by one)."""
+    out = []
+
+    def pairs(x: ModelArgs):
+        for f in dataclasses.fields(x):
+            value = getattr(x, f.name)
+            if isinstance(value, RopeSpec):
+                for g in dataclasses.fields(value):
+                    yield f"rope {g.name}", getattr(value, g.name)
+            else:
+                yield f.name, value
+
+    for (name, x), (_, y) in zip(pairs(a), pairs(b)):
+        if x != y:
+            out.append(f"{name} {short_repr(x)} ({a_name}) vs {short_repr(y)} ({b_name})")
+    return out
+
+
+def check_against_checkpoint(args: ModelArgs, where: str, tensors: int, layers: Optional[int] = None) -> None:
+    """Sizes that the tensors a checkpoint actually holds can back, checked before anything is planned or
+    allocated per layer or expert (a config saying 10^9 layers would otherwise take minutes and gigabytes
+    before any shape check). ``tensors``: how many tensors ``where`` holds (every layer, and every expert of
+    every MoE layer, has at least one); ``layers``: the layer count, where the checkpoint's own structure says it."""
+    if layers is not None and args.num_layers != layers:
+        raise ModelConfigError(f"the model arguments say num_layers {args.num_layers}, but {where} holds "
+                               f"{layers} layers")
+    if args.num_layers > tensors:
+        raise ModelConfigError(f"the model arguments say num_layers {args.num_layers}, but {where} holds only "
+                               f"{tensors} tensors (at least one per layer)")
+    if args.is_moe and args.num_moe_layers * args.num_experts > tensors:
+        raise ModelConfigError(f"the model arguments say {args.num_experts} experts in each of {args.num_moe_layers} "
+                               f"MoE layers, but {where} holds only {tensors} tensors (at least one per expert)")

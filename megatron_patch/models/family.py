@@ -11,17 +11,17 @@ entry-point group, and a test can call ``register`` itself.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from megatron_patch.models.config import ModelArgs, ModelConfigError, hf_fields, read_fields
+from megatron_patch.models.config import (ModelArgs, ModelConfigError, check_against_checkpoint, differences,
+                                          hf_fields, read_fields)
 from megatron_patch.models.rope import RopeConfigError, parse_rope
 
 __all__ = ["Family", "ModelArgs", "ModelConfigError", "register", "get_family", "supported_architectures",
-           "args_from_hf", "read_hf_config", "hf_config_dict", "family_of"]
+           "args_from_hf", "read_hf_config", "hf_config_dict", "family_of", "check_config_agrees"]
 
 
 @dataclass(frozen=True)
@@ -94,13 +94,20 @@ def _architecture(hf_config: Any) -> str:
     return archs[0]
 
 
-def args_from_hf(hf_config: dict) -> ModelArgs:
-    """Translate a HF config dict (transformers 4.x or 5.x shape) into ``ModelArgs``."""
+def args_from_hf(hf_config: dict, tensors: Optional[int] = None) -> ModelArgs:
+    """Translate a HF config dict (transformers 4.x or 5.x shape) into ``ModelArgs``.
+
+    ``tensors``: how many tensors the checkpoint this config describes holds; the layer and expert counts are
+    checked against it before anything is built per layer (``config.check_against_checkpoint``).
+    """
     arch = _architecture(hf_config)
     family = get_family(arch)
     if family.validate:
         family.validate(hf_config)
     values = read_fields(hf_config)
+    if tensors is not None and values["num_layers"] > tensors:  # before the family's per-layer pattern
+        raise ModelConfigError(f"config field 'num_hidden_layers' is {values['num_layers']}, but the checkpoint "
+                               f"holds only {tensors} tensors (at least one per layer)")
     heads, hidden = values["num_attention_heads"], values["hidden_size"]
     if values["num_query_groups"] is None:
         values["num_query_groups"] = heads
@@ -126,21 +133,37 @@ def args_from_hf(hf_config: dict) -> ModelArgs:
         rope = parse_rope(hf_config)
     except RopeConfigError as e:
         raise ModelConfigError(str(e)) from None
-    return ModelArgs(architecture=arch, rope=rope, **values)
+    args = ModelArgs(architecture=arch, rope=rope, **values)
+    if tensors is not None:
+        check_against_checkpoint(args, "the checkpoint", tensors)
+    return args
 
 
 def read_hf_config(model_dir: str) -> dict:
+    from megatron_patch import jsonio
+
     path = os.path.join(model_dir, "config.json") if os.path.isdir(model_dir) else model_dir
     if not os.path.isfile(path):
         raise ModelConfigError(f"no config.json in {model_dir}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            cfg = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelConfigError(f"{path} is not valid JSON: {e}") from None
+    try:
+        cfg = jsonio.load_file(path)
+    except jsonio.JSONError as e:
+        raise ModelConfigError(str(e)) from None
     if not isinstance(cfg, dict):
         raise ModelConfigError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
     return cfg
+
+
+def check_config_agrees(hf_config: dict, args: ModelArgs, config_name: str, args_name: str) -> None:
+    """One source of truth: a HF config shipped beside a checkpoint (or given with it) must describe the model
+    the checkpoint's own arguments describe; every disagreeing field is named."""
+    try:
+        theirs = args_from_hf(hf_config)
+    except ModelConfigError as e:
+        raise ModelConfigError(f"{config_name}: {e}") from None
+    wrong = differences(theirs, args, config_name, args_name)
+    if wrong:
+        raise ModelConfigError(f"{config_name} and {args_name} describe different models: " + "; ".join(wrong))
 
 
 def hf_config_dict(args: ModelArgs) -> dict:

@@ -33,6 +33,27 @@ class RopeSpec:
     high_freq_factor: Optional[float] = None
     original_max_position_embeddings: Optional[int] = None
 
+    def __post_init__(self) -> None:
+        """A spec from anywhere (a HF config through ``parse_rope``, a checkpoint's ``model_args``) must give
+        finite, positive frequencies: the same checks as ``parse_rope``'s, on the stored values."""
+        where = "rope argument"
+        object.__setattr__(self, "theta", _number(self.theta, f"{where} 'theta'"))
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise RopeConfigError(f"unsupported rope type {self.rope_type!r}; supported: "
+                                  f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+        needed = {"default": (), "linear": ("factor",),
+                  "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+        for name in needed[self.rope_type]:
+            value = getattr(self, name)
+            if value is None:
+                raise RopeConfigError(f"rope type {self.rope_type!r} needs {name!r}")
+            object.__setattr__(self, name, _number(value, f"{where} {name!r}",
+                                                   integer=name == "original_max_position_embeddings"))
+        if self.rope_type == "llama3" and self.low_freq_factor >= self.high_freq_factor:
+            # The smooth band between them would divide by zero (or invert): NaN/garbage frequencies.
+            raise RopeConfigError(f"rope low_freq_factor ({self.low_freq_factor}) must be smaller than "
+                                  f"high_freq_factor ({self.high_freq_factor})")
+
     def to_hf(self) -> dict:
         """The transformers 4.x-style pair (``rope_theta``, ``rope_scaling``) for this spec."""
         scaling = None
@@ -53,10 +74,10 @@ def _number(value, where: str, integer: bool = False) -> float:
     """A positive JSON number (an integer when ``integer``); anything else names the field in the error."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RopeConfigError(f"{where} must be a number, got {type(value).__name__} {value!r}")
+    if not value > 0 or value == float("inf"):  # NaN fails the first test
+        raise RopeConfigError(f"{where} must be a positive number, got {value!r}")
     if integer and value != int(value):
         raise RopeConfigError(f"{where} must be an integer, got {value!r}")
-    if not value > 0 or value == float("inf"):
-        raise RopeConfigError(f"{where} must be a positive number, got {value!r}")
     return int(value) if integer else float(value)
 
 
@@ -95,19 +116,12 @@ def parse_rope(hf_config: dict) -> RopeSpec:
 
     if rope_type == "linear":
         return RopeSpec(theta=theta, rope_type="linear", factor=need("factor"))
-    spec = RopeSpec(
-        theta=theta,
-        rope_type="llama3",
-        factor=need("factor"),
-        low_freq_factor=need("low_freq_factor"),
-        high_freq_factor=need("high_freq_factor"),
-        original_max_position_embeddings=need("original_max_position_embeddings", integer=True),
-    )
-    if spec.low_freq_factor >= spec.high_freq_factor:
-        # The smooth band between them would divide by zero (or invert): NaN/garbage frequencies.
-        raise RopeConfigError(f"config field '{where}.low_freq_factor' ({spec.low_freq_factor}) must be smaller "
-                              f"than '{where}.high_freq_factor' ({spec.high_freq_factor})")
-    return spec
+    factor, low, high = need("factor"), need("low_freq_factor"), need("high_freq_factor")
+    if low >= high:  # also refused by RopeSpec; here the message names the config's own keys
+        raise RopeConfigError(f"config field '{where}.low_freq_factor' ({low}) must be smaller than "
+                              f"'{where}.high_freq_factor' ({high})")
+    return RopeSpec(theta=theta, rope_type="llama3", factor=factor, low_freq_factor=low, high_freq_factor=high,
+                    original_max_position_embeddings=need("original_max_position_embeddings", integer=True))
 
 
 def inv_freq(spec: RopeSpec, rotary_dim: int) -> torch.Tensor:

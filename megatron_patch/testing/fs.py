@@ -1,4 +1,4 @@
-"""File-system conditions for tests: a disk that fills up."""
+"""File-system conditions for tests: a disk that fills up, or one that cannot be written at all."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ import subprocess
 
 
 @contextlib.contextmanager
-def small_tmpfs(path, size: str = "256k"):
+def small_tmpfs(path, size: str = "256k", read_only: bool = False):
     """Mount a tmpfs of ``size`` on ``path`` (created empty) for the block: writes beyond it fail with ENOSPC,
-    as on a full disk. Skips the calling test where mounting is not allowed (it needs root)."""
+    as on a full disk (``read_only``: every write fails with EROFS). Skips the calling test where mounting is
+    not allowed (it needs root)."""
     import pytest
 
     os.makedirs(path, exist_ok=True)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+    options = f"size={size}" + (",ro" if read_only else "")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:

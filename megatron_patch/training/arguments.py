@@ -12,6 +12,7 @@ import argparse
 import os
 from typing import Optional, Sequence
 
+from megatron_patch import data_checks
 from megatron_patch.checkpointing.layout import CKPT_FORMATS
 from megatron_patch.fusions.rope import ROPE_IMPLS
 from megatron_patch.models.builder import (ATTENTION_IMPLS, MOE_DISPATCHERS, TRANSFORMER_IMPLS,
@@ -183,7 +184,7 @@ def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> argpars
     world = world_size or _world_size()
     tp, pp, cp = a.tensor_model_parallel_size, a.pipeline_model_parallel_size, a.context_parallel_size
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size", "seq_length",
-                 "train_iters", "log_interval"):
+                 "train_iters", "log_interval", "make_vocab_size_divisible_by"):
         if getattr(a, name) < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if cp != 1:
@@ -238,8 +239,16 @@ def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> argpars
         a.recompute_num_layers = 1
     if a.lr < 0 or a.min_lr < 0 or a.min_lr > a.lr:
         raise ArgumentError(f"need 0 <= --min-lr ({a.min_lr}) <= --lr ({a.lr})")
-    if a.lr_warmup_iters < 0 or a.lr_warmup_iters > a.train_iters:
-        raise ArgumentError(f"--lr-warmup-iters {a.lr_warmup_iters} must lie in [0, --train-iters]")
+    decay = a.lr_decay_iters or a.train_iters  # as loop.scheduler_settings; megatron-core asserts warmup < decay
+    if a.lr_warmup_iters < 0 or decay < 1 or a.lr_warmup_iters >= decay:
+        raise ArgumentError(f"--lr-warmup-iters {a.lr_warmup_iters} must lie in [0, {decay}) and the decay "
+                            f"iterations ({decay}: --lr-decay-iters, default --train-iters) be >= 1")
+    if a.weight_decay < 0:
+        raise ArgumentError(f"--weight-decay must be >= 0, got {a.weight_decay}")
+    try:
+        data_checks.parse_split(a.split)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
     if a.model_config is None and a.load is None:
         raise ArgumentError("give --model-config (train from scratch) or --load (start from a checkpoint)")
     if a.finetune and a.load is None:

@@ -150,9 +150,6 @@ def save(args, margs: ModelArgs, chunks: list, optimizer, scheduler, state: Trai
         os.makedirs(root, exist_ok=True)
         for path in safety.remove_stale_in(root, _ITER_DIRS):
             print(f"note: removed stale temporary checkpoint {path} (left by a run that died)", flush=True)
-        legacy = os.path.join(root, "." + layout.iteration_dir_name(state.iteration) + ".tmp")
-        if os.path.isdir(legacy):  # the fixed name earlier versions used
-            shutil.rmtree(legacy)
         tmp[0] = safety.temp_name(final)
         os.mkdir(tmp[0])
     dist.broadcast_object_list(tmp, src=0)
@@ -468,16 +465,15 @@ def _verify_dcp_records(iter_dir: str, metadata) -> None:
 
     Each rank checks every world-size-th record; the first failure found is raised on every rank.
     """
+    from megatron_patch.checkpointing.torch_dist import read_record
+
     rank, world = dist.get_rank(), dist.get_world_size()
     records = sorted({(st.relative_path, st.offset, st.length) for st in metadata.storage_data.values()})
     error = None
     try:
         for rel, offset, length in records[rank::world]:
             path = os.path.join(iter_dir, rel)
-            with open(path, "rb") as f:
-                raw = os.pread(f.fileno(), length, offset)
-            if len(raw) != length:
-                raise layout.CheckpointError(f"{path} is truncated")
+            raw = read_record(iter_dir, rel, offset, length)  # the converter's reader: regular files inside only
             if raw[:4] == b"PK\x03\x04":  # a torch.save record (raw byte records carry no CRC)
                 integrity.verify_zip_bytes(raw, f"{path} (record at byte {offset})")
     except (layout.CheckpointError, OSError) as e:

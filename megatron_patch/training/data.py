@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from megatron_patch import data_checks
+
 log = logging.getLogger(__name__)
 
 
@@ -57,13 +59,6 @@ def load_tokenizer(path: str):
         raise DataError(f"cannot load a HF tokenizer from {path}: {str(e).splitlines()[0]}") from None
 
 
-def check_prefixes(prefixes: list[str]) -> None:
-    for p in prefixes:
-        for ext in (".bin", ".idx"):
-            if not os.path.isfile(p + ext):
-                raise DataError(f"indexed dataset file {p + ext} does not exist (run toolkits.data.preprocess)")
-
-
 def build_pretraining_datasets(args, tokenizer: DatasetTokenizer, sizes: list[int]):
     """(train, valid, test) GPTDatasets via megatron-core's BlendedMegatronDatasetBuilder.
 
@@ -77,14 +72,15 @@ def build_pretraining_datasets(args, tokenizer: DatasetTokenizer, sizes: list[in
     from megatron_patch.training.arguments import parse_blend
 
     blend, split, per_split = None, None, None
+    # Files and splits checked first: megatron-core would misread a damaged index, or loop forever on an empty split.
     if getattr(args, "train_data_path", None):  # Megatron-LM's per-split paths: no --split
         per_split = [parse_blend(p) if p else None for p in (args.train_data_path, args.valid_data_path, None)]
-        for b in per_split:
+        for b, name in zip(per_split, data_checks.SPLITS):
             if b:
-                check_prefixes(b[0])
+                data_checks.check_splits(b[0], None, names=(name,))
     else:
         blend, split = parse_blend(args.data_path), args.split
-        check_prefixes(blend[0])
+        data_checks.check_splits(blend[0], data_checks.parse_split(split), split)
     reset_attention = getattr(args, "reset_attention_mask", False)
     config = GPTDatasetConfig(
         random_seed=args.seed,

@@ -10,13 +10,12 @@ With ``--sft-pack-sequences`` conversations are packed greedily into one sample;
 causal attention mask keeps each conversation from attending to the others and position ids restart
 at every conversation, so a packed sample computes what the separate conversations would.
 
-Bad lines (not JSON, no messages, unknown roles, no assistant turn) and conversations longer than the
-sequence are skipped, counted and reported with file and line number.
+Bad lines (not UTF-8, not JSON or nested absurdly deep, no messages, unknown roles, no assistant turn) and
+conversations longer than the sequence are skipped, counted and reported with file and line number.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_patch import data_checks, jsonio
 from megatron_patch.training.data import DataError
 
 log = logging.getLogger(__name__)
@@ -83,14 +83,14 @@ def read_conversations(paths: list[str], tok, seq_length: int, report: SFTReport
     for path in paths:
         if not os.path.isfile(path):
             raise DataError(f"SFT data file {path} does not exist")
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is one bad line, not the end of the run
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    report.malformed.append(f"{path}:{lineno}: malformed JSON ({e.msg})")
+                    obj = jsonio.loads(line)
+                except jsonio.JSONError as e:
+                    report.malformed.append(f"{path}:{lineno}: {e}")
                     continue
                 problem = _check_messages(obj)
                 if problem:
@@ -160,11 +160,7 @@ class SFTDataset(torch.utils.data.Dataset):
 
 
 def split_sizes(n: int, split: str) -> list[int]:
-    try:
-        w = [float(x) for x in split.replace("/", ",").split(",")]
-    except ValueError:
-        raise DataError(f"--split {split!r} is not a list of numbers") from None
-    w = (w + [0.0, 0.0, 0.0])[:3]
+    w = data_checks.parse_split(split)
     total = sum(w)
     sizes = [int(round(n * x / total)) for x in w]
     sizes[0] = n - sizes[1] - sizes[2]

@@ -100,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.command == "hf2mcore":
             out = convert.hf2mcore(args.load_dir, args.save_dir, args.tp, args.pp, args.ckpt_format,
-                                   args.transformer_impl, args.params_dtype, args.make_vocab_size_divisible_by or 128,
+                                   args.transformer_impl, args.params_dtype,
+                                   128 if args.make_vocab_size_divisible_by is None else args.make_vocab_size_divisible_by,
                                    args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers,
                                    args.overwrite, args.workers, update, args.ep, args.etp,
                                    allow_extra_tensors=args.allow_extra_tensors, **checks)

@@ -408,7 +408,8 @@ def mcore2mcore(load_dir: str, save_dir: str, tp: int = 1, pp: int = 1, ckpt_for
     old = info.ns
     dtype = _dtype(params_dtype, getattr(old, "params_dtype", "fp32"))
     impl = transformer_impl or getattr(old, "transformer_impl", None) or resolve_transformer_impl("auto")
-    divisible = make_vocab_size_divisible_by or getattr(old, "make_vocab_size_divisible_by", 128)
+    divisible = make_vocab_size_divisible_by if make_vocab_size_divisible_by is not None else \
+        getattr(old, "make_vocab_size_divisible_by", 128)
     _check_layout(info.args, tp, pp, first_stage_layers, last_stage_layers, ep, etp, ckpt_format)
     src = info.source()
     src.finite = _finite(allow_non_finite, report)

@@ -18,7 +18,8 @@ document is named in an "inexact cuts" warning.
 Output goes to temporary files (``DIR/.NAME.bin.tmp-HOST-PID-RANDOM`` for ``--output-prefix DIR/NAME``)
 that are renamed into place only when complete; SIGTERM/SIGINT remove them and exit with 128 + the
 signal number; temporary files left by dead runs are removed by the next run (``toolkits.data.outputs``).
-Existing outputs are replaced only with ``--overwrite``. Every expected failure (bad arguments,
+Existing outputs are replaced only with ``--overwrite``, and an output that is an input (symlinks and hard
+links resolved) never. Every expected failure (bad arguments,
 unreadable input, missing tokenizer files, unwritable or full output directory) ends in one
 ``error: ...`` line on stderr and exit status 2.
 """
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
-import json
 import multiprocessing as mp
 import os
 import re
@@ -42,7 +42,7 @@ from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from megatron_patch import safety
+from megatron_patch import jsonio, safety
 from toolkits.data import outputs
 from toolkits.data.pieces import PIECE_CHARS, Cutter, cutter_for, encode_texts
 
@@ -122,13 +122,9 @@ def _init_worker(tokenizer_dir: str, key: str, dtype: str, piece_chars: int) -> 
 def _parse(raw: bytes, key: str) -> tuple[str, Any]:
     """("ok", text) | ("empty", None) | ("bad", reason) for one raw line."""
     try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return "bad", f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1})"
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        return "bad", f"malformed JSON ({e.msg})"
+        obj = jsonio.loads(raw)  # not UTF-8, not JSON, nested too deep: one reason each
+    except jsonio.JSONError as e:
+        return "bad", str(e)
     if not isinstance(obj, dict) or key not in obj:
         return "bad", f"no {key!r} field"
     text = obj[key]
@@ -245,6 +241,10 @@ def _check_arguments(inputs: Sequence[str], tokenizer_dir: str, finals: Sequence
         raise PreprocessError(f"no tokenizer files in {tokenizer_dir} (expected tokenizer.json or "
                               f"tokenizer_config.json)")
     for p in finals:
+        found = safety.overlapping_input(p, list(inputs))
+        if found:  # the converter's rule: an input is never replaced, --overwrite or not
+            raise PreprocessError(f"output {p} {found[0]} the input {found[1]}: writing it would destroy the "
+                                  "input (even with --overwrite); choose another --output-prefix")
         if os.path.exists(p) and not overwrite:
             raise PreprocessError(f"{p} exists (pass --overwrite to replace it)")
 
