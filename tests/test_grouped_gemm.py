@@ -334,16 +334,20 @@ def test_grouped_module_alone_on_uneven_and_empty_token_counts(parity):
 
 
 def test_flags_select_the_experts():
-    from megatron_patch.training.arguments import parse_args
-    from megatron_patch.training.megatron_lm_flags import transformer_overrides
+    from megatron_patch.models.family import args_from_hf
+    from megatron_patch.testing.tiny_models import hf_config
+    from megatron_patch.training.arguments import for_model, parse_args
+    from megatron_patch.training.loop import transformer_config_for
 
+    margs = args_from_hf(hf_config("qwen3-moe").to_dict())
     base = ["--model-config", "x", "--mock-data", "--train-iters", "2"]
     default = parse_args(base, world_size=1)
     assert isinstance(default.moe_grouped_gemm, bool)  # resolved: the checkpoint records the expert module
     if not torch.cuda.is_available():
         assert default.moe_grouped_gemm is False  # CPU: SequentialMLP unless asked
-    assert transformer_overrides(parse_args(base + ["--moe-grouped-gemm"], world_size=1))["moe_grouped_gemm"] is True
-    assert transformer_overrides(parse_args(base + ["--no-moe-grouped-gemm"], world_size=1))["moe_grouped_gemm"] is False
+    for flag, want in (("--moe-grouped-gemm", True), ("--no-moe-grouped-gemm", False)):
+        args = for_model(parse_args(base + [flag], world_size=1), margs)
+        assert transformer_config_for(args, margs).moe_grouped_gemm is want  # the flag reaches the config
 
 
 def test_builder_default_and_explicit_choice(moe_models):

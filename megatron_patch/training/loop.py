@@ -48,7 +48,8 @@ def transformer_config_for(args, margs: ModelArgs):
     moe = {}
     if margs.is_moe:
         moe = dict(moe_token_dispatcher_type=args.moe_token_dispatcher_type,
-                   moe_router_load_balancing_type=args.moe_router_load_balancing_type)
+                   moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+                   moe_grouped_gemm=args.moe_grouped_gemm)  # resolved by arguments.validate
         from megatron_patch.runtime.compat import aux_loss_coeff_scale
 
         coeff = margs.moe_aux_loss_coeff if args.moe_aux_loss_coeff is None else args.moe_aux_loss_coeff

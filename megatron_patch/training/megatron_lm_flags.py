@@ -236,8 +236,6 @@ def architecture_disagreements(a: argparse.Namespace, margs) -> list[str]:
 def transformer_overrides(a: argparse.Namespace) -> dict[str, Any]:
     """``TransformerConfig`` keyword arguments from the flags (only those that were given or always apply)."""
     out: dict[str, Any] = {"hidden_dropout": a.hidden_dropout, "attention_dropout": a.attention_dropout}
-    if getattr(a, "moe_grouped_gemm", None) is not None:  # None: the builder's default (models/builder.py)
-        out["moe_grouped_gemm"] = a.moe_grouped_gemm
     if a.init_method_std is not None:
         out["init_method_std"] = a.init_method_std
     if a.fp8_format:
