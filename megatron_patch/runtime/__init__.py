@@ -97,18 +97,51 @@ def initialize(
     if world % (etp * ep * pp) != 0:
         raise ValueError(f"world size {world} is not divisible by expert tensor ({etp}) x expert ({ep}) x "
                          f"pipeline ({pp}) parallel sizes")
+    _destroy_model_parallel()
+    created = []
+    new_group = dist.new_group
+
+    def recording_new_group(*args, **kwargs):
+        group = new_group(*args, **kwargs)
+        if isinstance(group, dist.ProcessGroup):
+            created.append(group)
+        return group
+
+    dist.new_group = recording_new_group
+    try:
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vpp,
+            context_parallel_size=cp,
+            hierarchical_context_parallel_sizes=hierarchical_cp_sizes,
+            expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=etp,
+        )
+    finally:
+        dist.new_group = new_group
+        _GROUPS.extend(created)
+    set_seed(seed)
+
+
+# The process groups megatron's parallel state created, destroyed with it: megatron's
+# ``destroy_model_parallel`` only forgets them, and torch keeps every group (gloo: its threads and sockets)
+# until destroyed, so a process that initializes several layouts in turn (the tests, several jobs per
+# process group) would otherwise accumulate thousands of threads.
+_GROUPS: list = []
+
+
+def _destroy_model_parallel() -> None:
+    from megatron.core import parallel_state
+
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp,
-        context_parallel_size=cp,
-        hierarchical_context_parallel_sizes=hierarchical_cp_sizes,
-        expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=etp,
-    )
-    set_seed(seed)
+    while _GROUPS:
+        group = _GROUPS.pop()
+        try:
+            dist.destroy_process_group(group)
+        except (RuntimeError, ValueError):  # already gone with the default group
+            pass
 
 
 def teardown(barrier: bool = True) -> None:
@@ -117,10 +150,7 @@ def teardown(barrier: bool = True) -> None:
     ``barrier=False`` after a failure: the other ranks may be stuck elsewhere (or gone), and waiting for
     them would hang this rank instead of letting it exit.
     """
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    _destroy_model_parallel()
     if dist.is_initialized():
         if barrier:
             dist.barrier()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import sys
+import weakref
 from typing import Any, Iterable
 
 import torch
@@ -41,7 +42,7 @@ _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_sc
                 "broadcast", "reduce", "all_to_all", "all_to_all_single", "gather", "scatter", "batch_isend_irecv")
 _PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../megatron_patch
 _SKIP_FILES = (os.path.join(_PROJECT, "runtime", "cpu.py"), os.path.abspath(__file__))
-_HOST_GROUPS: set = set()  # groups made with backend="gloo" explicitly
+_HOST_GROUPS: "weakref.WeakSet" = weakref.WeakSet()  # groups made with backend="gloo" explicitly
 _ACTIVE = [False]
 
 
