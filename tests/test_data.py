@@ -1,7 +1,6 @@
 """Data: JSONL -> indexed dataset (read back through megatron-core), bad data reporting, the SFT loss mask
 and sequence packing. All in-process and tiny."""
 
-import argparse
 import json
 
 import numpy as np
@@ -118,6 +117,7 @@ def test_packing_keeps_conversations_apart():
 def test_sft_bad_data_is_counted_and_named(tmp_path, tok_dir):
     from transformers import AutoTokenizer
 
+    from megatron_patch.training.config import DataSettings
     from megatron_patch.training.data import DataError
     from megatron_patch.training.sft import SFTReport, build_sft_datasets, read_conversations
 
@@ -134,10 +134,9 @@ def test_sft_bad_data_is_counted_and_named(tmp_path, tok_dir):
     assert [m.split(": ")[0] for m in report.malformed] == [f"{path}:2", f"{path}:3", f"{path}:4"]
     assert "no assistant message" in report.malformed[1]
     assert len(report.too_long) == 1 and report.too_long[0].startswith(f"{path}:5:")
-    args = argparse.Namespace(data_path=[str(tmp_path / "missing.jsonl")], seq_length=32, seed=1, split="1,0,0",
-                              sft_pack_sequences=False, transformer_impl="local")
+    settings = DataSettings(data_path=(str(tmp_path / "missing.jsonl"),), split="1,0,0")
     with pytest.raises(DataError, match="does not exist"):
-        build_sft_datasets(args, tok)
+        build_sft_datasets(settings, 32, 1, tok)
 
 
 def test_sample_order_is_a_function_of_consumed_samples():

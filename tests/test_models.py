@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from megatron_patch.models import rope
-from megatron_patch.models.builder import check_parallel_layout
 from megatron_patch.models.family import ModelConfigError, args_from_hf, read_hf_config, supported_architectures
+from megatron_patch.parallel import ParallelLayout
 from megatron_patch.testing.tiny_models import CONFIGS, hf_config
 
 
@@ -110,17 +110,17 @@ def test_read_hf_config_errors(tmp_path):
 def test_bad_layouts_are_rejected(tp, pp, vpp, first, last, match):
     args = args_from_hf(hf_config("llama3.1").to_dict())
     with pytest.raises(ValueError, match=match):
-        check_parallel_layout(args, tp, pp, vpp, first, last)
+        ParallelLayout(tp=tp, pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last).check(args)
 
 
 def test_query_groups_incompatible_with_tp():
     args = args_from_hf(hf_config("llama3.1", hidden_size=96, num_attention_heads=12, num_key_value_heads=3).to_dict())
     with pytest.raises(ValueError, match="num_query_groups 3"):
-        check_parallel_layout(args, tp=2)
+        ParallelLayout(tp=2).check(args)
 
 
 def test_good_layouts_pass():
     args = args_from_hf(hf_config("llama3.1").to_dict())
     for tp, pp, vpp, first, last in [(1, 1, None, None, None), (4, 2, None, None, None), (2, 2, 2, None, None),
                                      (1, 3, None, 2, None), (1, 3, None, 2, 1), (1, 3, None, None, 2)]:
-        check_parallel_layout(args, tp, pp, vpp, first, last)
+        ParallelLayout(tp=tp, pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last).check(args)

@@ -1,1 +1,1 @@
-"""Weight tables, transforms, rank placement and checkpoint formats (HF safetensors, Megatron torch / torch_dist)."""
+"""Rank placement, tensor sources and checkpoint formats (HF safetensors, Megatron torch / torch_dist, Megatron-LM's)."""

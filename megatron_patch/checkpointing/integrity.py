@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from megatron_patch.checkpointing.layout import CheckpointError
+from megatron_patch.checkpointing.errors import CheckpointError
 
 CHUNK_BYTES = 64 << 20
 _LOCAL_HEADER = 30  # fixed part of a zip local file header; the name and extra field follow
