@@ -195,8 +195,8 @@ def test_gpu_only_run_script_flags_translate_on_a_gpu():
     assert "needs --use-precision-aware-optimizer" in F.validate(parsed("--optimizer-cpu-offload"), on_gpu=True)
     assert "needs --optimizer-cpu-offload" in F.validate(parsed("--optimizer-offload-fraction", "0.5"), on_gpu=True)
     assert "needs --use-distributed-optimizer" in F.validate(parsed("--use-precision-aware-optimizer"), on_gpu=True)
-    offload = parsed("--optimizer-cpu-offload", "--optimizer-offload-fraction", "0.5", "--use-precision-aware-optimizer",
-                     "--use-distributed-optimizer")
+    offload = parsed("--optimizer-cpu-offload", "--optimizer-offload-fraction", "0.5",
+                     "--use-precision-aware-optimizer", "--use-distributed-optimizer")
     kw = F.optimizer_overrides(offload)
     assert kw == {"overlap_param_gather": False, "use_precision_aware_optimizer": True, "optimizer_cpu_offload": True,
                   "optimizer_offload_fraction": 0.5}

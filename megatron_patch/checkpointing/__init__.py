@@ -1,1 +1,2 @@
-"""Rank placement, tensor sources and checkpoint formats (HF safetensors, Megatron torch / torch_dist, Megatron-LM's)."""
+"""Rank placement, tensor sources and checkpoint formats (HF safetensors, Megatron torch / torch_dist, and
+Megatron-LM's own)."""

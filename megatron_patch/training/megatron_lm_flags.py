@@ -183,7 +183,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     add(g, "--attention-backend", default=None, choices=ATTENTION_BACKENDS, help="Transformer Engine attention kernel")
     add(g, "--enable-cuda-graph", action="store_true", help="CUDA graphs (megatron-core's local implementation)")
     add(g, "--cuda-graph-impl", default=None, choices=CUDA_GRAPH_IMPLS, help="CUDA graph implementation")
-    add(g, "--external-cuda-graph", action="store_true", help="Megatron-LM's alias of --cuda-graph-impl transformer_engine")
+    add(g, "--external-cuda-graph", action="store_true",
+        help="Megatron-LM's alias of --cuda-graph-impl transformer_engine")
     add(g, "--cuda-graph-scope", nargs="+", default=None, choices=CUDA_GRAPH_SCOPES,
         help="what a CUDA graph captures (default: whole layers)")
     add(g, "--te-rng-tracker", action="store_true", help="Transformer Engine's RNG tracker (CUDA graphs need it)")

@@ -6,8 +6,9 @@ them (``write_torch``: one slice per TP/EP rank into streamed rank files; ``writ
 precomputed offsets of safetensors shards). Resident memory per worker thread stays at about one TP shard of
 one tensor: a TP rank's slice is read alone where the source can (``TensorSource.rank_slice``: HF rows of
 column-parallel tensors, rank files of the same TP size) and column-parallel tensors are written one source
-shard's rows at a time (``TensorSource.stored_shards``); the rest is sharded one TP rank at a time, and freed memory is handed back to the OS after every tensor (the glibc
-heap would otherwise keep the freed buffers resident). Writing torch_dist goes through megatron-core in a
+shard's rows at a time (``TensorSource.stored_shards``); the rest is sharded one TP rank at a time, and freed
+memory is handed back to the OS after every tensor (the glibc heap would otherwise keep the freed buffers
+resident). Writing torch_dist goes through megatron-core in a
 helper process (``dist.py``). Output is built in a temporary sibling of the destination and renamed into
 place only when complete; ``guard.conversion`` checks the output against the input and locks it first,
 and stops the writer threads early on failure or SIGTERM/SIGINT. Sources check what they read (CRCs of
