@@ -159,6 +159,19 @@ class ParallelLayout:
         """Model chunks per rank (one per virtual stage)."""
         return self.vpp or 1
 
+    @classmethod
+    def of(cls, layout: Optional["ParallelLayout"] = None, **sizes: Any) -> "ParallelLayout":
+        """``layout``, or one made of its fields given as keywords (``tp=2, pp=2``; what tests and tools write);
+        never both."""
+        if layout is not None and sizes:
+            raise TypeError(f"give a ParallelLayout or its fields ({', '.join(sizes)}), not both")
+        return layout if layout is not None else cls(**sizes)
+
+    @staticmethod
+    def split_fields(kwargs: dict) -> dict:
+        """Take this class's fields out of ``kwargs`` (keyword arguments that mix them with others)."""
+        return {k: kwargs.pop(k) for k in [k for k in kwargs if k in _FIELDS]}
+
     def replace(self, **changes: Any) -> "ParallelLayout":
         return dataclasses.replace(self, **changes)
 
@@ -267,3 +280,6 @@ class ParallelLayout:
             fit = -(-seq_length // div) * div
             raise LayoutError(f"sequence length {seq_length} is not divisible by {parts} = {div}; use a multiple of "
                               f"{div} (e.g. --seq-length {fit}) or change the parallel sizes")
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(ParallelLayout)) - {"world"}

@@ -124,3 +124,21 @@ def test_good_layouts_pass():
     for tp, pp, vpp, first, last in [(1, 1, None, None, None), (4, 2, None, None, None), (2, 2, 2, None, None),
                                      (1, 3, None, 2, None), (1, 3, None, 2, 1), (1, 3, None, None, 2)]:
         ParallelLayout(tp=tp, pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last).check(args)
+
+
+def test_layout_given_whole_or_as_fields():
+    """``transformer_config`` / ``runtime.initialize`` take a ParallelLayout or its fields as keywords, not both;
+    the fields reach megatron's TransformerConfig under its names."""
+    from megatron_patch.models.builder import transformer_config
+
+    args = args_from_hf(hf_config("llama3.1").to_dict())
+    assert ParallelLayout.of(tp=2, sequence_parallel=True) == ParallelLayout(tp=2, sequence_parallel=True)
+    with pytest.raises(TypeError, match="not both"):
+        ParallelLayout.of(ParallelLayout(), tp=2)
+    cfg = transformer_config(args, tp=2, pp=2, sequence_parallel=True, hidden_dropout=0.1)
+    same = transformer_config(args, ParallelLayout(tp=2, pp=2, sequence_parallel=True), hidden_dropout=0.1)
+    for c in (cfg, same):
+        assert (c.tensor_model_parallel_size, c.pipeline_model_parallel_size, c.sequence_parallel,
+                c.expert_tensor_parallel_size, c.hidden_dropout) == (2, 2, True, 2, 0.1)
+    with pytest.raises(ValueError, match="num_attention_heads 8 is not divisible by tensor parallel size 3"):
+        transformer_config(args, tp=3)

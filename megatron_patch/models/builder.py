@@ -55,14 +55,15 @@ def resolve_transformer_impl(impl: str) -> str:
 
 def transformer_config(
     args: ModelArgs,
-    layout: ParallelLayout = ParallelLayout(),
+    layout: Optional[ParallelLayout] = None,
     params_dtype: torch.dtype = torch.float32,
     moe_token_dispatcher_type: str = "alltoall",
     cp_comm_type: Optional[str] = None,
     seq_length: Optional[int] = None,
     **overrides,
 ):
-    """A megatron-core ``TransformerConfig`` for Llama/Qwen-style decoders (dense or MoE) split as ``layout``.
+    """A megatron-core ``TransformerConfig`` for Llama/Qwen-style decoders (dense or MoE) split as ``layout``
+    (or as the ``ParallelLayout`` fields given among the keywords: ``tp=2, sequence_parallel=True``).
 
     The layout is checked against the model first (``ParallelLayout.check``; with ``seq_length`` also the
     sequence-length rule of CP / sequence parallelism). ``cp_comm_type``: Megatron-LM's ``--cp-comm-type`` (for
@@ -71,6 +72,7 @@ def transformer_config(
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    layout = ParallelLayout.of(layout, **ParallelLayout.split_fields(overrides))
     layout.check(args, seq_length=seq_length)
     on_gpu = torch.cuda.is_available()
     kw = dict(

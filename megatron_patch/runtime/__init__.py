@@ -50,12 +50,14 @@ def set_seed(seed: int) -> None:
 
 
 def initialize(
-    layout: ParallelLayout = ParallelLayout(),
+    layout: Optional[ParallelLayout] = None,
     seed: int = 1234,
     timeout_minutes: int = 30,
     hierarchical_cp_sizes: Optional[list[int]] = None,
+    **sizes,
 ) -> None:
-    """Initialize torch.distributed from torchrun's environment and megatron's parallel state as ``layout``.
+    """Initialize torch.distributed from torchrun's environment and megatron's parallel state as ``layout``
+    (or as the ``ParallelLayout`` fields given as keywords: ``initialize(tp=2, cp=2)``).
 
     A single process without torchrun variables is treated as world size 1 (rank 0 on localhost). The layout is
     checked against the world size (``ParallelLayout.check``) before any group is made.
@@ -81,7 +83,7 @@ def initialize(
             world_size=world,
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
-    layout = layout.replace(world=dist.get_world_size())
+    layout = ParallelLayout.of(layout, **sizes).replace(world=dist.get_world_size())
     layout.check()
     if hierarchical_cp_sizes is not None and int(np.prod(hierarchical_cp_sizes)) != layout.cp:
         raise ValueError(f"hierarchical context parallel sizes {list(hierarchical_cp_sizes)} must multiply to the "
