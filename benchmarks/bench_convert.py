@@ -95,10 +95,12 @@ def child(argv: list[str]) -> None:
         # Placement is pure Python, so a torch-format conversion never imports megatron-core.
         from toolkits.checkpoint import convert  # noqa: F401
     else:
+        from megatron_patch.parallel import ParallelLayout
         from toolkits.checkpoint import convert
 
         if step == "hf2mcore":
-            convert.hf2mcore(src, dst, tp, pp, transformer_impl="local", workers=workers, ep=ep)
+            convert.hf2mcore(src, dst, ParallelLayout(tp=tp, pp=pp, ep=ep), transformer_impl="local",
+                             workers=workers)
         else:
             convert.mcore2hf(src, dst, workers=workers)
     seconds = time.perf_counter() - t0

@@ -81,9 +81,10 @@ def _worker(family: str, seq: int, batch: int, cp: int, hidden: int | None) -> d
     from megatron_patch.models.builder import build_model, transformer_config
     from megatron_patch.models.context_parallel import split_for_cp
     from megatron_patch.models.family import args_from_hf
+    from megatron_patch.parallel import ParallelLayout
     from megatron_patch.testing.tiny_models import VOCAB, hf_config
 
-    runtime.initialize(cp=cp, seed=1)
+    runtime.initialize(ParallelLayout(cp=cp), seed=1)
     dev = runtime.device()
     cfg = hf_config(family, max_position_embeddings=seq)
     if hidden:  # same heads, wider heads and MLP
@@ -91,7 +92,7 @@ def _worker(family: str, seq: int, batch: int, cp: int, hidden: int | None) -> d
                         head_dim=hidden // cfg.num_attention_heads,
                         intermediate_size=cfg.intermediate_size * hidden // cfg.hidden_size)
     args = args_from_hf(cfg.to_dict())
-    model = build_model(args, transformer_config(args, cp=cp, seq_length=seq), transformer_impl="local",
+    model = build_model(args, transformer_config(args, ParallelLayout(cp=cp), seq_length=seq), transformer_impl="local",
                         rope_impl="torch").to(dev)
     g = torch.Generator().manual_seed(0)
     data = {"tokens": torch.randint(0, VOCAB, (batch, seq), generator=g),

@@ -116,16 +116,16 @@ def _rank_worker(ckpt_dir: str, hf_dir: str, repeats: int) -> dict:
     from megatron_patch.models.builder import build_model, transformer_config
 
     info = open_checkpoint(ckpt_dir)
-    runtime.initialize(tp=info.tp, pp=info.pp, seed=1)
+    runtime.initialize(info.parallel, seed=1)
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     dtype = dtypes.parse(getattr(info.ns, "params_dtype", "bf16"))
     t0 = time.perf_counter()
-    model = build_model(info.args, transformer_config(info.args, tp=info.tp, pp=info.pp, params_dtype=dtype),
+    model = build_model(info.args, transformer_config(info.args, info.parallel, params_dtype=dtype),
                         transformer_impl=getattr(info.ns, "transformer_impl", "local"), rope_impl="torch",
                         make_vocab_size_divisible_by=getattr(info.ns, "make_vocab_size_divisible_by", 128))
     model.to(runtime.device())
     build_s = time.perf_counter() - t0
-    own = layout.rank_file(ckpt_dir, info.iteration, tp_rank, pp_rank, info.pp)
+    own = layout.rank_file(ckpt_dir, info.iteration, tp_rank, pp_rank, info.parallel.pp)
     # load reads every source rank file it needs; evict all of them (and the HF shards) before a cold run.
     every = [os.path.join(root, f) for d in (info.iter_dir, hf_dir) for root, _, files in os.walk(d) for f in files]
     nbytes = os.path.getsize(own)
@@ -159,6 +159,7 @@ def _rank_worker(ckpt_dir: str, hf_dir: str, repeats: int) -> dict:
 
 
 def run(size: str, tp: int, pp: int, repeats: int, workdir: Optional[str], keep: bool) -> dict:
+    from megatron_patch.parallel import ParallelLayout
     from megatron_patch.runtime import spawn
     from toolkits.checkpoint.convert import hf2mcore
 
@@ -169,7 +170,8 @@ def run(size: str, tp: int, pp: int, repeats: int, workdir: Optional[str], keep:
         params = common.write_synthetic_hf(hf_dir, hf_config(size))
         write_s = time.perf_counter() - t
         t = time.perf_counter()
-        hf2mcore(hf_dir, ckpt, tp=tp, pp=pp, ckpt_format="torch", params_dtype="bf16", transformer_impl="local")
+        hf2mcore(hf_dir, ckpt, ParallelLayout(tp=tp, pp=pp), ckpt_format="torch", params_dtype="bf16",
+                 transformer_impl="local")
         convert_s = time.perf_counter() - t
         os.sync()  # written pages must be clean before posix_fadvise can drop them
         ranks = spawn.run(_rank_worker, tp * pp, ckpt, hf_dir, repeats)

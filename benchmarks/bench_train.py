@@ -112,23 +112,17 @@ def sync() -> None:
 
 def build_project(cfg_dir: str, seq: int, mbs: int, bf16: bool) -> Callable:
     """(a) exactly what ``python -m megatron_patch.pretrain`` builds and runs per iteration."""
-    from megatron_patch.models.family import args_from_hf, read_hf_config
-    from megatron_patch.training import loop
-    from megatron_patch.training.arguments import for_model, parse_args
+    from megatron_patch import pretrain
+    from megatron_patch.training.trainer import Trainer
 
     argv = ["--model-config", cfg_dir, "--mock-data", "--train-iters", "1000000", "--seq-length", str(seq),
             "--micro-batch-size", str(mbs), "--lr", str(LR), "--min-lr", str(LR), "--lr-decay-style", "constant",
             "--weight-decay", "0", "--clip-grad", str(CLIP), "--adam-beta1", str(BETAS[0]),
             "--adam-beta2", str(BETAS[1]), "--adam-eps", str(EPS), "--rope-impl", "auto"] + (["--bf16"] if bf16 else [])
-    margs = args_from_hf(read_hf_config(cfg_dir))
-    args = for_model(parse_args(argv, world_size=1), margs)
-    config = loop.transformer_config_for(args, margs)
-    chunks = loop.wrap_ddp(args, config, loop.build_model_chunks(args, margs, config))
-    optimizer, scheduler = loop.build_optimizer(args, chunks)
-    loop.install_hooks(config, chunks, optimizer)
+    trainer = Trainer(pretrain.prepare(argv, world_size=1))
 
     def step(batch: dict) -> torch.Tensor:
-        total, _, _ = loop.train_step(args, chunks, optimizer, scheduler, [batch])
+        total, _, _ = trainer.step([batch])
         return total[0] / total[1]
 
     return step
@@ -293,7 +287,7 @@ def run(size: str, variants: list[str], warmup: int, iters: int, seq: Optional[i
     margs = args_from_hf(cfg)
     fpt = flops_per_token(margs, seq, padded)
     peak = peak_tflops(peak_override)
-    runtime.initialize(1, 1, seed=1234)
+    runtime.initialize(seed=1234)
     batches = make_batches(cfg["vocab_size"], seq, mbs, warmup + iters, seed=7)
     results = {}
     try:

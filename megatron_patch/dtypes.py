@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -43,3 +43,15 @@ def parse(name: Union[str, torch.dtype, None], default: str = "fp32") -> torch.d
 def hf_name(dtype: torch.dtype) -> str:
     """The spelling HF writes into ``config.json`` (``bfloat16``)."""
     return str(dtype).removeprefix("torch.")
+
+
+def hf_config_dtype(config: dict) -> Optional[str]:
+    """The dtype a HF ``config.json`` names: ``torch_dtype`` (transformers 4) or ``dtype`` (transformers 5)."""
+    return config.get("torch_dtype") or config.get("dtype")
+
+
+def with_hf_dtype(config: dict, dtype: torch.dtype) -> dict:
+    """A copy of a HF config naming ``dtype``, under the key the config already uses (``dtype`` if neither)."""
+    out = dict(config)
+    out["dtype" if "dtype" in out or "torch_dtype" not in out else "torch_dtype"] = hf_name(dtype)
+    return out

@@ -1,12 +1,13 @@
 """Pretraining and SFT entry point: ``torchrun --nproc-per-node N -m megatron_patch.pretrain [ARGS]``.
 
-Order of work: parse and validate the arguments, read the model architecture (``--model-config`` or the
-``--load`` checkpoint) and check that the checkpoint can be resumed with these arguments (layout,
-learning-rate schedule) -- all before any process group exists, so a bad combination ends in one
-``error:`` line from rank 0 and exit status 2 (``prepare``). Then ``run`` initializes the process groups,
-builds model / optimizer / scheduler, loads, trains and saves; a failure found there is one ``error:``
-line from one rank (``training.errors``), and SIGTERM/SIGINT stop the run (a save in progress removes its
-temporary folder) with status 128 + the signal number.
+Order of work: ``prepare`` parses and checks the arguments, opens ``--load`` once (a Megatron checkpoint:
+tracker, args, layout; a HF directory: every tensor present with its shape), reads the model architecture
+(``--model-config`` or the checkpoint) and checks that the run can resume the checkpoint (layout,
+learning-rate schedule) -- all before any process group exists, so a bad combination ends in one ``error:``
+line from rank 0 and exit status 2. What it returns is the run's one frozen ``RunConfig``. Then ``run``
+initializes the process groups, builds the ``Trainer`` (model, optimizer, scheduler), loads, trains and saves;
+a failure found there is one ``error:`` line from one rank (``training.errors``), and SIGTERM/SIGINT stop the
+run (a save in progress removes its temporary folder) with status 128 + the signal number.
 """
 
 from __future__ import annotations
@@ -20,102 +21,80 @@ class StartupError(ValueError):
     """A problem found before any process group exists (bad arguments, checkpoint, config)."""
 
 
-def hf_config_for(args) -> Optional[dict]:
-    """The HF config.json of the run: ``--model-config``, else the one ``--load`` carries (HF directory or a
-    converted checkpoint), else None."""
+def _hf_config(args, opened: bool) -> Optional[dict]:
+    """The HF config.json of the run: ``--model-config``; once ``--load`` is open (``opened``), else a Megatron-LM
+    checkpoint's ``--hf-config``, else the one ``--load`` carries (HF directory or converted checkpoint)."""
     from megatron_patch.models.family import read_hf_config
 
     if args.model_config:
         if not os.path.exists(args.model_config):
             raise FileNotFoundError(f"--model-config {args.model_config} does not exist")
         return read_hf_config(args.model_config)
-    if getattr(args, "hf_config", None):  # a Megatron-LM checkpoint's HF config
+    if not opened:
+        return None
+    if args.hf_config:
         return read_hf_config(args.hf_config)
     if args.load and os.path.isfile(os.path.join(args.load, "config.json")):
         return read_hf_config(args.load)
     return None
 
 
-def model_args_for(args, info=None):
-    """The model architecture: ``--model-config``, else the ``--load`` HF directory or Megatron checkpoint
-    (``info``: that checkpoint, if already opened).
-
-    A HF directory given to ``--load`` is checked whole (every tensor present with its shape, every shard
-    readable) here, before any process group exists. With both, one source of truth: ``--model-config`` must
-    describe the model ``--load`` holds (every disagreeing field named), whatever kind of checkpoint it is.
-    """
-    from megatron_patch.checkpointing.megatron_format import open_checkpoint
-    from megatron_patch.checkpointing.sources import is_hf_dir
+def _model_args(args, hf_config: Optional[dict], info, hf_source):
+    """The model architecture: the ``--load`` checkpoint's (``info`` / ``hf_source``, opened), else
+    ``--model-config``'s. With both, one source of truth: ``--model-config`` must describe the model ``--load``
+    holds (every disagreeing field named), whatever kind of checkpoint it is."""
     from megatron_patch.models.family import args_from_hf, check_config_agrees
 
-    source = loaded = None
-    if args.load and is_hf_dir(args.load):
-        from megatron_patch.checkpointing.hf import HFSource
-
-        source = HFSource(args.load)
-        loaded = source.args
-    elif args.load:
-        loaded = (info or open_checkpoint(args.load, getattr(args, "hf_config", None))).args
+    loaded = hf_source.args if hf_source is not None else info.args if info is not None else None
+    if loaded is None:
+        return args_from_hf(hf_config)
     if args.model_config:
-        cfg = hf_config_for(args)
-        if loaded is None:
-            return args_from_hf(cfg)
-        check_config_agrees(cfg, loaded, f"--model-config {args.model_config}", f"--load {args.load}")
-    if source is not None:
-        source.preflight()
+        check_config_agrees(hf_config, loaded, f"--model-config {args.model_config}", f"--load {args.load}")
     return loaded
 
 
-def prepare(argv: Optional[Sequence[str]] = None):
-    """Arguments and model args, with every check that needs no process group; ``StartupError`` if one fails."""
+def prepare(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None):
+    """The run's ``RunConfig``, with every check that needs no process group; ``StartupError`` if one fails.
+
+    ``--load`` is opened here, once: a Megatron checkpoint (``RunConfig.resume``; this rank reads the pickles of
+    one rank file per pipeline stage for its args and layer count, the files it restores later) or a HF directory
+    checked whole (``RunConfig.hf_source``). With ``--model-config`` too, both must describe the same model.
+    ``--save`` must be writable (``safety.check_writable``), ``--save-hf`` too and apart from every input.
+    """
     from megatron_patch import safety
     from megatron_patch.checkpointing.megatron_format import open_checkpoint
     from megatron_patch.checkpointing.sources import is_hf_dir
-    from megatron_patch.training import checkpoint
-    from megatron_patch.training.arguments import for_model, parse_args
+    from megatron_patch.training.arguments import parse_args, run_config
+    from megatron_patch.training.resume import check_resume
 
     try:
-        args = parse_args(argv)
+        args = parse_args(argv, world_size)
         if args.load and not os.path.isdir(args.load):
             raise FileNotFoundError(f"--load {args.load} does not exist")
-        info = None
-        if args.load and not is_hf_dir(args.load):
-            info = open_checkpoint(args.load, getattr(args, "hf_config", None))
-        margs = model_args_for(args, info)
-        if info is not None:
-            checkpoint.check_resume(for_model(args, margs), info)
+        hf_config = _hf_config(args, opened=False)
+        info = hf_source = None
+        if args.load and is_hf_dir(args.load):
+            from megatron_patch.checkpointing.hf import HFSource
+
+            hf_source = HFSource(args.load)
+        elif args.load:
+            info = open_checkpoint(args.load, args.hf_config, all_rank_files=False)
+        margs = _model_args(args, hf_config, info, hf_source)
+        if hf_source is not None:
+            hf_source.preflight()
+        hf_config = hf_config or _hf_config(args, opened=True)
+        config = run_config(args, margs, resume=info, hf_source=hf_source, hf_config=hf_config)
+        check_resume(config)
         if args.save:
             safety.check_writable(args.save, "--save")
         if args.save_hf:
             from megatron_patch.checkpointing.hf_export import check_output
 
-            data = tuple(args.data_path or ())
-            check_output(args.save_hf, (args.load, args.model_config, args.tokenizer_model, args.save) + data)
+            check_output(args.save_hf, (args.load, args.model_config, args.tokenizer_model, args.save)
+                         + tuple(args.data_path or ()))
     except (ValueError, OSError) as e:
         raise StartupError(safety.one_line(e)) from None
-    return args, margs
-
-
-def build_datasets(args, margs):
-    """(train, valid, test) datasets; checked before any heavy work."""
-    from megatron_patch.training import data
-
-    n_train = args.train_iters * args.global_batch_size
-    n_eval = (args.train_iters // args.eval_interval + 1) * args.eval_iters * args.global_batch_size \
-        if args.eval_interval else 0
-    if args.mock_data:
-        return (data.for_training(data.MockDataset(margs.vocab_size, args.seq_length, args.seed, n_train), args),
-                data.MockDataset(margs.vocab_size, args.seq_length, args.seed + 1, max(n_eval, 1)), None)
-    tok = data.load_tokenizer(args.tokenizer_model)
-    if len(tok) > margs.vocab_size:
-        raise data.DataError(f"the tokenizer has {len(tok)} tokens but the model's vocab_size is {margs.vocab_size}")
-    if args.sft:
-        from megatron_patch.training import sft
-
-        return sft.build_sft_datasets(args, tok)
-    train, valid, test = data.build_pretraining_datasets(args, data.DatasetTokenizer(tok), [n_train, n_eval, 0])
-    data.validate_sizes(train, n_train)
-    return data.for_training(train, args), valid, test
+    return config
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -127,39 +106,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with safety.signals_raise():
             try:
-                args, margs = prepare(argv)
+                config = prepare(argv)
             except StartupError as e:
                 errors.before_start(str(e))
                 return 2
-            return run(args, margs)
+            return run(config)
     except safety.Interrupted as e:  # before the run started (a run reports its own)
         errors.before_start(f"interrupted by {e}")
         return 128 + e.signum
 
 
-def run(args, margs, teardown: bool = True) -> int:
-    """Train with parsed arguments; ``teardown=False`` keeps the process group (tests run several jobs).
+def run(config, teardown: bool = True) -> int:
+    """Train the prepared run; ``teardown=False`` keeps the process group (tests run several jobs).
 
     Returns the exit status: 0, 1 (NaN/Inf loss or gradients), 2 (bad input found after start-up),
     128 + signal number (interrupted).
     """
     from megatron_patch import runtime, safety
     from megatron_patch.training import errors, loop
-    from megatron_patch.training.arguments import ArgumentError, for_model
 
-    try:
-        args = for_model(args, margs)
-    except ArgumentError as e:
-        errors.before_start(str(e))
-        return 2
-    config = loop.transformer_config_for(args, margs)
     errors.new_run()
     failed = True
     try:
-        runtime.initialize(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size, vpp=args.vpp,
-                           ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
-                           seed=args.seed)
-        _train(args, margs, config)
+        runtime.initialize(config.layout, seed=config.seed)
+        _train(config)
         failed = False
         return 0
     except safety.Interrupted as e:
@@ -180,39 +150,15 @@ def run(args, margs, teardown: bool = True) -> int:
             runtime.teardown(barrier=not failed)
 
 
-def _train(args, margs, config) -> None:
-    import torch.distributed as dist
-
-    from megatron_patch.training import checkpoint, loop
+def _train(config) -> None:
+    from megatron_patch.training.data import build_datasets
     from megatron_patch.training.logging import Metrics
+    from megatron_patch.training.trainer import Trainer
 
-    datasets = build_datasets(args, margs)
-    metrics = Metrics(args.metrics_file, args.tensorboard_dir, options=args)
+    datasets = build_datasets(config)
+    metrics = Metrics(config.logging, run=config.scalars())
     try:
-        chunks = loop.wrap_ddp(args, config, loop.build_model_chunks(args, margs, config))
-        optimizer, scheduler = loop.build_optimizer(args, chunks)
-        loop.install_hooks(config, chunks, optimizer)
-        state = loop.TrainState()
-        if args.load:
-            state = checkpoint.load(args, margs, chunks, optimizer, scheduler)
-            if dist.get_rank() == 0:
-                print(f"loaded {args.load} (iteration {state.iteration}, "
-                      f"{state.consumed_train_samples} samples consumed)", flush=True)
-
-        def save_fn(s):
-            checkpoint.save(args, margs, chunks, optimizer, scheduler, s)
-
-        def save_hf_fn(s):
-            checkpoint.save_hf(args, margs, chunks, s, hf_config_for(args))
-
-        last_saved = state.iteration if args.load and not args.finetune else -1
-        state = loop.train(args, margs, chunks, optimizer, scheduler, state, datasets, metrics, save_fn,
-                           save_hf_fn)
-        if args.save and (args.save_interval is None or state.iteration % args.save_interval) \
-                and state.iteration != last_saved:
-            save_fn(state)
-        if args.save_hf and (args.save_hf_interval is None or state.iteration % args.save_hf_interval):
-            save_hf_fn(state)
+        Trainer(config, metrics).fit(datasets)
     finally:
         metrics.close()
 

@@ -49,6 +49,22 @@ class OutputError(OSError):
         return f"cannot write {self.filename}: {self.strerror}"
 
 
+def disk_full(path: str) -> bool:
+    """Whether the file system holding ``path`` (a file or folder, existing or not yet) has under 1 MiB free.
+
+    torch's and megatron's writers report a full disk as "unexpected pos" errors (or wrap it): the file
+    system is asked instead, before the failed output is removed and frees the space again.
+    """
+    probe = path
+    while probe and not os.path.isdir(probe):
+        probe = os.path.dirname(probe)
+    try:
+        st = os.statvfs(probe or ".")
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
+
+
 def one_line(e: BaseException) -> str:
     """An expected failure as one line: OS errors as ``REASON: FILE`` (``OutputError``: ``cannot write FILE:
     REASON``), without the errno prefix; anything else as the first line of its message."""

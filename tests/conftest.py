@@ -48,9 +48,11 @@ def hf_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mcore_dir(hf_dir, tmp_path_factory):
     """``hf_dir`` converted to a TP=2 x PP=2 torch checkpoint (local layer names)."""
+    from megatron_patch.parallel import ParallelLayout
     from toolkits.checkpoint import convert
 
-    return convert.hf2mcore(hf_dir, str(tmp_path_factory.mktemp("m") / "m22"), 2, 2, transformer_impl="local")
+    return convert.hf2mcore(hf_dir, str(tmp_path_factory.mktemp("m") / "m22"), ParallelLayout(tp=2, pp=2),
+                            transformer_impl="local")
 
 
 @pytest.fixture

@@ -157,7 +157,7 @@ def tokens():
 def _worker(model_dir: str) -> dict:
     from megatron_patch import runtime
 
-    runtime.initialize(tp=1, pp=1, seed=5)
+    runtime.initialize(seed=5)
     return {"module": _module_checks(), "model": _model_checks(model_dir)}
 
 

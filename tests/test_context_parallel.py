@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from megatron_patch.models import context_parallel as cps
+from megatron_patch.parallel import ParallelLayout
 from megatron_patch.runtime import spawn
 from megatron_patch.testing.tiny_models import VOCAB, save_tiny_model
 
@@ -68,7 +69,7 @@ def _canonical_grads(chunks, args, tp: int) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_patch.training.loop import unwrap
+    from megatron_patch.training.trainer import unwrap
 
     tp_group = ps.get_tensor_model_parallel_group()
     ep, ep_rank = ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
@@ -136,9 +137,9 @@ def _build(d: str, args, tp, pp, cp, ep, sp, rope_impl="torch"):
 
     moe = {}
     if args.is_moe:
-        moe = dict(ep=ep, moe_aux_loss_coeff=args.moe_aux_loss_coeff * aux_loss_coeff_scale(tp, cp))
-    config = transformer_config(args, tp=tp, pp=pp, cp=cp, seq_length=S, sequence_parallel=sp,
-                                calculate_per_token_loss=True, **moe)
+        moe = dict(moe_aux_loss_coeff=args.moe_aux_loss_coeff * aux_loss_coeff_scale(tp, cp))
+    config = transformer_config(args, ParallelLayout(tp=tp, pp=pp, cp=cp, ep=ep, sequence_parallel=sp),
+                                seq_length=S, calculate_per_token_loss=True, **moe)
     model = build_model(args, config, transformer_impl="local", rope_impl=rope_impl)
     load_into_model(model, open_source(d))
     ddp = DistributedDataParallel(config=config, module=model, ddp_config=DistributedDataParallelConfig(
@@ -235,14 +236,14 @@ def _cp_worker(models: dict) -> tuple[dict, dict]:
     from megatron_patch.fusions import rope as fused_rope
     from megatron_patch.models.family import args_from_hf, read_hf_config
     from megatron_patch.models.forward import forward_logits
-    from megatron_patch.training.loop import unwrap
+    from megatron_patch.training.trainer import unwrap
 
     diffs, grad_names, refs = {}, {}, {}
     for name, d in models.items():
         args = args_from_hf(read_hf_config(d))
         layouts = MOE_LAYOUTS if args.is_moe else DENSE_LAYOUTS
         for tp, pp, cp, ep, sp in layouts:
-            runtime.initialize(tp=tp, pp=pp, cp=cp, ep=ep, seed=5)
+            runtime.initialize(ParallelLayout(tp=tp, pp=pp, cp=cp, ep=ep), seed=5)
             cp_rank = ps.get_context_parallel_rank()
             chunks = _build(d, args, tp, pp, cp, ep, sp)
             key = (name, tp, pp, cp, ep)
@@ -352,7 +353,7 @@ def _error(call) -> str:
 
 
 def test_bad_inputs_one_clear_line():
-    from megatron_patch.models.builder import check_parallel_layout, layer_spec, transformer_config
+    from megatron_patch.models.builder import layer_spec, transformer_config
     from megatron_patch.models.family import args_from_hf
     from megatron_patch.testing.tiny_models import hf_config
 
@@ -364,10 +365,11 @@ def test_bad_inputs_one_clear_line():
     assert "[..., s, s]" in _error(lambda: cps.split_for_cp({"attention_mask": torch.zeros(1, 1, 4, 8)}, 2, 0))
     assert "allgather" in _error(lambda: cps.resolve_cp_comm_type("ring"))
     assert cps.resolve_cp_comm_type("allgather") == "all_gather"
-    msg = _error(lambda: check_parallel_layout(args, tp=2, cp=2, seq_length=36, sequence_parallel=True))
+    sp = ParallelLayout(tp=2, cp=2, sequence_parallel=True)
+    msg = _error(lambda: sp.check(args, seq_length=36))
     assert "2 x CP (2) x TP (2) with sequence parallelism = 8" in msg and "--seq-length 40" in msg
-    check_parallel_layout(args, tp=2, cp=2, seq_length=40, sequence_parallel=True)
-    assert "= 4" in _error(lambda: transformer_config(args, cp=2, seq_length=30))
-    config = transformer_config(args, cp=2, cp_comm_type="allgather", seq_length=32)
+    sp.check(args, seq_length=40)
+    assert "= 4" in _error(lambda: transformer_config(args, ParallelLayout(cp=2), seq_length=30))
+    config = transformer_config(args, ParallelLayout(cp=2), cp_comm_type="allgather", seq_length=32)
     assert config.context_parallel_size == 2 and config.cp_comm_type == "all_gather"
     assert "attention_impl 'sdpa'" in _error(lambda: layer_spec(args, config, "local", attention_impl="dot_product"))

@@ -9,6 +9,7 @@ import torch
 
 from megatron_patch.checkpointing import layout
 from megatron_patch.checkpointing.megatron_format import load_torch_rank, open_checkpoint
+from megatron_patch.parallel import ParallelLayout
 from megatron_patch.runtime import spawn
 from megatron_patch.testing.compare import assert_same_tensors, hf_tensors
 from megatron_patch.testing.tiny_models import CONFIGS, VOCAB, save_tiny_model
@@ -30,14 +31,14 @@ def test_hf_mcore_hf_bit_exact(tiny_models, tmp_path, family):
     ref = hf_tensors(src)
     for tp, pp, first, last in LAYOUTS:
         name = f"{tp}x{pp}_{first}_{last}"
-        m = hf2mcore(src, str(tmp_path / name), tp, pp, transformer_impl="local",
-                     first_stage_layers=first, last_stage_layers=last)
+        target = ParallelLayout(tp=tp, pp=pp, first_stage_layers=first, last_stage_layers=last)
+        m = hf2mcore(src, str(tmp_path / name), target, transformer_impl="local")
         assert_same(hf_tensors(mcore2hf(m, str(tmp_path / (name + "_hf")))), ref)
 
 
 def test_written_layout(tiny_models, tmp_path):
     src = tiny_models["llama3.1"]  # untied: last stage has output_layer
-    out = hf2mcore(src, str(tmp_path / "m"), 2, 2, transformer_impl="local")
+    out = hf2mcore(src, str(tmp_path / "m"), ParallelLayout(tp=2, pp=2), transformer_impl="local")
     assert open(os.path.join(out, layout.TRACKER)).read() == "release"
     assert sorted(os.listdir(os.path.join(out, "release"))) == [
         "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
@@ -61,7 +62,7 @@ def test_written_layout(tiny_models, tmp_path):
 
 def test_transformer_engine_names_and_bf16(tmp_path):
     src = save_tiny_model("qwen2.5", str(tmp_path / "hf"), seed=3, dtype=torch.bfloat16)
-    out = hf2mcore(src, str(tmp_path / "te"), 2, 1, transformer_impl="transformer_engine")
+    out = hf2mcore(src, str(tmp_path / "te"), ParallelLayout(tp=2), transformer_impl="transformer_engine")
     model = load_torch_rank(out, "release", 0, 0, 1)["model"]
     assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in model
     assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in model
@@ -72,26 +73,26 @@ def test_transformer_engine_names_and_bf16(tmp_path):
     assert_same(hf_tensors(back), hf_tensors(src))
     assert json.load(open(os.path.join(back, "config.json")))["architectures"] == ["Qwen2ForCausalLM"]
     # TE names -> local names at another layout, then back to HF.
-    local = mcore2mcore(out, str(tmp_path / "local"), 1, 2, transformer_impl="local")
+    local = mcore2mcore(out, str(tmp_path / "local"), ParallelLayout(pp=2), transformer_impl="local")
     assert_same(hf_tensors(mcore2hf(local, str(tmp_path / "back2"))), hf_tensors(src))
 
 
 def test_mcore2mcore_torch_and_torch_dist(tiny_models, tmp_path):
     src = tiny_models["llama3.2"]
     ref = hf_tensors(src)
-    a = hf2mcore(src, str(tmp_path / "a22"), 2, 2, transformer_impl="local")
-    b = mcore2mcore(a, str(tmp_path / "b11"), 1, 1)
-    c = mcore2mcore(b, str(tmp_path / "c41"), 4, 1)
-    assert open_checkpoint(c).tp == 4
-    d = mcore2mcore(c, str(tmp_path / "d_dist"), 2, 2, ckpt_format="torch_dist")
+    a = hf2mcore(src, str(tmp_path / "a22"), ParallelLayout(tp=2, pp=2), transformer_impl="local")
+    b = mcore2mcore(a, str(tmp_path / "b11"))
+    c = mcore2mcore(b, str(tmp_path / "c41"), ParallelLayout(tp=4))
+    assert open_checkpoint(c).parallel.tp == 4
+    d = mcore2mcore(c, str(tmp_path / "d_dist"), ParallelLayout(tp=2, pp=2), ckpt_format="torch_dist")
     assert open_checkpoint(d).format == "torch_dist"
-    e = mcore2mcore(d, str(tmp_path / "e12"), 1, 2)
+    e = mcore2mcore(d, str(tmp_path / "e12"), ParallelLayout(pp=2))
     for m in (b, c, e):
         assert_same(hf_tensors(mcore2hf(m, m + "_hf")), ref)
 
 
 def _logits_worker(ckpts, tokens):
-    return [verify.checkpoint_logits(d, tokens, 2, 2) for d in ckpts]
+    return [verify.checkpoint_logits(d, tokens, ParallelLayout(tp=2, pp=2)) for d in ckpts]
 
 
 def test_converted_logits_match_hf_tp2_pp2_both_formats(tiny_models, tmp_path):
@@ -100,8 +101,8 @@ def test_converted_logits_match_hf_tp2_pp2_both_formats(tiny_models, tmp_path):
     for family, fmt in (("qwen3", "torch"), ("llama3.1", "torch_dist"), ("qwen2.5", "torch")):
         # qwen2.5 is written at 1x4 and loaded at 2x2: re-slicing on load.
         tp, pp = (1, 4) if family == "qwen2.5" else (2, 2)
-        ckpts.append(hf2mcore(tiny_models[family], str(tmp_path / family), tp, pp, ckpt_format=fmt,
-                              transformer_impl="local"))
+        ckpts.append(hf2mcore(tiny_models[family], str(tmp_path / family), ParallelLayout(tp=tp, pp=pp),
+                              ckpt_format=fmt, transformer_impl="local"))
         refs.append(tiny_models[family])
     tokens = verify.default_tokens(VOCAB)
     results = spawn.run(_logits_worker, 4, ckpts, tokens)[0]
@@ -111,7 +112,7 @@ def test_converted_logits_match_hf_tp2_pp2_both_formats(tiny_models, tmp_path):
 
 
 def test_verify_detects_a_wrong_checkpoint(tiny_models, tmp_path):
-    ckpt = hf2mcore(tiny_models["llama3.1"], str(tmp_path / "m"), 1, 1, transformer_impl="local")
+    ckpt = hf2mcore(tiny_models["llama3.1"], str(tmp_path / "m"), transformer_impl="local")
     other = save_tiny_model("llama3.1", str(tmp_path / "other"), seed=99)
     result = verify.verify_checkpoint(other, ckpt)
     assert not result.ok and result.max_abs_diff > 1e-2

@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from megatron_patch.parallel import ParallelLayout
 from toolkits.checkpoint import convert
 from toolkits.checkpoint.cli import main
 
@@ -127,7 +128,8 @@ def test_interrupted_run_leaves_nothing(hf_dir, tmp_path, monkeypatch):
             raise KeyboardInterrupt
     monkeypatch.setattr(convert.RankFileWriter, "add", boom)
     with pytest.raises(KeyboardInterrupt):
-        convert.hf2mcore(hf_dir, str(tmp_path / "o"), 2, 2, transformer_impl="local", workers=1)
+        convert.hf2mcore(hf_dir, str(tmp_path / "o"), ParallelLayout(tp=2, pp=2), transformer_impl="local",
+                         workers=1)
     assert os.listdir(tmp_path) == []
 
 

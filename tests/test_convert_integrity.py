@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_patch.checkpointing import integrity, layout
-from megatron_patch.checkpointing.layout import CheckpointError
+from megatron_patch.checkpointing.errors import CheckpointError
 from megatron_patch.checkpointing.megatron_format import load_torch_rank, save_torch_rank
+from megatron_patch.parallel import ParallelLayout
 from megatron_patch.testing.tiny_models import save_tiny_model
 from toolkits.checkpoint import convert
 from toolkits.checkpoint.cli import main
@@ -30,7 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def mcore_dir(hf_dir, tmp_path_factory):
-    return convert.hf2mcore(hf_dir, str(tmp_path_factory.mktemp("m") / "m21"), 2, 1, transformer_impl="local")
+    return convert.hf2mcore(hf_dir, str(tmp_path_factory.mktemp("m") / "m21"), ParallelLayout(tp=2),
+                            transformer_impl="local")
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +46,9 @@ def non_finite(hf_dir, tmp_path_factory):
     tensors["model.norm.weight"][7] = float("inf")
     save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
     notes = {"m": [], "dist": []}
-    m = convert.hf2mcore(str(d), str(tmp / "m"), 2, 1, transformer_impl="local", allow_non_finite=True,
+    m = convert.hf2mcore(str(d), str(tmp / "m"), ParallelLayout(tp=2), transformer_impl="local", allow_non_finite=True,
                          report=notes["m"].append)
-    dist = convert.mcore2mcore(m, str(tmp / "dist"), 1, 1, ckpt_format="torch_dist", allow_non_finite=True,
+    dist = convert.mcore2mcore(m, str(tmp / "dist"), ckpt_format="torch_dist", allow_non_finite=True,
                                report=notes["dist"].append)
     return {"hf": str(d), "m": m, "dist": dist, "tensors": tensors, "notes": notes}
 
@@ -140,7 +142,7 @@ def test_paths_from_index_and_metadata_files_stay_inside_the_checkpoint(hf_dir, 
 
 def test_rank_files_of_other_iterations_or_models_are_refused(hf_dir, mcore_dir, tmp_path, capsys):
     other_hf = save_tiny_model("llama3.1", str(tmp_path / "other_hf"), seed=5, rms_norm_eps=1e-6)
-    other = convert.hf2mcore(other_hf, str(tmp_path / "other"), 2, 1, transformer_impl="local")
+    other = convert.hf2mcore(other_hf, str(tmp_path / "other"), ParallelLayout(tp=2), transformer_impl="local")
     capsys.readouterr()
     # mp_rank_01 of another model (same shapes: only its norm epsilon differs).
     d = shutil.copytree(mcore_dir, tmp_path / "models")

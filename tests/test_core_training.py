@@ -7,6 +7,7 @@ This checks the CPU runtime under megatron-core's own training machinery; the pr
 
 import torch
 
+from megatron_patch.parallel import ParallelLayout
 from megatron_patch.runtime import spawn
 from megatron_patch.testing.tiny_models import VOCAB
 
@@ -23,9 +24,9 @@ def _train_worker(model_dir: str, steps: int):
     from megatron_patch.models.builder import build_model, transformer_config
     from megatron_patch.models.family import args_from_hf, read_hf_config
 
-    runtime.initialize(tp=1, pp=2, seed=3)
+    runtime.initialize(ParallelLayout(pp=2), seed=3)
     args = args_from_hf(read_hf_config(model_dir))
-    cfg = transformer_config(args, pp=2)
+    cfg = transformer_config(args, ParallelLayout(pp=2))
     model = build_model(args, cfg, transformer_impl="local", rope_impl="torch")
     load_into_model(model, open_source(model_dir))
     ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(use_distributed_optimizer=True,

@@ -86,7 +86,7 @@ def test_layout_is_the_writers(written):
     from megatron_patch.checkpointing.megatron_format import open_checkpoint
 
     info = open_checkpoint(written["converted"])
-    assert (info.format, info.tp, info.pp) == ("torch_dist", 2, 2), written["versions"]
+    assert (info.format, info.parallel.tp, info.parallel.pp) == ("torch_dist", 2, 2), written["versions"]
     writer = _mcore_version(OTHER)
     has_common_pt = os.path.isfile(os.path.join(info.iter_dir, "common.pt"))
     assert has_common_pt == (tuple(int(x) for x in writer.split(".")[:2]) < (0, 19)), written["versions"]
@@ -111,12 +111,11 @@ def _resume_worker(hf: str, trained: str, tmp: str):
     import torch.distributed as dist
 
     from megatron_patch import pretrain
-    from megatron_patch.training.arguments import parse_args
 
     for extra in (["--metrics-file", f"{tmp}/full.jsonl"],
                   ["--load", trained, "--metrics-file", f"{tmp}/second.jsonl"]):
-        args = parse_args(["--model-config", hf] + TRAIN + extra)
-        assert pretrain.run(args, pretrain.model_args_for(args), teardown=False) == 0, extra
+        config = pretrain.prepare(["--model-config", hf] + TRAIN + extra)
+        assert pretrain.run(config, teardown=False) == 0, extra
         dist.barrier()
     return True
 

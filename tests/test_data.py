@@ -1,7 +1,6 @@
 """Data: JSONL -> indexed dataset (read back through megatron-core), bad data reporting, the SFT loss mask
 and sequence packing. All in-process and tiny."""
 
-import argparse
 import json
 
 import numpy as np
@@ -118,6 +117,7 @@ def test_packing_keeps_conversations_apart():
 def test_sft_bad_data_is_counted_and_named(tmp_path, tok_dir):
     from transformers import AutoTokenizer
 
+    from megatron_patch.training.config import DataSettings
     from megatron_patch.training.data import DataError
     from megatron_patch.training.sft import SFTReport, build_sft_datasets, read_conversations
 
@@ -138,10 +138,9 @@ def test_sft_bad_data_is_counted_and_named(tmp_path, tok_dir):
     assert "no assistant message" in report.malformed[1]
     assert "not valid UTF-8 (byte 0xe9" in report.malformed[3] and "nested deeper than" in report.malformed[4]
     assert len(report.too_long) == 1 and report.too_long[0].startswith(f"{path}:5:")
-    args = argparse.Namespace(data_path=[str(tmp_path / "missing.jsonl")], seq_length=32, seed=1, split="1,0,0",
-                              sft_pack_sequences=False, transformer_impl="local")
+    settings = DataSettings(data_path=(str(tmp_path / "missing.jsonl"),), split="1,0,0")
     with pytest.raises(DataError, match="does not exist"):
-        build_sft_datasets(args, tok)
+        build_sft_datasets(settings, 32, 1, tok)
 
 
 def test_sample_order_is_a_function_of_consumed_samples():
@@ -166,8 +165,10 @@ def test_blend_parsing():
 # ----------------------------------------------------------------------------- issue 21: data megatron-core chokes on
 
 def _pretraining(prefix, split, tmp_path):
-    return argparse.Namespace(data_path=[str(prefix)], split=split, seed=1, seq_length=8,
-                              data_cache_path=str(tmp_path / "cache"))
+    """(data settings, sequence length 8, seed 1): ``build_pretraining_datasets``' first arguments."""
+    from megatron_patch.training.config import DataSettings
+
+    return DataSettings(data_path=(str(prefix),), split=split, data_cache_path=str(tmp_path / "cache")), 8, 1
 
 
 def _corpus(tmp_path, tok_dir, n: int):
@@ -193,10 +194,10 @@ def test_empty_splits_are_found_before_megatron_core_builds_them(tmp_path, tok_d
     with hang_guard(120, "building datasets from a small corpus"):
         with pytest.raises(DataCheckError, match=r"--split 969,30,1 leaves the test split of .*c20 empty \(20 "
                                                  r"sequences: 19 train, 1 valid, 0 test\).*--split 969,30,0"):
-            build_pretraining_datasets(_pretraining(prefix, "969,30,1", tmp_path), tok, [16, 0, 0])
+            build_pretraining_datasets(*_pretraining(prefix, "969,30,1", tmp_path), tok, [16, 0, 0])
         with pytest.raises(DataCheckError, match=r"the valid split .* 20 train, 0 valid.*--split 98,0,0"):
-            build_pretraining_datasets(_pretraining(prefix, "98,1,0", tmp_path), tok, [16, 0, 0])
-        train, valid, test = build_pretraining_datasets(_pretraining(prefix, "969,30,0", tmp_path), tok, [16, 4, 0])
+            build_pretraining_datasets(*_pretraining(prefix, "98,1,0", tmp_path), tok, [16, 0, 0])
+        train, valid, test = build_pretraining_datasets(*_pretraining(prefix, "969,30,0", tmp_path), tok, [16, 4, 0])
     assert len(train) >= 16 and len(valid) >= 4 and test is None  # the suggested split builds
     with pytest.raises(DataCheckError, match="the train data .* holds no tokens"):
         check_splits([str(_empty(tmp_path))], None, names=("train",))  # Megatron-LM's --train-data-path
@@ -249,5 +250,5 @@ def test_indexed_dataset_files_are_checked_before_megatron_core_reads_them(tmp_p
                               ("short", truncated_bin, r"short\.bin is shorter .* than .*short\.idx says")):
         d = damaged(name, edit)
         with pytest.raises(DataCheckError, match=words):
-            build_pretraining_datasets(_pretraining(d, "1,0,0", tmp_path), None, [8, 0, 0])
+            build_pretraining_datasets(*_pretraining(d, "1,0,0", tmp_path), None, [8, 0, 0])
     assert "Exception ignored" not in capfd.readouterr().err

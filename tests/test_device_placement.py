@@ -71,16 +71,15 @@ def _strict_worker() -> dict:
     from megatron_patch import runtime
     from megatron_patch.training import loop
 
-    runtime.initialize(1, 1, seed=1)
+    runtime.initialize(seed=1)
     out = {"active": strict_device.active(), "device": str(runtime.device())}
-    args = argparse.Namespace(fp16=False)
     dev = runtime.device()
 
     # The crashed check, compiled as project code (its file is the trainer's loop): refused on every rank.
     scope = {"torch": torch, "dist": dist}
     exec(compile(CRASHED_CHECK, loop.__file__, "exec"), scope)
     try:
-        scope["check_finite"](args, [], torch.tensor([1.0, 4.0], device=dev), 1)
+        scope["check_finite"](argparse.Namespace(fp16=False), [], torch.tensor([1.0, 4.0], device=dev), 1)
         out["crashed_check"] = "passed"
     except strict_device.HostTensorInCollective as e:
         out["crashed_check"] = str(e)
@@ -90,11 +89,11 @@ def _strict_worker() -> dict:
     real = dist.all_reduce
     dist.all_reduce = lambda t, *a, **k: (calls.append(strict_device.is_host(t)), real(t, *a, **k))[1]
     try:
-        loop.check_finite(args, [], torch.tensor([1.0, 4.0], device=dev), 1)
+        loop.check_finite([], torch.tensor([1.0, 4.0], device=dev), 1)
         out["check_collectives"] = list(calls)  # host tensor or not, per all-reduce
         bad = torch.tensor([float("nan") if dist.get_rank() == 1 else 1.0, 4.0], device=dev)
         try:
-            loop.check_finite(args, [], bad, 2)
+            loop.check_finite([], bad, 2)
             out["nan"] = "passed"
         except loop.NonFiniteError as e:
             out["nan"] = str(e)

@@ -9,8 +9,9 @@ import os
 
 import torch
 
-from megatron_patch.checkpointing import mapping as M
+from megatron_patch.models import mapping as M
 from megatron_patch.models.family import Family, register, supported_architectures
+from megatron_patch.parallel import ParallelLayout
 from megatron_patch.runtime import spawn
 
 ARCH = "TinyVariantForCausalLM"
@@ -27,7 +28,7 @@ register(Family(name="tiny-variant", architectures=(ARCH,), model_type="llama", 
 def _logits_worker(ckpt: str, tokens):
     from toolkits.checkpoint.verify import checkpoint_logits
 
-    return checkpoint_logits(ckpt, tokens, tp=2, pp=1)
+    return checkpoint_logits(ckpt, tokens, ParallelLayout(tp=2))
 
 
 def test_a_family_defined_outside_the_library(tmp_path):
@@ -44,7 +45,7 @@ def test_a_family_defined_outside_the_library(tmp_path):
     json.dump(cfg, open(cfg_path, "w"))
     assert ARCH in supported_architectures()
 
-    ckpt = hf2mcore(hf, str(tmp_path / "m"), tp=2, pp=2, transformer_impl="local")
+    ckpt = hf2mcore(hf, str(tmp_path / "m"), ParallelLayout(tp=2, pp=2), transformer_impl="local")
     back = mcore2hf(ckpt, str(tmp_path / "back"))
     assert_same(hf_tensors(back), hf_tensors(hf))
     assert json.load(open(os.path.join(back, "config.json")))["architectures"] == [ARCH]

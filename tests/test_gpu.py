@@ -104,29 +104,23 @@ def _rope_check(device: str = "cuda") -> dict:
 
 def _train_check(model_dir: str) -> dict:
     """TRAIN_STEPS bf16 steps of the trainer's own stack on one fixed batch: the loss must fall."""
-    from megatron_patch import runtime
+    from megatron_patch import pretrain, runtime
     from megatron_patch.fusions import rope as fused_rope
-    from megatron_patch.models.family import args_from_hf, read_hf_config
-    from megatron_patch.training import loop
-    from megatron_patch.training.arguments import for_model, parse_args
     from megatron_patch.training.data import MockDataset, step_batches
+    from megatron_patch.training.trainer import Trainer
 
-    margs = args_from_hf(read_hf_config(model_dir))
-    args = for_model(parse_args(["--model-config", model_dir, "--mock-data", "--bf16", "--train-iters",
-                                 str(TRAIN_STEPS), "--micro-batch-size", "4", "--seq-length", "64", "--lr", "3e-3",
-                                 "--min-lr", "3e-3", "--lr-decay-style", "constant"], world_size=1), margs)
-    runtime.initialize(1, 1, seed=3)
-    config = loop.transformer_config_for(args, margs)
-    chunks = loop.wrap_ddp(args, config, loop.build_model_chunks(args, margs, config))
-    optimizer, scheduler = loop.build_optimizer(args, chunks)
-    loop.install_hooks(config, chunks, optimizer)
-    batches = step_batches(MockDataset(margs.vocab_size, 64, 1, 4), 0, 4, 1, 0, 1, runtime.device())
+    config = pretrain.prepare(["--model-config", model_dir, "--mock-data", "--bf16", "--train-iters",
+                               str(TRAIN_STEPS), "--micro-batch-size", "4", "--seq-length", "64", "--lr", "3e-3",
+                               "--min-lr", "3e-3", "--lr-decay-style", "constant"], world_size=1)
+    runtime.initialize(seed=3)
+    trainer = Trainer(config)
+    batches = step_batches(MockDataset(config.model.vocab_size, 64, 1, 4), 0, 4, 1, 0, 1, runtime.device())
     losses, ok_all = [], True
     for _ in range(TRAIN_STEPS):
-        total, _, ok = loop.train_step(args, chunks, optimizer, scheduler, batches)
+        total, _, ok = trainer.step(batches)
         losses.append((total[0] / total[1]).item())
         ok_all = ok_all and bool(ok)
-    param = next(loop.unwrap(chunks[0]).parameters())
+    param = next(trainer.models[0].parameters())
     return {"losses": losses, "ok": ok_all, "dtype": str(param.dtype), "device": param.device.type,
             "backend": fused_rope.active()}
 
@@ -134,7 +128,7 @@ def _train_check(model_dir: str) -> dict:
 def _gpu_worker(models: dict) -> dict:
     from megatron_patch import runtime
 
-    runtime.initialize(1, 1, seed=5)
+    runtime.initialize(seed=5)
     out = {"logits": _logits_check(models), "train": _train_check(models["llama3.1"])}
     if runtime.on_gpu():
         out["rope"] = _rope_check()

@@ -336,8 +336,8 @@ def test_grouped_module_alone_on_uneven_and_empty_token_counts(parity):
 def test_flags_select_the_experts():
     from megatron_patch.models.family import args_from_hf
     from megatron_patch.testing.tiny_models import hf_config
-    from megatron_patch.training.arguments import for_model, parse_args
-    from megatron_patch.training.loop import transformer_config_for
+    from megatron_patch.training.arguments import parse_args, run_config
+    from megatron_patch.training.trainer import transformer_config
 
     margs = args_from_hf(hf_config("qwen3-moe").to_dict())
     base = ["--model-config", "x", "--mock-data", "--train-iters", "2"]
@@ -346,8 +346,8 @@ def test_flags_select_the_experts():
     if not torch.cuda.is_available():
         assert default.moe_grouped_gemm is False  # CPU: SequentialMLP unless asked
     for flag, want in (("--moe-grouped-gemm", True), ("--no-moe-grouped-gemm", False)):
-        args = for_model(parse_args(base + [flag], world_size=1), margs)
-        assert transformer_config_for(args, margs).moe_grouped_gemm is want  # the flag reaches the config
+        config = run_config(parse_args(base + [flag], world_size=1), margs)
+        assert transformer_config(config).moe_grouped_gemm is want  # the flag reaches the config
 
 
 def test_builder_default_and_explicit_choice(moe_models):
@@ -430,7 +430,7 @@ def _gpu_module_check(counts: torch.Tensor) -> dict:
     from megatron_patch.models.family import args_from_hf
     from megatron_patch.testing.tiny_models import hf_config
 
-    runtime.initialize(1, 1, seed=3)
+    runtime.initialize(seed=3)
     args = args_from_hf(hf_config("qwen3-moe", hidden_size=2048, moe_intermediate_size=768, num_experts=128,
                                   num_experts_per_tok=8).to_dict())
     config = transformer_config(args, params_dtype=torch.bfloat16, moe_grouped_gemm=True)

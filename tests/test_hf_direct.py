@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from megatron_patch.parallel import ParallelLayout
 from megatron_patch.runtime import spawn
 from megatron_patch.testing.compare import assert_same_tensors, hf_tensors
 
@@ -29,11 +30,9 @@ def _worker(hf, converted, moe_hf, tmp):
     import torch.distributed as dist
 
     from megatron_patch import pretrain
-    from megatron_patch.training.arguments import parse_args
 
     def job(argv):
-        args = parse_args(argv)
-        assert pretrain.run(args, pretrain.model_args_for(args), teardown=False) == 0, argv
+        assert pretrain.run(pretrain.prepare(argv), teardown=False) == 0, argv
         dist.barrier()
 
     tp2pp2 = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]
@@ -56,7 +55,7 @@ def runs(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("hf_direct")
     hf = save_tiny_model("qwen2.5", str(tmp / "hf"), seed=4)
-    converted = hf2mcore(hf, str(tmp / "converted"), 2, 2, transformer_impl="local")
+    converted = hf2mcore(hf, str(tmp / "converted"), ParallelLayout(tp=2, pp=2), transformer_impl="local")
     moe_hf = save_tiny_model("qwen2-moe", str(tmp / "moe_src"), seed=6)
     spawn.run(_worker, 4, hf, converted, moe_hf, str(tmp), timeout=900)
     return str(tmp)
@@ -80,7 +79,8 @@ def test_save_hf_equals_the_converted_checkpoint(runs, tmp_path, name):
     assert cfg["architectures"] == json.load(open(os.path.join(exported, "config.json")))["architectures"]
     tokens = default_tokens(cfg["vocab_size"])
     # The trained checkpoint re-sliced to one process (TP/PP/EP 1): megatron-core's logits vs transformers'.
-    diff = (hf_logits(saved, tokens) - megatron_logits(f"{runs}/{name}_ckpt", tokens, 1, 1, 1)).abs().max().item()
+    ours = megatron_logits(f"{runs}/{name}_ckpt", tokens, ParallelLayout())
+    diff = (hf_logits(saved, tokens) - ours).abs().max().item()
     assert diff <= 1e-5, diff
 
 

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from megatron_patch import lora
+from megatron_patch.parallel import ParallelLayout
 from megatron_patch.runtime import spawn
 from megatron_patch.testing.tiny_models import VOCAB, save_tiny_model
 from toolkits.checkpoint import verify
@@ -155,7 +156,7 @@ def _torch_dist_round_trip(chunks: list, path: str, save: bool) -> int:
     from megatron.core import dist_checkpointing
 
     from megatron_patch.lora.apply import adapter_sharded_state_dict, load_adapter_state_dict
-    from megatron_patch.runtime.compat import torch_dist_load_kwargs
+    from megatron_patch.checkpointing.torch_dist import load_kwargs
 
     sd = {f"model{i}": adapter_sharded_state_dict(c) for i, c in enumerate(chunks)}
     if save:
@@ -164,7 +165,7 @@ def _torch_dist_round_trip(chunks: list, path: str, save: bool) -> int:
         dist.barrier()
         dist_checkpointing.save(sd, path)
     else:
-        loaded = dist_checkpointing.load(sd, path, **torch_dist_load_kwargs())
+        loaded = dist_checkpointing.load(sd, path, **load_kwargs())
         for i, c in enumerate(chunks):
             load_adapter_state_dict(c, loaded[f"model{i}"])
     return sum(len(s) for s in sd.values())
@@ -275,7 +276,7 @@ def _check_trainable_and_merged(run: dict) -> None:
 
 
 def _adapter_entries(src, cfg):
-    from megatron_patch.checkpointing.mapping import iter_tensors
+    from megatron_patch.models.mapping import iter_tensors
     from megatron_patch.lora.mapping import adapter_weights
 
     return list(iter_tensors(adapter_weights(src.weights, cfg), src.args))
@@ -453,7 +454,7 @@ def _check_reslice(run: dict, tmp_path, layout: str, target: dict) -> None:
     from toolkits.checkpoint.convert import ConversionError, mcore2mcore
 
     ckpt = os.path.join(run["root"], f"adapted_{layout}")
-    out = mcore2mcore(ckpt, str(tmp_path / "resliced"), **target)
+    out = mcore2mcore(ckpt, str(tmp_path / "resliced"), ParallelLayout(**target))
     a, b = open_source(ckpt), open_source(out)
     cfg = lora.from_args(a.info.ns)
     assert lora.from_args(b.info.ns) == cfg

@@ -21,6 +21,7 @@ import torch
 
 from megatron_patch.checkpointing import layout, megatron_lm
 from megatron_patch.checkpointing.megatron_format import load_torch_rank, open_checkpoint, save_torch_rank
+from megatron_patch.parallel import ParallelLayout
 from megatron_patch.testing.tiny_models import save_tiny_model
 from tests.test_convert import assert_same, hf_tensors
 from toolkits.checkpoint.cli import main
@@ -73,9 +74,10 @@ def as_megatron_lm(src: str, dst: str, te_extra: bool = False, **over) -> str:
     ns = mlm_args(info.ns, **over)
     vocab = info.args.vocab_size
     g = torch.Generator().manual_seed(0)
-    for t in range(info.tp):
-        for p in range(info.pp):
-            state = load_torch_rank(src, "release", t, p, info.pp)
+    tp, pp = info.parallel.tp, info.parallel.pp
+    for t in range(tp):
+        for p in range(pp):
+            state = load_torch_rank(src, "release", t, p, pp)
             model = {}
             for k, v in state["model"].items():
                 if k.endswith("_extra_state"):
@@ -88,11 +90,11 @@ def as_megatron_lm(src: str, dst: str, te_extra: bool = False, **over) -> str:
                 model[k] = v
                 if k.endswith("linear_fc2.weight") and not te_extra:
                     model[k[: -len("weight")] + "_extra_state"] = None
-            if "output_layer.weight" not in model and p == info.pp - 1:
+            if "output_layer.weight" not in model and p == pp - 1:
                 model["output_layer._extra_state"] = None  # written even when tied
             groups = [{"wd_mult": 1.0, "lr_mult": 1.0, "lr": 1e-4, "betas": (0.9, 0.999), "step": 3.0},
                       {"wd_mult": 0.0, "lr_mult": 1.0, "lr": 1e-4, "betas": (0.9, 0.999), "step": 3.0}]
-            save_torch_rank(dst, ITER, t, p, info.pp, {
+            save_torch_rank(dst, ITER, t, p, pp, {
                 "args": ns, "checkpoint_version": 3.0, "iteration": ITER, "model": model,
                 "optimizer": {"optimizer": {"param_groups": groups}},
                 "opt_param_scheduler": {"max_lr": 1e-3, "num_steps": 12, "lr_decay_style": "cosine"},
@@ -101,7 +103,7 @@ def as_megatron_lm(src: str, dst: str, te_extra: bool = False, **over) -> str:
             flat = {"param": torch.randn(n), "exp_avg": torch.randn(n), "exp_avg_sq": torch.rand(n),
                     "numel_unpadded": n}
             torch.save({"buckets_coalesced": True, 0: {(torch.float32, torch.float32): flat}},
-                       os.path.join(dst, f"iter_{ITER:07d}", layout.rank_dir_name(t, p, info.pp),
+                       os.path.join(dst, f"iter_{ITER:07d}", layout.rank_dir_name(t, p, pp),
                                     "distrib_optim.pt"))
     layout.write_tracker(dst, ITER)
     return dst
@@ -115,7 +117,7 @@ def hf(tmp_path_factory):
 
 @pytest.mark.parametrize("family,tp,pp,impl", [("llama3.1", 2, 2, "local"), ("qwen2.5", 1, 2, "transformer_engine")])
 def test_megatron_lm_torch_checkpoint_to_hf_is_exact(hf, tmp_path, family, tp, pp, impl):
-    conv = hf2mcore(hf[family], str(tmp_path / "conv"), tp, pp, transformer_impl=impl)
+    conv = hf2mcore(hf[family], str(tmp_path / "conv"), ParallelLayout(tp=tp, pp=pp), transformer_impl=impl)
     ckpt = as_megatron_lm(conv, str(tmp_path / "mlm"), te_extra=impl == "transformer_engine")
     assert not os.path.exists(os.path.join(ckpt, "config.json"))
     # Unpickling it needs megatron-core's safe globals (enums, NumPy RNG state), granted by name.
@@ -127,14 +129,15 @@ def test_megatron_lm_torch_checkpoint_to_hf_is_exact(hf, tmp_path, family, tp, p
     for f in ("config.json", "generation_config.json"):
         assert os.path.isfile(os.path.join(out, f))
     # mcore2mcore: a checkpoint of this project, with the HF config carried along (needs no --hf-config).
-    again = mcore2mcore(ckpt, str(tmp_path / "again"), 1, 1, hf_config=hf[family])
+    again = mcore2mcore(ckpt, str(tmp_path / "again"), hf_config=hf[family])
     assert not megatron_lm.is_megatron_lm_args(open_checkpoint(again).ns)
     assert_same(hf_tensors(mcore2hf(again, str(tmp_path / "back2"))), hf_tensors(hf[family]))
 
 
 def test_megatron_lm_torch_dist_checkpoint(hf, tmp_path):
     """torch_dist: TE names, stacked layers; common.pt holds Megatron-LM's args with enums."""
-    conv = hf2mcore(hf["llama3.1"], str(tmp_path / "conv"), 2, 1, ckpt_format="torch_dist", transformer_impl="local")
+    conv = hf2mcore(hf["llama3.1"], str(tmp_path / "conv"), ParallelLayout(tp=2), ckpt_format="torch_dist",
+                    transformer_impl="local")
     ckpt = str(tmp_path / "mlm")
     shutil.copytree(os.path.join(conv, "release"), os.path.join(ckpt, f"iter_{ITER:07d}"))
     common_path = os.path.join(ckpt, f"iter_{ITER:07d}", "common.pt")
@@ -150,7 +153,7 @@ def test_megatron_lm_torch_dist_checkpoint(hf, tmp_path):
 
 
 def test_cli_errors_name_what_is_needed(hf, tmp_path, capsys):
-    conv = hf2mcore(hf["qwen2.5"], str(tmp_path / "conv"), 1, 1, transformer_impl="local")
+    conv = hf2mcore(hf["qwen2.5"], str(tmp_path / "conv"), transformer_impl="local")
     ckpt = as_megatron_lm(conv, str(tmp_path / "mlm"))
     o = str(tmp_path / "o")
 

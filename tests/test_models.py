@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from megatron_patch.models import rope
-from megatron_patch.models.builder import check_parallel_layout
 from megatron_patch.models.family import ModelConfigError, args_from_hf, read_hf_config, supported_architectures
+from megatron_patch.parallel import ParallelLayout
 from megatron_patch.testing.tiny_models import CONFIGS, hf_config
 
 
@@ -110,17 +110,35 @@ def test_read_hf_config_errors(tmp_path):
 def test_bad_layouts_are_rejected(tp, pp, vpp, first, last, match):
     args = args_from_hf(hf_config("llama3.1").to_dict())
     with pytest.raises(ValueError, match=match):
-        check_parallel_layout(args, tp, pp, vpp, first, last)
+        ParallelLayout(tp=tp, pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last).check(args)
 
 
 def test_query_groups_incompatible_with_tp():
     args = args_from_hf(hf_config("llama3.1", hidden_size=96, num_attention_heads=12, num_key_value_heads=3).to_dict())
     with pytest.raises(ValueError, match="num_query_groups 3"):
-        check_parallel_layout(args, tp=2)
+        ParallelLayout(tp=2).check(args)
 
 
 def test_good_layouts_pass():
     args = args_from_hf(hf_config("llama3.1").to_dict())
     for tp, pp, vpp, first, last in [(1, 1, None, None, None), (4, 2, None, None, None), (2, 2, 2, None, None),
                                      (1, 3, None, 2, None), (1, 3, None, 2, 1), (1, 3, None, None, 2)]:
-        check_parallel_layout(args, tp, pp, vpp, first, last)
+        ParallelLayout(tp=tp, pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last).check(args)
+
+
+def test_layout_given_whole_or_as_fields():
+    """``transformer_config`` / ``runtime.initialize`` take a ParallelLayout or its fields as keywords, not both;
+    the fields reach megatron's TransformerConfig under its names."""
+    from megatron_patch.models.builder import transformer_config
+
+    args = args_from_hf(hf_config("llama3.1").to_dict())
+    assert ParallelLayout.of(tp=2, sequence_parallel=True) == ParallelLayout(tp=2, sequence_parallel=True)
+    with pytest.raises(TypeError, match="not both"):
+        ParallelLayout.of(ParallelLayout(), tp=2)
+    cfg = transformer_config(args, tp=2, pp=2, sequence_parallel=True, hidden_dropout=0.1)
+    same = transformer_config(args, ParallelLayout(tp=2, pp=2, sequence_parallel=True), hidden_dropout=0.1)
+    for c in (cfg, same):
+        assert (c.tensor_model_parallel_size, c.pipeline_model_parallel_size, c.sequence_parallel,
+                c.expert_tensor_parallel_size, c.hidden_dropout) == (2, 2, True, 2, 0.1)
+    with pytest.raises(ValueError, match="num_attention_heads 8 is not divisible by tensor parallel size 3"):
+        transformer_config(args, tp=3)

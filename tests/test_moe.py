@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from megatron_patch.parallel import ParallelLayout
 from megatron_patch.runtime import spawn
 from megatron_patch.testing.compare import assert_same_tensors as assert_same
 from megatron_patch.testing.compare import hf_tensors
@@ -50,8 +51,8 @@ def _parity_worker(models: dict):
     for name, d in models.items():
         source = open_source(d)
         for tp, pp, ep, etp, dispatcher in LAYOUTS:
-            runtime.initialize(tp=tp, pp=pp, ep=ep, etp=etp, seed=5)
-            config = transformer_config(source.args, tp=tp, pp=pp, ep=ep, etp=etp,
+            runtime.initialize(ParallelLayout(tp=tp, pp=pp, ep=ep, etp=etp), seed=5)
+            config = transformer_config(source.args, ParallelLayout(tp=tp, pp=pp, ep=ep, etp=etp),
                                         moe_token_dispatcher_type=dispatcher)
             model = build_model(source.args, config, transformer_impl="local", rope_impl="torch")
             load_into_model(model, source)
@@ -59,7 +60,7 @@ def _parity_worker(models: dict):
     # Negative control: the routing option HF's norm_topk_prob maps to, flipped.
     source = open_source(models["qwen3-moe"])
     args = replace(source.args, moe_router_pre_softmax=not source.args.moe_router_pre_softmax)
-    runtime.initialize(tp=1, pp=1, seed=5)
+    runtime.initialize(seed=5)
     model = build_model(args, transformer_config(args), transformer_impl="local", rope_impl="torch")
     load_into_model(model, source)
     out["flipped"] = forward_logits([model], tokens(), args.vocab_size)
@@ -90,14 +91,14 @@ def test_moe_round_trips_are_bit_exact(moe_models, tmp_path, family):
     ref = hf_tensors(src)
     for tp, pp, ep, etp in [(1, 1, 2, None), (2, 1, 2, None), (1, 2, 2, None), (2, 2, 2, 1)]:
         name = f"{tp}x{pp}x{ep}_{etp}"
-        m = hf2mcore(src, str(tmp_path / name), tp, pp, transformer_impl="local", ep=ep, etp=etp)
+        m = hf2mcore(src, str(tmp_path / name), ParallelLayout(tp=tp, pp=pp, ep=ep, etp=etp), transformer_impl="local")
         assert_same(hf_tensors(mcore2hf(m, str(tmp_path / (name + "_hf")))), ref)
     # Across layouts and formats: EP2 -> EP1 -> TP2 x EP2 (TE grouped-GEMM names) -> torch_dist -> PP2 x EP4.
-    a = hf2mcore(src, str(tmp_path / "a"), 1, 1, transformer_impl="local", ep=2)
-    b = mcore2mcore(a, str(tmp_path / "b"), 1, 1)
-    c = mcore2mcore(b, str(tmp_path / "c"), 2, 1, ep=2, transformer_impl="transformer_engine")
-    d = mcore2mcore(c, str(tmp_path / "d"), 1, 1, ckpt_format="torch_dist")
-    e = mcore2mcore(d, str(tmp_path / "e"), 1, 2, ep=4)
+    a = hf2mcore(src, str(tmp_path / "a"), ParallelLayout(ep=2), transformer_impl="local")
+    b = mcore2mcore(a, str(tmp_path / "b"))
+    c = mcore2mcore(b, str(tmp_path / "c"), ParallelLayout(tp=2, ep=2), transformer_impl="transformer_engine")
+    d = mcore2mcore(c, str(tmp_path / "d"), ckpt_format="torch_dist")
+    e = mcore2mcore(d, str(tmp_path / "e"), ParallelLayout(pp=2, ep=4))
     for ckpt in (b, c, d, e):
         assert_same(hf_tensors(mcore2hf(ckpt, ckpt + "_hf")), ref)
     out = json.load(open(os.path.join(e + "_hf", "config.json")))
@@ -110,7 +111,7 @@ def test_moe_layouts_on_disk(moe_models, tmp_path):
 
     src = moe_models["qwen2-moe"]
     hf = hf_tensors(src)
-    m = hf2mcore(src, str(tmp_path / "m"), 2, 2, transformer_impl="local", ep=2)
+    m = hf2mcore(src, str(tmp_path / "m"), ParallelLayout(tp=2, pp=2, ep=2), transformer_impl="local")
     assert sorted(os.listdir(os.path.join(m, "release"))) == [
         f"mp_rank_{t:02d}_{p:03d}_{e:03d}" for t in range(2) for p in range(2) for e in range(2)]
     r = load_torch_rank(m, "release", 1, 1, 2, ep_rank=1, ep=2)
@@ -124,7 +125,7 @@ def test_moe_layouts_on_disk(moe_models, tmp_path):
     assert torch.equal(model["decoder.layers.1.mlp.shared_experts.gate_weight"],
                        hf["model.layers.3.mlp.shared_expert_gate.weight"])
     assert r["args"].expert_model_parallel_size == 2 and r["args"].num_experts == 8
-    te = hf2mcore(src, str(tmp_path / "te"), 1, 1, transformer_impl="transformer_engine", ep=2)
+    te = hf2mcore(src, str(tmp_path / "te"), ParallelLayout(ep=2), transformer_impl="transformer_engine")
     model = load_torch_rank(te, "release", 0, 0, 1, ep_rank=1, ep=2)["model"]
     assert torch.equal(model["decoder.layers.0.mlp.experts.linear_fc2.weight3"],
                        hf["model.layers.0.mlp.experts.7.down_proj.weight"])
@@ -132,7 +133,7 @@ def test_moe_layouts_on_disk(moe_models, tmp_path):
 
 
 def _converted_worker(ckpts, toks):
-    return [verify.checkpoint_logits(d, toks, tp, pp, ep) for d, (tp, pp, ep) in ckpts]
+    return [verify.checkpoint_logits(d, toks, ParallelLayout(tp=tp, pp=pp, ep=ep)) for d, (tp, pp, ep) in ckpts]
 
 
 def test_converted_moe_checkpoints_reproduce_hf(moe_models, tmp_path):
@@ -141,8 +142,8 @@ def test_converted_moe_checkpoints_reproduce_hf(moe_models, tmp_path):
     for family, fmt, (tp, pp, ep), load_at in (("qwen3-moe", "torch", (2, 1, 2), (2, 1, 2)),
                                                 ("mixtral", "torch_dist", (1, 1, 1), (1, 2, 2)),
                                                 ("qwen2-moe", "torch", (1, 2, 4), (2, 1, 2))):
-        ckpts.append((hf2mcore(moe_models[family], str(tmp_path / family), tp, pp, ckpt_format=fmt,
-                               transformer_impl="local", ep=ep), load_at))
+        ckpts.append((hf2mcore(moe_models[family], str(tmp_path / family), ParallelLayout(tp=tp, pp=pp, ep=ep),
+                               ckpt_format=fmt, transformer_impl="local"), load_at))
         refs.append(moe_models[family])
     toks = verify.default_tokens(VOCAB)
     results = spawn.run(_converted_worker, 4, ckpts, toks, timeout=900)[0]

@@ -53,11 +53,9 @@ def _trainer_worker(ckpt, tmp):
     import torch.distributed as dist
 
     from megatron_patch import pretrain
-    from megatron_patch.training.arguments import parse_args
 
     def job(argv):
-        args = parse_args(argv)
-        assert pretrain.run(args, pretrain.model_args_for(args), teardown=False) == 0, argv
+        assert pretrain.run(pretrain.prepare(argv), teardown=False) == 0, argv
         dist.barrier()
 
     for name, (extra, mbs) in LAYOUTS.items():

@@ -6,6 +6,7 @@ ranks not used for TP x PP become data-parallel replicas (which must agree too).
 
 import torch
 
+from megatron_patch.parallel import ParallelLayout
 from megatron_patch.runtime import spawn
 from megatron_patch.testing.tiny_models import VOCAB
 from toolkits.checkpoint.verify import hf_logits
@@ -30,8 +31,8 @@ def _parity_worker(models: dict, rope_impl: str):
     for name, d in models.items():
         args = args_from_hf(read_hf_config(d))
         for tp, pp, vpp in LAYOUTS:
-            runtime.initialize(tp=tp, pp=pp, vpp=vpp, seed=5)
-            config = transformer_config(args, tp=tp, pp=pp, vpp=vpp)
+            runtime.initialize(ParallelLayout(tp=tp, pp=pp, vpp=vpp), seed=5)
+            config = transformer_config(args, ParallelLayout(tp=tp, pp=pp, vpp=vpp))
             chunks = []
             for v in ([None] if vpp is None else range(vpp)):
                 chunks.append(build_model(args, config, transformer_impl="local", rope_impl=rope_impl, vp_stage=v))

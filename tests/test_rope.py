@@ -191,7 +191,7 @@ def _gpt_worker(model_dir: str):
     positions = torch.arange(8).unsqueeze(0).expand(2, -1)
     out = {}
     for impl in ("torch", "triton"):
-        runtime.initialize(tp=1, pp=1, seed=5)
+        runtime.initialize(seed=5)
         before = dict(counts)
         model = build_model(args, transformer_config(args), transformer_impl="local", rope_impl=impl)
         load_into_model(model, open_source(model_dir))

@@ -19,7 +19,7 @@ def _loss_worker(cfg_dir: str, tok_dir: str, data: str, seq: int):
     from megatron_patch.training.sft import SFTDataset, SFTReport, pack, read_conversations
 
     args = args_from_hf(read_hf_config(cfg_dir))
-    runtime.initialize(tp=1, pp=1, seed=3)
+    runtime.initialize(seed=3)
     model = build_model(args, transformer_config(args), transformer_impl="local", rope_impl="torch").eval()
     tok = AutoTokenizer.from_pretrained(tok_dir)
     convs = read_conversations([data], tok, seq, SFTReport())

@@ -3,7 +3,7 @@
 megatron-core <= 0.18 writes the common state (``args``, ``iteration``, ...) to ``common.pt``; 0.19+ stores it
 as the DCP bytes item ``common_state/shard_0_1`` (``torch.save([common])``) and writes no ``common.pt``.
 These tests build both layouts with PyTorch DCP directly (so they run under any megatron-core) and check
-that the project's reader and megatron-core's ``dist_checkpointing.load`` (with ``compat.torch_dist_load_kwargs``)
+that the project's reader and megatron-core's ``dist_checkpointing.load`` (with ``torch_dist.load_kwargs``)
 read both, and that objects with non-allow-listed pickle globals are refused before anything runs them.
 ``tests/test_cross_version.py`` does the same with checkpoints that the other megatron-core really wrote.
 """
@@ -16,7 +16,7 @@ import warnings
 import pytest
 import torch
 
-from megatron_patch.checkpointing.layout import CheckpointError
+from megatron_patch.checkpointing.errors import CheckpointError
 from megatron_patch.checkpointing.torch_dist import read_common, read_objects
 from megatron_patch.runtime import spawn
 
@@ -103,13 +103,13 @@ def _megatron_load_worker(dirs):
     from megatron.core.dist_checkpointing import ShardedTensor
 
     from megatron_patch import runtime
-    from megatron_patch.runtime.compat import torch_dist_load_kwargs
+    from megatron_patch.checkpointing.torch_dist import load_kwargs
 
-    runtime.initialize(tp=1, pp=1)
+    runtime.initialize()
     out = []
     for d in dirs:
         sd = {"w": ShardedTensor.from_rank_offsets("w", torch.zeros_like(WEIGHT), replica_id=0)}
-        loaded = dist_checkpointing.load(sd, d, **torch_dist_load_kwargs())
+        loaded = dist_checkpointing.load(sd, d, **load_kwargs())
         out.append((loaded["w"], loaded["iteration"], vars(loaded["args"])))
     return out
 

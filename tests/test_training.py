@@ -43,11 +43,9 @@ def _jobs_worker(cfg: str, tmp: str, sft: dict):
     import torch.distributed as dist
 
     from megatron_patch import pretrain
-    from megatron_patch.training.arguments import parse_args
 
     def job(argv):
-        args = parse_args(argv)
-        rc = pretrain.run(args, pretrain.model_args_for(args), teardown=False)
+        rc = pretrain.run(pretrain.prepare(argv), teardown=False)
         assert rc == 0, f"job failed with {rc}: {argv}"
         dist.barrier()
 

@@ -47,14 +47,12 @@ def _jobs_worker(cfg: str, tmp: str):
 
     from megatron_patch import pretrain
     from megatron_patch.training import checkpoint, data
-    from megatron_patch.training.arguments import parse_args
 
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ["RANK"])
 
     def job(name, argv):
         with open(f"{tmp}/{name}.rank{rank}.err", "w") as f, contextlib.redirect_stderr(f):
-            args = parse_args(argv)
-            rc = pretrain.run(args, pretrain.model_args_for(args), teardown=False)
+            rc = pretrain.run(pretrain.prepare(argv), teardown=False)
         dist.barrier()
         return rc
 

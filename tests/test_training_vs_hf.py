@@ -55,11 +55,10 @@ def _trainer_worker(ckpts: dict, tmp: str):
     import torch.distributed as dist
 
     from megatron_patch import pretrain
-    from megatron_patch.training.arguments import parse_args
 
     for name, (extra, div) in LAYOUTS.items():
-        args = parse_args(_argv(ckpts[div], os.path.join(tmp, f"{name}.jsonl"), extra, div))
-        rc = pretrain.run(args, pretrain.model_args_for(args), teardown=False)
+        config = pretrain.prepare(_argv(ckpts[div], os.path.join(tmp, f"{name}.jsonl"), extra, div))
+        rc = pretrain.run(config, teardown=False)
         assert rc == 0, f"{name} failed with {rc}"
         dist.barrier()
     return True
@@ -108,8 +107,8 @@ def runs(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("train_vs_hf")
     hf = save_tiny_model("llama3.1", str(tmp / "hf"))
-    ckpts = {div: hf2mcore(hf, str(tmp / f"mcore_div{div}"), tp=1, pp=1, transformer_impl="local",
-                           params_dtype="fp32", make_vocab_size_divisible_by=div)
+    ckpts = {div: hf2mcore(hf, str(tmp / f"mcore_div{div}"), transformer_impl="local", params_dtype="fp32",
+                           make_vocab_size_divisible_by=div)
              for div in {d for _, d in LAYOUTS.values()}}
     spawn.run(_trainer_worker, 2, ckpts, str(tmp), timeout=600)
     return {"hf": hf, "losses": {name: _losses(str(tmp / f"{name}.jsonl")) for name in LAYOUTS}}

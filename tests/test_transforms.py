@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+from megatron_patch import parallel
 from megatron_patch.checkpointing import placement
-from megatron_patch.checkpointing import transforms as T
-from megatron_patch.checkpointing import mapping as M
+from megatron_patch.models import mapping as M
+from megatron_patch.models import transforms as T
 from megatron_patch.models.builder import transformer_config
 from megatron_patch.models.family import args_from_hf, family_of
 from megatron_patch.testing.tiny_models import CONFIGS, hf_config
@@ -65,14 +66,15 @@ def test_shape_check_names_tensor():
                                                (2, 2, None, None), (3, None, 2, None), (3, None, 1, 2)])
 def test_stage_layers_partition_all_layers(pp, vpp, first, last):
     args = args_from_hf(hf_config("qwen3", num_hidden_layers=4 if vpp is None else 8).to_dict())
-    cfg = transformer_config(args, pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last)
+    cfg = transformer_config(args, parallel.ParallelLayout(pp=pp, vpp=vpp, first_stage_layers=first,
+                                                           last_stage_layers=last))
     got = []
     for v in range(vpp or 1):
         for r in range(pp):
-            got += list(placement.stage_layers(cfg, r, v if vpp else None))
+            got += list(parallel.stage_layers(cfg, r, v if vpp else None))
     assert sorted(got) == list(range(args.num_layers))
     if first:
-        assert len(placement.stage_layers(cfg, 0)) == first
+        assert len(parallel.stage_layers(cfg, 0)) == first
 
 
 def test_stage_layers_equal_megatron_core_over_a_grid():
@@ -88,14 +90,14 @@ def test_stage_layers_equal_megatron_core_over_a_grid():
                 for first in (None, 1, 2, 3):
                     for last in (None, 1, 2):
                         try:
-                            cfg = transformer_config(args, pp=pp, vpp=vpp, first_stage_layers=first,
-                                                     last_stage_layers=last)
+                            cfg = transformer_config(args, parallel.ParallelLayout(
+                                pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last))
                         except ValueError:
-                            continue  # a layout check_parallel_layout refuses
-                        layout = placement.PipelineLayout(layers, pp, vpp, first, last)
+                            continue  # a layout ParallelLayout.check refuses
+                        layout = parallel.PipelineLayout(layers, pp, vpp, first, last)
                         for r in range(pp):
                             for v in ([None] if vpp is None else range(vpp)):
-                                ours = placement.stage_layers(layout, r, v)
+                                ours = parallel.stage_layers(layout, r, v)
                                 off = get_transformer_layer_offset(cfg, vp_stage=v, pp_rank=r)
                                 n = get_num_layers_to_build(cfg, vp_stage=v, pp_rank=r)
                                 assert ours == range(off, off + n), (layers, pp, vpp, first, last, r, v)
@@ -109,13 +111,12 @@ def test_converter_placement_does_not_import_megatron():
 
     code = ("import sys\n"
             "import toolkits.checkpoint.convert\n"
-            "from megatron_patch.checkpointing import placement\n"
-            "from megatron_patch.models.builder import check_parallel_layout\n"
+            "from megatron_patch import parallel\n"
             "from megatron_patch.models.family import args_from_hf\n"
             "from megatron_patch.testing.tiny_models import hf_config\n"
             "a = args_from_hf(hf_config('qwen3').to_dict())\n"
-            "check_parallel_layout(a, 2, 2)\n"
-            "print(list(placement.stage_layers(placement.PipelineLayout(a.num_layers, 2), 1)),"
+            "parallel.ParallelLayout(tp=2, pp=2).check(a)\n"
+            "print(list(parallel.stage_layers(parallel.PipelineLayout(a.num_layers, 2), 1)),"
             " 'megatron.core' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["[2,", "3]", "False"]

@@ -1,1 +1,2 @@
-"""Weight tables, transforms, rank placement and checkpoint formats (HF safetensors, Megatron torch / torch_dist)."""
+"""Rank placement, tensor sources and checkpoint formats (HF safetensors, Megatron torch / torch_dist, and
+Megatron-LM's own)."""

@@ -22,10 +22,10 @@ from safetensors import safe_open
 
 from megatron_patch import dtypes, jsonio
 from megatron_patch.checkpointing import integrity, placement
-from megatron_patch.checkpointing.layout import CheckpointError
-from megatron_patch.checkpointing.mapping import Mapping
-from megatron_patch.checkpointing.transforms import check_shape
+from megatron_patch.checkpointing.errors import CheckpointError
 from megatron_patch.models.config import ModelArgs, short_repr
+from megatron_patch.models.mapping import Mapping
+from megatron_patch.models.transforms import check_shape
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -235,17 +235,13 @@ class HFSource:
     def parts(self, m: Mapping, layer: Optional[int] = None, expert: Optional[int] = None) -> list[torch.Tensor]:
         return m.to_megatron(self.hf_tensors(m, layer, expert), self.args)
 
-    def rank_shard(self, m: Mapping, layer: Optional[int], expert: Optional[int], tp: int, rank: int,
+    def rank_slice(self, m: Mapping, layer: Optional[int], expert: Optional[int], tp: int, rank: int,
                    padded_vocab: int) -> Optional[torch.Tensor]:
-        """``TensorSource.rank_shard``: column-parallel tensors read row block by row block."""
-        if tp == 1 or not (m.row_blocks and m.tp_dim == 0):
+        """``TensorSource.rank_slice`` of a column-parallel ``row_blocks`` mapping: only its rows are read (vocab
+        padding zeroed in place), equal to ``placement.shard`` of the padded parts. None for other mappings
+        or where the rows do not divide."""
+        if not (m.row_blocks and m.tp_dim == 0):
             return None
-        return self.rank_rows(m, layer, expert, tp, rank, padded_vocab)
-
-    def rank_rows(self, m: Mapping, layer: Optional[int], expert: Optional[int], tp: int, rank: int,
-                  padded_vocab: int) -> Optional[torch.Tensor]:
-        """TP rank ``rank``'s shard of a ``row_blocks`` mapping, reading only its rows (vocab padding zeroed
-        in place): equal to ``placement.shard`` of the padded parts. None where the rows do not divide."""
         names = self.check(m, layer, expert)
         shapes = m.shapes(self.args)
         total = [padded_vocab if m.vocab else shape[0] for shape in shapes]
@@ -262,6 +258,12 @@ class HFSource:
             at += stop - start
         return out
 
+    def stored_shards(self, m: Mapping, layer: Optional[int], expert: Optional[int] = None) -> None:
+        return None  # safetensors hold every tensor whole
+
+    def stage_of(self, m: Mapping, layer: Optional[int]) -> int:
+        return 0
+
     def preflight(self, allow_extra: bool = False) -> int:
         """Check that every tensor exists with the right shape and dtype, that no other tensor is in the
         checkpoint, and that every shard opens; returns the numel.
@@ -270,7 +272,7 @@ class HFSource:
         ``num_hidden_layers``) means the config does not describe these weights: refused by name, or with
         ``allow_extra`` skipped and listed in ``self.skipped``.
         """
-        from megatron_patch.checkpointing.mapping import iter_tensors
+        from megatron_patch.models.mapping import iter_tensors
 
         total, expected = 0, set()
         for m, layer, expert in iter_tensors(self.weights, self.args):

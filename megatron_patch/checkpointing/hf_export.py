@@ -21,9 +21,9 @@ import torch.distributed as dist
 
 from megatron_patch import dtypes
 from megatron_patch.checkpointing import hf_writer, layout, placement
-from megatron_patch.checkpointing.mapping import is_te_state
-from megatron_patch.checkpointing.transforms import strip_vocab
 from megatron_patch.models.config import ModelArgs
+from megatron_patch.models.mapping import is_te_state
+from megatron_patch.models.transforms import strip_vocab
 
 # Left in every directory save_hf writes: a later save may replace such a directory, never any other.
 MARKER = ".megatron-patch-save-hf"
@@ -96,9 +96,7 @@ def save_hf(chunks: list, args: ModelArgs, out_dir: str, config: dict, dtype: to
         dist.all_gather_object(written, sorted(writer.written) if rank != 0 else [])
         if rank == 0:
             writer.finish(written_elsewhere=[n for names in written for n in names])
-            cfg = dict(config)
-            key = "dtype" if "dtype" in cfg or "torch_dtype" not in cfg else "torch_dtype"
-            cfg[key] = dtypes.hf_name(dtype)
+            cfg = dtypes.with_hf_dtype(config, dtype)
             for d in metadata_from:
                 if d and os.path.isdir(d):
                     copy_metadata(d, tmp, skip=("config.json",))

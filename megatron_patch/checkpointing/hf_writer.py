@@ -22,9 +22,9 @@ from typing import Iterable, Iterator
 import torch
 
 from megatron_patch import dtypes
-from megatron_patch.safety import OutputError
 from megatron_patch.checkpointing.hf import INDEX
-from megatron_patch.checkpointing.transforms import check_shape
+from megatron_patch.models.transforms import check_shape
+from megatron_patch.safety import OutputError
 
 try:
     _MADVISE = ctypes.CDLL(None, use_errno=True).madvise
@@ -56,7 +56,7 @@ class _Slot:
 
 def plan(weights, args, dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     """``(name, shape, dtype)`` of every HF tensor of a model, in file order, from its weight mappings."""
-    from megatron_patch.checkpointing.mapping import exported, iter_tensors
+    from megatron_patch.models.mapping import exported, iter_tensors
 
     return [(name, tuple(shape), dtype) for m, layer, expert in iter_tensors(exported(weights), args)
             for name, shape in zip(m.hf_names(layer, expert), m.shapes(args))]

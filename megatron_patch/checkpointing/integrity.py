@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from megatron_patch.checkpointing.layout import CheckpointError
+from megatron_patch.checkpointing.errors import CheckpointError
 from megatron_patch.models.config import short_repr
 
 CHUNK_BYTES = 64 << 20

@@ -6,13 +6,15 @@
         metadata.json, .metadata, *.distcp [, common.pt]           torch_dist format
 
 The rank directory name follows Megatron-LM's ``get_checkpoint_name``: the pipeline suffix appears only
-when PP > 1, the expert suffix only when EP > 1. Also here: the safe-write helpers every writer uses (output
-goes to a temporary sibling and is renamed into place only when complete) and the rank-file reader
-(``torch.load(weights_only=True)``).
+when PP > 1, the expert suffix only when EP > 1. Also here: the entries every Megatron checkpoint carries
+besides the model (``checkpoint_entries``), the safe-write helpers every writer uses (output goes to a
+temporary sibling and is renamed into place only when complete) and the rank-file reader
+(``torch.load(weights_only=True)``, CRC-checked).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -21,16 +23,13 @@ from typing import Union
 
 
 from megatron_patch import safety
+from megatron_patch.checkpointing.errors import CheckpointError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
 CKPT_FORMATS = ("torch", "torch_dist")
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, truncated, foreign or inconsistent (the message names the problem)."""
 
 
 def iteration_dir_name(iteration: Union[int, str]) -> str:
@@ -143,6 +142,12 @@ def load_rank_file(path: str, mmap: bool = False, verify: bool = True) -> dict:
         raise CheckpointError(f"{path} is not a Megatron checkpoint (no 'model' entry)")
     integrity.check_entries(obj, path)
     return obj
+
+
+def checkpoint_entries(args_ns: argparse.Namespace, iteration: Union[int, str] = 0) -> dict:
+    """The non-model entries of a Megatron-LM checkpoint (each torch rank file; torch_dist's common state)."""
+    return {"args": args_ns, "checkpoint_version": CHECKPOINT_VERSION,
+            "iteration": 0 if iteration == "release" else int(iteration)}
 
 
 def chunk_keys(num_chunks: int) -> list[str]:

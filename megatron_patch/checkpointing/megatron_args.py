@@ -18,34 +18,32 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-from megatron_patch.models.config import FIELDS, ModelArgs
+import torch
+
+from megatron_patch import dtypes
+from megatron_patch.checkpointing.megatron_lm import group_query_attention, model_args_from_megatron_lm
+from megatron_patch.models.config import FIELDS, FIXED_ARCHITECTURE, ModelArgs, moe_routing
+from megatron_patch.parallel import ParallelLayout
 
 
 def to_namespace(
     args: ModelArgs,
-    tp: int,
-    pp: int,
-    params_dtype: str,
+    layout: ParallelLayout,
+    params_dtype: torch.dtype,
     transformer_impl: str,
     make_vocab_size_divisible_by: int = 128,
-    first_stage_layers: Optional[int] = None,
-    last_stage_layers: Optional[int] = None,
-    ep: int = 1,
-    etp: Optional[int] = None,
     **extra,
 ) -> argparse.Namespace:
+    """The ``args`` a checkpoint of ``args`` saved at ``layout`` carries, in Megatron-LM's names (``extra``: run
+    fields such as the iteration, batch sizes, dropouts)."""
     rope = args.rope
     fields = [f for f in FIELDS if args.is_moe or not f.moe]
     ns = {f.name: getattr(args, f.name) for f in fields}
     ns.update({f.mlm: getattr(args, f.name) for f in fields if f.mlm})  # Megatron-LM's own spellings
     ns.update(megatron_lm_fields(args, transformer_impl))
     ns.update(
-        group_query_attention=args.num_query_groups != args.num_attention_heads,
-        swiglu=True,
-        normalization="RMSNorm",
-        disable_bias_linear=True,
-        add_bias_linear=False,
-        position_embedding_type="rope",
+        group_query_attention=group_query_attention(args),
+        disable_bias_linear=not FIXED_ARCHITECTURE["add_bias_linear"],
         use_rotary_position_embeddings=True,
         rotary_base=rope.theta,
         use_rope_scaling=rope.rope_type == "llama3",
@@ -54,19 +52,19 @@ def to_namespace(
         rope_low_freq_factor=rope.low_freq_factor,
         rope_high_freq_factor=rope.high_freq_factor,
         rope_original_max_position_embeddings=rope.original_max_position_embeddings,
-        padded_vocab_size=args.padded_vocab_size(make_vocab_size_divisible_by, tp),
+        padded_vocab_size=args.padded_vocab_size(make_vocab_size_divisible_by, layout.tp),
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=etp if etp is not None else tp,
-        decoder_first_pipeline_num_layers=first_stage_layers,
-        decoder_last_pipeline_num_layers=last_stage_layers,
-        params_dtype=params_dtype,
+        **layout.megatron_fields("args"),
+        # Megatron-LM keeps a torch.dtype in memory; its checkpoints and ours name it (fp32 / bf16 / fp16).
+        params_dtype=dtypes.NAME_OF[params_dtype],
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
         transformer_impl=transformer_impl,
         hf_architecture=args.architecture,
         model_args=args.to_dict(),
     )
+    if layout.world is not None:
+        ns.update(world_size=layout.world, data_parallel_size=layout.dp)
     ns.update(extra)
     return argparse.Namespace(**ns)
 
@@ -75,8 +73,8 @@ def megatron_lm_fields(args: ModelArgs, transformer_impl: str) -> dict:
     """The fields Megatron-LM reads from checkpoint args that the field table does not give, true for these
     models. Layout, data-parallel and progress fields are defaults the trainer overrides."""
     out = dict(
+        FIXED_ARCHITECTURE,
         add_position_embedding=True,  # compared with the CLI's default by check_checkpoint_args
-        rotary_percent=1.0, rotary_interleaved=False, squared_relu=False, apply_layernorm_1p=False,
         apply_query_key_layer_scaling=False,
         attention_dropout=0.0, hidden_dropout=0.0,  # Megatron-LM's defaults are 0.1; HF models train with 0
         tokenizer_type="HuggingFaceTokenizer",
@@ -86,11 +84,8 @@ def megatron_lm_fields(args: ModelArgs, transformer_impl: str) -> dict:
         consumed_valid_samples=0, skipped_train_samples=0, ckpt_format="torch",
     )
     if args.is_moe:
-        out.update(moe_router_score_function="softmax", moe_router_pre_softmax=args.moe_router_pre_softmax,
-                   moe_shared_expert_gate=args.moe_shared_expert_gate, moe_router_enable_expert_bias=False,
-                   moe_router_topk_scaling_factor=None, moe_router_load_balancing_type="aux_loss",
-                   moe_layer_freq=list(args.moe_layer_freq) if args.moe_layer_freq is not None else 1,
-                   moe_grouped_gemm=transformer_impl == "transformer_engine", moe_router_dtype="fp32")
+        out.update(moe_routing(args), moe_router_enable_expert_bias=False, moe_router_topk_scaling_factor=None,
+                   moe_grouped_gemm=transformer_impl == "transformer_engine")
     else:
         out.update(num_experts=None)
     return out
@@ -103,8 +98,6 @@ def from_namespace(ns: argparse.Namespace, hf_config: Optional[str] = None,
     tensors the checkpoint holds (a HF config's layer count is checked against it before anything per layer)."""
     d = getattr(ns, "model_args", None)
     if d is None:
-        from megatron_patch.checkpointing.megatron_lm import model_args_from_megatron_lm
-
         return model_args_from_megatron_lm(ns, hf_config, ckpt_dir, tensors)
     return ModelArgs.from_dict(d)
 

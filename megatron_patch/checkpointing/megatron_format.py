@@ -1,13 +1,18 @@
 """Megatron-LM checkpoints on disk: opening one, torch-format rank files (written as a stream), ``TorchSource``.
 
 - ``open_checkpoint(ckpt_dir)``: tracker -> iteration folder, format, ``args`` namespace, ``ModelArgs``,
-  layout (TP/PP/EP, virtual and uneven stages) -> ``CheckpointInfo``, whose ``source()`` reads its tensors.
+  ``ParallelLayout`` (TP/PP/EP, virtual and uneven stages), rank 0's small entries (scheduler state, progress)
+  -> ``CheckpointInfo``, opened once per run and whose ``source()`` reads its tensors. Every rank file must carry
+  rank 0's ``iteration`` and ``args`` (files of different checkpoints are never mixed): checked for all files on
+  opening (a whole-checkpoint reader, the converter), or for each file as it is read
+  (``all_rank_files=False``: a training rank reads the pickles of one file per pipeline stage, for the layer
+  count, and the tensors of only the files it restores).
 - ``TorchSource``: the whole (TP-merged, vocab-stripped) Megatron tensors of a torch-format checkpoint of
   ANY TP/PP/EP, one mapping at a time, rank files memory-mapped. Every tensor is checked as it is first
-  read: the CRC-32 of its zip record and its values (``integrity``); ``open_checkpoint`` checks that all
-  rank files carry the same ``iteration`` and ``args`` (so files of different checkpoints are never mixed).
+  read: the CRC-32 of its zip record and its values (``integrity``).
 - ``RankFileWriter``: writes a rank file one tensor at a time, so a converter never holds a whole rank;
-  ``save_torch_rank`` / ``load_torch_rank`` for whole rank files (tests, small states).
+  ``save_torch_rank`` / ``load_torch_rank`` for whole rank files (tests, small states); ``distrib_optim.pt``,
+  the distributed optimizer's state beside a rank file (``write_distrib_optim`` / ``read_distrib_optim``).
 
 Why a hand-written rank-file writer: ``torch.save`` needs the whole state dict in memory. The zip layout
 ``torch.load`` reads (``data/<key>`` records + a ``data.pkl`` whose persistent ids name them) lets the
@@ -24,17 +29,18 @@ import pickle
 import re
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Union
 
 import torch
 
 from megatron_patch.checkpointing import integrity, layout, placement
-from megatron_patch.checkpointing.layout import CheckpointError
-from megatron_patch.checkpointing.mapping import EXPERT, FIRST, GLOBAL, Mapping, is_te_state
+from megatron_patch.checkpointing.errors import CheckpointError
 from megatron_patch.checkpointing.megatron_args import from_namespace
-from megatron_patch.checkpointing.transforms import strip_vocab
 from megatron_patch.models.config import ModelArgs, check_against_checkpoint, short_repr
+from megatron_patch.models.mapping import EXPERT, FIRST, GLOBAL, Mapping, is_te_state
+from megatron_patch.models.transforms import strip_vocab
+from megatron_patch.parallel import MEGATRON_NAMES, STAGE_NAMES, ParallelLayout, PipelineLayout, stage_layers
 
 # ----------------------------------------------------------------------------- rank files
 
@@ -127,14 +133,9 @@ class RankFileWriter:
 
 def _write_error(path: str, e: RuntimeError) -> OSError:
     """An ``OutputError`` for a failed zip write: torch's message names no cause, the file system does."""
-    from megatron_patch.safety import OutputError
+    from megatron_patch.safety import OutputError, disk_full
 
-    try:
-        st = os.statvfs(os.path.dirname(path))
-        full = st.f_bavail * st.f_frsize < (1 << 20)
-    except OSError:
-        full = False
-    if full:
+    if disk_full(path):
         return OutputError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
     return OutputError(errno.EIO, str(e).strip().splitlines()[0] if str(e).strip() else "write failed", path)
 
@@ -145,12 +146,6 @@ def _pickle_bytes(obj) -> bytes:
     buf = io.BytesIO()
     _Pickler(buf, protocol=2).dump(obj)
     return buf.getvalue()
-
-
-def checkpoint_entries(args_ns: argparse.Namespace, iteration: Union[int, str] = 0) -> dict:
-    """The non-model entries of a Megatron-LM rank file."""
-    return {"args": args_ns, "checkpoint_version": layout.CHECKPOINT_VERSION,
-            "iteration": 0 if iteration == "release" else int(iteration)}
 
 
 def save_torch_rank(ckpt_dir: str, iteration: Union[int, str], tp_rank: int, pp_rank: int, pp: int,
@@ -170,29 +165,51 @@ def load_torch_rank(ckpt_dir: str, iteration: Union[int, str], tp_rank: int, pp_
                                  mmap=mmap)
 
 
+# The distributed optimizer's gathered parameter state, beside each rank file (Megatron-LM's name and layout:
+# one state per optimizer, whole on its data-parallel group's rank 0, None elsewhere).
+DISTRIB_OPTIM = "distrib_optim.pt"
+
+
+def write_distrib_optim(rank_dir: str, states: list) -> None:
+    torch.save(states, os.path.join(rank_dir, DISTRIB_OPTIM))
+
+
+def read_distrib_optim(rank_dir: str) -> list:
+    """The distributed optimizer's parameter states saved beside a rank file, CRC-checked, ``weights_only``."""
+    path = os.path.join(rank_dir, DISTRIB_OPTIM)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing (saved without --use-distributed-optimizer?)")
+    integrity.verify_file(path)  # torch checks no CRC
+    states = torch.load(path, map_location="cpu", weights_only=True)
+    return states if isinstance(states, list) else [states]  # one optimizer (Megatron-LM, dense models)
+
+
 # ----------------------------------------------------------------------------- opening a checkpoint
 
 
-@dataclass
+# The small entries of a checkpoint kept in ``CheckpointInfo.common`` (rank 0's file, or torch_dist's common state).
+COMMON_ENTRIES = ("args", "iteration", "checkpoint_version", "consumed_train_samples", "opt_param_scheduler")
+
+
+@dataclass(frozen=True)
 class CheckpointInfo:
+    """A Megatron checkpoint opened once (``open_checkpoint``): where it is, its args, model and layout."""
+
     root: str
     iteration: Union[int, str]
     iter_dir: str
     format: str  # "torch" | "torch_dist"
-    ns: argparse.Namespace
+    ns: argparse.Namespace  # its ``args`` (Megatron-LM's names)
     args: ModelArgs
-    tp: int
-    pp: int
-    ep: int = 1
-    etp: int = 1
-    vpp: Optional[int] = None
-    first: Optional[int] = None  # layers on the first / last pipeline stage (uneven splits)
-    last: Optional[int] = None
+    parallel: ParallelLayout  # the layout it was saved at (uneven and virtual stages included)
+    common: dict = field(default_factory=dict)  # rank 0's ``COMMON_ENTRIES`` (scheduler state, progress, ...)
     dist_metadata: Any = None  # torch_dist: the DCP metadata, already read through the allow-list
+    rank0: Optional[str] = None  # torch: rank 0's folder, which every other rank file must agree with
+    rank_files_checked: bool = False  # torch: every rank file was compared with rank 0's when it was opened
 
     @property
-    def layout(self) -> placement.PipelineLayout:
-        return placement.PipelineLayout(self.args.num_layers, self.pp, self.vpp, self.first, self.last)
+    def pipeline(self) -> PipelineLayout:
+        return self.parallel.pipeline(self.args.num_layers)
 
     def source(self):
         """A ``TensorSource`` over this checkpoint's weights."""
@@ -201,6 +218,14 @@ class CheckpointInfo:
         from megatron_patch.checkpointing.torch_dist import TorchDistSource
 
         return TorchDistSource(self)
+
+    def check_rank_file(self, name: str, obj: dict) -> None:
+        """A torch rank file read after opening (``name``: its folder) carries rank 0's ``iteration`` and
+        ``args``: rank files of different checkpoints or models are never mixed."""
+        if self.rank_files_checked or name == self.rank0:
+            return
+        integrity.check_rank_files_agree(self.iter_dir, {self.rank0: (self.common.get("iteration"), self.ns),
+                                                         name: (obj.get("iteration"), obj.get("args"))})
 
 
 def _layout_arg(ns: argparse.Namespace, name: str, default=None, limit: Optional[int] = None):
@@ -215,11 +240,27 @@ def _layout_arg(ns: argparse.Namespace, name: str, default=None, limit: Optional
     return value
 
 
-def open_checkpoint(ckpt_dir: str, hf_config: Optional[str] = None) -> CheckpointInfo:
+def saved_layout(ns: argparse.Namespace, limit: Optional[int] = None) -> ParallelLayout:
+    """The layout of a checkpoint's weights, as its args say (Megatron-LM's names; absent = the defaults);
+    ``limit``: the rank folders a torch-format checkpoint has, which no size can exceed.
+
+    CP and sequence parallelism do not change what a rank file holds, so they are not read."""
+    sizes = {k: _layout_arg(ns, MEGATRON_NAMES[k], 1, limit) for k in ("tp", "pp", "ep")}
+    first, last = STAGE_NAMES["args"]
+    return ParallelLayout(**sizes, vpp=_layout_arg(ns, MEGATRON_NAMES["vpp"]),
+                          etp=_layout_arg(ns, MEGATRON_NAMES["etp"], sizes["tp"], limit),
+                          first_stage_layers=_layout_arg(ns, first), last_stage_layers=_layout_arg(ns, last))
+
+
+def open_checkpoint(ckpt_dir: str, hf_config: Optional[str] = None, all_rank_files: bool = True) -> CheckpointInfo:
     """Validate a Megatron checkpoint directory (tracker, rank files, args) without reading weights.
 
     ``hf_config`` (a HF directory or config.json): the model description a checkpoint written by Megatron-LM
     needs (``megatron_lm.model_args_from_megatron_lm``); ignored for checkpoints written here.
+    ``all_rank_files``: compare every torch rank file's ``iteration`` and ``args`` with rank 0's now (a reader
+    of the whole checkpoint); False reads only the first rank file of each pipeline stage (for the layer count
+    below), and every other file is compared when it is read (``CheckpointInfo.check_rank_file``): a training
+    rank reads only the files it loads.
 
     Before anything is planned per layer, the layer count of the args must be the one the files hold and the
     expert count one their tensors can back (``config.check_against_checkpoint``); a ``config.json`` beside
@@ -239,28 +280,26 @@ def open_checkpoint(ckpt_dir: str, hf_config: Optional[str] = None) -> Checkpoin
     if fmt == "torch":
         rank0 = layout.rank_dirs(iter_dir)[0]
         rank0_obj = layout.load_rank_file(os.path.join(iter_dir, rank0, layout.RANK_FILE), mmap=True)
-        ns = rank0_obj.get("args")
+        common = rank0_obj
     else:
         from megatron_patch.checkpointing.torch_dist import read_common, read_metadata
 
         # Through the allow-list before anything else (megatron-core, torch DCP) unpickles it.
         metadata = read_metadata(iter_dir)
-        ns = read_common(iter_dir).get("args")
+        common = read_common(iter_dir)
+    common = {k: common[k] for k in COMMON_ENTRIES if k in common}
+    ns = common.get("args")
     if not isinstance(ns, argparse.Namespace):
         raise CheckpointError(f"{iter_dir} carries no 'args' namespace: cannot tell the model shape")
-    limit = len(layout.rank_dirs(iter_dir)) if fmt == "torch" else None
-    tp, pp = _layout_arg(ns, "tensor_model_parallel_size", 1, limit), \
-        _layout_arg(ns, "pipeline_model_parallel_size", 1, limit)
-    ep = _layout_arg(ns, "expert_model_parallel_size", 1, limit)
-    etp = _layout_arg(ns, "expert_tensor_parallel_size", tp, limit)
-    vpp = _layout_arg(ns, "virtual_pipeline_model_parallel_size")
+    saved = saved_layout(ns, len(layout.rank_dirs(iter_dir)) if fmt == "torch" else None)
     if fmt == "torch":
         try:
-            files = placement.torch_rank_files(tp, pp, ep, etp)
+            files = placement.torch_rank_files(saved)
         except ValueError as e:
             raise CheckpointError(f"{iter_dir}: {e}") from None
-        layout.check_rank_files(iter_dir, files, pp, ep)
-        entries, tensors, layers = _read_rank_files(iter_dir, files, pp, ep, vpp, rank0, rank0_obj)
+        layout.check_rank_files(iter_dir, files, saved.pp, saved.ep)
+        entries, tensors, layers = _read_rank_files(iter_dir, files, saved, rank0, rank0_obj, all_rank_files)
+        del rank0_obj
     else:
         from megatron_patch.checkpointing.torch_dist import count_present
 
@@ -277,13 +316,12 @@ def open_checkpoint(ckpt_dir: str, hf_config: Optional[str] = None) -> Checkpoin
         raise CheckpointError(f"{iter_dir}: {e}") from None
     if fmt == "torch":  # after the values: args holding a NaN would not even agree with themselves
         _check_rank_files_agree(iter_dir, iteration, entries, rank0)
-    _check_config_beside(ckpt_dir, ns, args)
-    return CheckpointInfo(ckpt_dir, iteration, iter_dir, fmt, ns, args, tp, pp, ep, etp, vpp,
-                          _layout_arg(ns, "decoder_first_pipeline_num_layers"),
-                          _layout_arg(ns, "decoder_last_pipeline_num_layers"), metadata)
+    _check_config_beside(ckpt_dir, args)
+    return CheckpointInfo(ckpt_dir, iteration, iter_dir, fmt, ns, args, saved, common, metadata, rank0,
+                          rank_files_checked=all_rank_files)
 
 
-def _check_config_beside(ckpt_dir: str, ns: argparse.Namespace, args: ModelArgs) -> None:
+def _check_config_beside(ckpt_dir: str, args: ModelArgs) -> None:
     """A ``config.json`` beside a checkpoint whose args carry ``model_args`` must describe that model (for a
     Megatron-LM checkpoint the args were built from a HF config and checked against it already, unless the
     user named another one: then this one must agree too)."""
@@ -301,18 +339,24 @@ def _check_config_beside(ckpt_dir: str, ns: argparse.Namespace, args: ModelArgs)
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
-def _read_rank_files(iter_dir: str, files, pp: int, ep: int, vpp: Optional[int], rank0: str,
-                     rank0_obj: dict) -> tuple[dict, int, int]:
+def _read_rank_files(iter_dir: str, files, saved: ParallelLayout, rank0: str, rank0_obj: dict,
+                     all_rank_files: bool) -> tuple[dict, int, int]:
     """({rank folder: (iteration, args)}, tensors, layers) of a torch-format iteration folder; layers: the
     distinct local layer indices of each pipeline stage's chunks, summed.
 
-    Mapped loads: only each file's pickle is read (and CRC-checked), not its tensors.
+    Every rank file is read with ``all_rank_files``, else the first (TP 0, EP 0) file of each pipeline stage:
+    the layers are counted exactly, and the tensors of one EP rank's files times EP bound the checkpoint's
+    tensors from above (every EP rank's file holds the dense tensors and its share of the experts), so the
+    expert count is never refused for files left unread. Mapped loads: only each file's pickle is read (and
+    CRC-checked), not its tensors.
     """
-    stage_files = {layout.rank_dir_name(f.tp_rank, f.pp_rank, pp, f.ep_rank, ep) for f in files
+    stage_files = {layout.rank_dir_name(f.tp_rank, f.pp_rank, saved.pp, f.ep_rank, saved.ep) for f in files
                    if f.tp_rank == 0 and f.ep_rank == 0}
-    chunks = layout.chunk_keys(vpp or 1)
+    chunks = layout.chunk_keys(saved.chunks)
     entries, tensors, layers = {}, 0, 0
     for name in layout.rank_dirs(iter_dir):
+        if not all_rank_files and name not in stage_files and name != rank0:
+            continue
         obj = rank0_obj if name == rank0 else layout.load_rank_file(
             os.path.join(iter_dir, name, layout.RANK_FILE), mmap=True)
         entries[name] = (obj.get("iteration"), obj.get("args"))
@@ -320,15 +364,16 @@ def _read_rank_files(iter_dir: str, files, pp: int, ep: int, vpp: Optional[int],
             state = obj.get(c)
             if not isinstance(state, dict):
                 raise CheckpointError(f"rank file {name} of {iter_dir} has no '{c}' state dict")
-            tensors += len(state)
+            if all_rank_files or name in stage_files:
+                tensors += len(state)
             if name in stage_files:
                 layers += len({m.group(1) for m in map(_LAYER.match, map(str, state)) if m})
         del obj
-    return entries, tensors, layers
+    return entries, tensors if all_rank_files else tensors * saved.ep, layers
 
 
 def _check_rank_files_agree(iter_dir: str, iteration, entries: dict, rank0: str) -> None:
-    """Every rank file carries the same ``iteration`` and ``args``, and the iteration is the folder's."""
+    """Every rank file read carries the same ``iteration`` and ``args``, and the iteration is the folder's."""
     integrity.check_rank_files_agree(iter_dir, entries)
     saved = entries[rank0][0]
     if iteration != "release" and saved is not None and saved != iteration:
@@ -351,16 +396,17 @@ class TorchSource:
 
         self.info, self.args = info, info.args
         self.weights = family_of(self.args).weights(self.args)
-        self.chunks = layout.chunk_keys(info.vpp or 1)
+        self.parallel = pl = info.parallel
+        self.chunks = layout.chunk_keys(pl.chunks)
         self.where: dict[int, tuple[int, str, int]] = {}  # global layer -> (pp rank, chunk, local index)
-        for p in range(info.pp):
+        for p in range(pl.pp):
             for v, chunk in enumerate(self.chunks):
-                for local, g in enumerate(placement.stage_layers(info.layout, p, v if info.vpp else None)):
+                for local, g in enumerate(stage_layers(info.pipeline, p, v if pl.vpp else None)):
                     self.where[g] = (p, chunk, local)
         # Which file holds a shard: (EP rank, expert-TP rank) -> TP rank, for experts, and TP rank -> an EP
         # rank, for dense tensors (every EP rank's file holds them; with ETP < TP not every pair exists).
         self.expert_file, self.dense_file = {}, {}
-        for f in placement.torch_rank_files(info.tp, info.pp, info.ep, info.etp):
+        for f in placement.torch_rank_files(pl):
             self.expert_file.setdefault((f.ep_rank, f.etp_rank), f.tp_rank)
             self.dense_file.setdefault(f.tp_rank, f.ep_rank)
         self._cache: dict[tuple[int, int, int], dict] = {}
@@ -375,14 +421,15 @@ class TorchSource:
     def _rank(self, tp_rank: int, pp_rank: int, ep_rank: int) -> dict:
         k = (tp_rank, pp_rank, ep_rank)
         if k not in self._cache:
-            i = self.info
-            path = layout.rank_file(i.root, i.iteration, tp_rank, pp_rank, i.pp, ep_rank, i.ep)
+            i, pl = self.info, self.parallel
+            name = layout.rank_dir_name(tp_rank, pp_rank, pl.pp, ep_rank, pl.ep)
+            path = os.path.join(i.iter_dir, name, layout.RANK_FILE)
             index = self._index(path)
             obj = layout.load_rank_file(path, mmap=True, verify=False)
+            i.check_rank_file(name, obj)
             for c in self.chunks:
                 if not isinstance(obj.get(c), dict):
-                    raise CheckpointError(f"rank file {layout.rank_dir_name(*k[:2], i.pp, k[2], i.ep)} of "
-                                          f"{i.iter_dir} has no '{c}' state dict")
+                    raise CheckpointError(f"rank file {name} of {i.iter_dir} has no '{c}' state dict")
             self._mapped[k] = integrity.MappedFile(path, obj, index, self._checked, self._lock)
             self._cache[k] = obj
         return self._cache[k]
@@ -415,10 +462,10 @@ class TorchSource:
                 # A tied output layer equals the embedding, which the first stage always holds.
                 emb = next(w for w in self.weights if w.scope == GLOBAL and w.stage == FIRST)
                 return 0, self.chunks[0], emb.key(self.te), 0
-            return self.info.pp - 1, self.chunks[-1], m.key(self.te), 0
+            return self.parallel.pp - 1, self.chunks[-1], m.key(self.te), 0
         p, chunk, local = self.where[layer]
         if m.scope == EXPERT:
-            ep_rank, j = placement.expert_home(expert, self.args.num_experts, self.info.ep)
+            ep_rank, j = placement.expert_home(expert, self.args.num_experts, self.parallel.ep)
             return p, chunk, m.key(self.te, local, j), ep_rank
         return p, chunk, m.key(self.te, local), 0
 
@@ -428,12 +475,12 @@ class TorchSource:
     def _shard_files(self, m: Mapping, e: int) -> list[tuple[int, int]]:
         """(TP rank, EP rank) of the file holding each TP (expert-TP) shard of a tensor, in shard order."""
         if m.expert_tp:
-            return [(self.expert_file[(e, k)], e) for k in range(self.info.etp)]
-        return [(t, self.dense_file[t]) for t in range(self.info.tp)]
+            return [(self.expert_file[(e, k)], e) for k in range(self.parallel.expert_tp)]
+        return [(t, self.dense_file[t]) for t in range(self.parallel.tp)]
 
     def _tensor(self, t: int, p: int, e: int, chunk: str, key: str) -> torch.Tensor:
         state = self._rank(t, p, e)[chunk]
-        rank_dir = layout.rank_dir_name(t, p, self.info.pp, e, self.info.ep)
+        rank_dir = layout.rank_dir_name(t, p, self.parallel.pp, e, self.parallel.ep)
         if key not in state or not isinstance(state[key], torch.Tensor):
             raise CheckpointError(f"rank file {rank_dir} of {self.info.iter_dir} has no tensor {key}")
         x = state[key]
@@ -453,9 +500,9 @@ class TorchSource:
             parts = [strip_vocab(x, self.args.vocab_size) for x in parts]
         return parts
 
-    def rank_shard(self, m: Mapping, layer: Optional[int], expert: Optional[int], tp: int, rank: int,
+    def rank_slice(self, m: Mapping, layer: Optional[int], expert: Optional[int], tp: int, rank: int,
                    padded_vocab: int) -> Optional[torch.Tensor]:
-        """``TensorSource.rank_shard``: when the model's TP (expert-TP) size is the checkpoint's, a rank's slice is
+        """``TensorSource.rank_slice``: when the model's TP (expert-TP) size is the checkpoint's, a rank's slice is
         one rank file's tensor as stored (no merge and re-cut: a rank reads about its own share of the bytes)."""
         if tp != self._tp_size(m) or (m.vocab and padded_vocab != self._padded_vocab(m)):
             return None
@@ -464,15 +511,15 @@ class TorchSource:
         return self._tensor(t, p, fe, chunk, key)
 
     def _tp_size(self, m: Mapping) -> int:
-        return self.info.etp if m.expert_tp else self.info.tp
+        return self.parallel.expert_tp if m.expert_tp else self.parallel.tp
 
     def _padded_vocab(self, m: Mapping) -> int:
         p, chunk, key, e = self.locate(m, None)
         t, fe = self._shard_files(m, e)[0]
-        return self._tensor(t, p, fe, chunk, key).shape[0] * self.info.tp
+        return self._tensor(t, p, fe, chunk, key).shape[0] * self.parallel.tp
 
-    def rank_shards(self, m: Mapping, layer: Optional[int],
-                    expert: Optional[int] = None) -> Iterator[tuple[int, torch.Tensor]]:
+    def stored_shards(self, m: Mapping, layer: Optional[int],
+                      expert: Optional[int] = None) -> Iterator[tuple[int, torch.Tensor]]:
         """(shard index, its memory-mapped shard), one TP (expert-TP) rank at a time, vocab padding kept.
 
         The caller writes each shard's rows where they belong and drops their pages from the mapping as it

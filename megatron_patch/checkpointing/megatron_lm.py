@@ -12,6 +12,11 @@ Megatron-LM's ``pretrain_gpt.py`` saves the same layouts as this project (``chec
   Megatron-LM's args cannot hold) and checks it against every shape field the args do hold, through the one
   field table (``models/config.py``, Megatron-LM spellings included).
 
+Its training checkpoints differ in a few places, resolved here for the trainer's resume: one RNG state shared by
+the data-parallel ranks (``rng_states_per_dp_rank``), the consumed samples inside ``args``
+(``consumed_train_samples``), and in torch_dist its own layout of the RNG and distributed-optimizer entries
+(``sharded_load_layout``).
+
 It also knows what Megatron-LM does *not* restore from a checkpoint (``extra_flags``) and when its stock model
 builder cannot reproduce a rope (``stock_rope_problem``), for the converter's advice after writing.
 """
@@ -27,8 +32,8 @@ from typing import Any, BinaryIO, Optional, Union
 
 import torch
 
-from megatron_patch.checkpointing.layout import CheckpointError
-from megatron_patch.models.config import FIELDS, ModelArgs, short_repr
+from megatron_patch.checkpointing.errors import CheckpointError
+from megatron_patch.models.config import FIELDS, FIXED_ARCHITECTURE, ModelArgs, layer_pattern, short_repr
 
 # Modules whose enum classes Megatron-LM pickles into ``args`` (megatron-core's two enum modules).
 ENUM_MODULES = ("megatron.core.enums", "megatron.core.transformer.enums")
@@ -206,33 +211,31 @@ def model_args_from_megatron_lm(ns: argparse.Namespace, hf_config: Optional[str]
     return margs
 
 
-# Megatron-LM args this project's models always have (anything else is another architecture).
-_FIXED = {"swiglu": True, "normalization": "RMSNorm", "position_embedding_type": "rope", "add_bias_linear": False,
-          "apply_layernorm_1p": False, "squared_relu": False, "rotary_interleaved": False, "rotary_percent": 1.0,
-          "multi_latent_attention": False}
+def query_groups(group_query_attention: bool, num_query_groups: Optional[int],
+                 num_attention_heads: Optional[int]) -> Optional[int]:
+    """Key/value groups as Megatron-LM reads its flags: every head its own group without
+    ``--group-query-attention``; with it ``--num-query-groups`` (default 1). ``group_query_attention`` is the
+    other direction."""
+    return (num_query_groups or 1) if group_query_attention else num_attention_heads
+
+
+def group_query_attention(margs: ModelArgs) -> bool:
+    """Megatron-LM's ``--group-query-attention`` for a model: set unless every head is its own group."""
+    return margs.num_query_groups != margs.num_attention_heads
 
 
 def _effective(ns: argparse.Namespace, name: str):
     """A Megatron-LM arg as its model builder reads it (None: the args do not say)."""
     value = getattr(ns, name, None)
-    if name == "num_query_groups" and not getattr(ns, "group_query_attention", False):
-        return getattr(ns, "num_attention_heads", None)  # without --group-query-attention groups = heads
+    if name == "num_query_groups":
+        return query_groups(getattr(ns, "group_query_attention", False), value,
+                            getattr(ns, "num_attention_heads", None))
     heads, hidden = getattr(ns, "num_attention_heads", None), getattr(ns, "hidden_size", None)
     if name == "kv_channels" and value is None and type(heads) is int and type(hidden) is int and heads > 0:
         return hidden // heads
     if name == "add_bias_linear" and value is None and getattr(ns, "disable_bias_linear", None) is not None:
         return not ns.disable_bias_linear
     return value
-
-
-def _layer_pattern(freq, num_layers: int) -> Optional[list[int]]:
-    if freq is None:
-        return None
-    if type(freq) is int and freq >= 1:
-        return [int(i % freq == 0) for i in range(num_layers)]
-    if isinstance(freq, (list, tuple)) and all(type(x) is int for x in freq):
-        return list(freq)
-    return freq  # neither: compared as it is, so it disagrees by name
 
 
 def disagreements(ns: argparse.Namespace, margs: ModelArgs) -> list[str]:
@@ -259,7 +262,7 @@ def disagreements(ns: argparse.Namespace, margs: ModelArgs) -> list[str]:
                                                                     not getattr(ns, "num_experts", None)):
             continue
         check(f.mlm_arg, _effective(ns, f.mlm_arg), getattr(margs, f.name))
-    for name, value in _FIXED.items():
+    for name, value in FIXED_ARCHITECTURE.items():
         check(name, _effective(ns, name), value)
     check("rotary_base", getattr(ns, "rotary_base", None), margs.rope.theta)
     padded = getattr(ns, "padded_vocab_size", None)
@@ -268,10 +271,52 @@ def disagreements(ns: argparse.Namespace, margs: ModelArgs) -> list[str]:
                      "(config)")
     if margs.is_moe:
         check("moe_router_pre_softmax", getattr(ns, "moe_router_pre_softmax", None), margs.moe_router_pre_softmax)
-        pattern = _layer_pattern(getattr(ns, "moe_layer_freq", None), margs.num_layers)
-        model = list(margs.moe_layer_freq) if margs.moe_layer_freq is not None else [1] * margs.num_layers
-        check("moe_layer_freq", pattern, model)
+        check("moe_layer_freq", layer_pattern(getattr(ns, "moe_layer_freq", None), margs.num_layers),
+              margs.moe_layer_pattern)
     return wrong
+
+
+# ----------------------------------------------------------------------------- its training checkpoints
+
+def rng_states_per_dp_rank(rngs: Optional[list], ns: argparse.Namespace, dp: int) -> Optional[list]:
+    """RNG states of a torch rank file by data-parallel rank. Megatron-LM saves one (every DP rank shares it)
+    unless it ran with --data-parallel-random-init; this project saves one per DP rank."""
+    if rngs and len(rngs) == 1 and is_megatron_lm_args(ns) and not getattr(ns, "data_parallel_random_init", False):
+        return list(rngs) * dp
+    return rngs
+
+
+def consumed_train_samples(state: dict) -> int:
+    """Samples consumed so far: a top-level entry in this project's checkpoints, inside ``args`` in Megatron-LM's."""
+    if "consumed_train_samples" in state:
+        return int(state["consumed_train_samples"])
+    return int(getattr(state.get("args"), "consumed_train_samples", 0) or 0)
+
+
+def sharded_load_layout(state: dict, optimizer, iter_dir: str, load_optim: bool, rng: dict) -> None:
+    """Ask for the entries of a torch_dist checkpoint written by Megatron-LM in its layout (``state``: the
+    sharded state dict to load into, changed in place; ``rng``: this rank's RNG state as the template).
+
+    Its RNG states are one object per (PP, TP) rank shared by the DP ranks (per (PP, TP, DP) rank with expert
+    parallelism), and its distributed-optimizer state is sharded as its ``content_metadata`` says.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    pp, tp = ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
+    pp_rank, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
+    dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
+    if ps.get_expert_model_parallel_world_size() > 1:
+        state["rng_state"] = ShardedObject("rng_state", [rng], (pp, tp, ps.get_data_parallel_world_size()),
+                                           (pp_rank, tp_rank, dp_rank), replica_id=0)
+    else:
+        state["rng_state"] = ShardedObject("rng_state", [rng], (pp, tp), (pp_rank, tp_rank), replica_id=dp_rank)
+    if load_optim:
+        model_sd = {k: v for k, v in state.items() if k.startswith("model")}
+        metadata = (dist_checkpointing.load_content_metadata(iter_dir)
+                    or {"distrib_optim_sharding_type": "dp_reshardable"})
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=metadata)
 
 
 # ----------------------------------------------------------------------------- advice for Megatron-LM users

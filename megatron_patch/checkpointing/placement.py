@@ -1,10 +1,7 @@
-"""Which rank holds which slice: the one module that knows about TP / PP / EP placement.
+"""Which rank holds which slice of a tensor: TP / EP placement, and every entry a model chunk holds.
 
-- Pipeline: which global decoder layers a pipeline rank (and virtual chunk) holds. This follows megatron-core's
-  ``get_transformer_layer_offset`` / ``get_num_layers_to_build`` (even splits, virtual pipeline chunks,
-  Megatron-LM's uneven first/last stages), in plain Python so the converter never imports megatron-core
-  (~0.2 GB and ~10 s); the tests check it against megatron-core's own functions over a grid of layouts.
-  ``stage_sizes`` is the one statement of the split rule: the layout checks call it too.
+- Pipeline: which global decoder layers a pipeline rank (and virtual chunk) holds is ``parallel.stage_layers``
+  (with the split rule, beside the other layout rules); ``rank_entries`` uses it.
 - Tensor parallel: rank r holds block r of each part of a tensor along the mapping's split dimension
   (``shard`` / ``merge``; ``rows`` for the block boundaries).
 - Expert parallel: global expert e lives on EP rank ``e // local`` as local index ``e % local``.
@@ -21,71 +18,9 @@ from typing import Iterator, Optional
 
 import torch
 
-from megatron_patch.checkpointing.mapping import EXPERT, FIRST, GLOBAL, Mapping
 from megatron_patch.models.config import ModelArgs
-
-
-@dataclass(frozen=True)
-class PipelineLayout:
-    """The pipeline split of a model. Field names match ``TransformerConfig``, which works here too."""
-
-    num_layers: int
-    pipeline_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: Optional[int] = None
-    num_layers_in_first_pipeline_stage: Optional[int] = None
-    num_layers_in_last_pipeline_stage: Optional[int] = None
-
-
-def stage_sizes(layers: int, pp: int, vpp: Optional[int] = None, first: Optional[int] = None,
-                last: Optional[int] = None) -> list[int]:
-    """Layers per pipeline rank (per virtual chunk when ``vpp``); ``ValueError`` naming the problem."""
-    if pp < 1:
-        raise ValueError(f"pipeline parallel size must be >= 1, got {pp}")
-    if pp > layers:
-        raise ValueError(f"pipeline parallel size {pp} is larger than num_layers {layers}")
-    if vpp and pp == 1:
-        raise ValueError("virtual pipeline stages need pipeline parallel size > 1")
-    if first is None and last is None:
-        per = pp * (vpp or 1)
-        if layers % per:
-            raise ValueError(f"num_layers {layers} is not divisible by pipeline parallel size {pp}"
-                             + (f" x virtual stages {vpp}" if vpp else "")
-                             + " (use --decoder-first/last-pipeline-num-layers for uneven splits)")
-        return [layers // per] * pp
-    if vpp:
-        raise ValueError("uneven pipeline splits cannot be combined with virtual pipeline stages here")
-    edge = [n for n in (first, last) if n is not None]
-    if any(n < 1 for n in edge):
-        raise ValueError("decoder first/last pipeline stage layer counts must be >= 1")
-    middle_stages, middle_layers = pp - len(edge), layers - sum(edge)
-    if middle_layers < 0 or (middle_stages == 0 and middle_layers != 0):
-        raise ValueError(f"uneven pipeline split {first}/{last} does not fit {layers} layers in {pp} stages")
-    if middle_stages and (middle_layers < middle_stages or middle_layers % middle_stages):
-        raise ValueError(f"the {middle_layers} layers left after the first/last stages do not split evenly over "
-                         f"{middle_stages} middle stages")
-    sizes = [middle_layers // middle_stages if middle_stages else 0] * pp
-    if first is not None:
-        sizes[0] = first
-    if last is not None:
-        sizes[-1] = last
-    return sizes
-
-
-def stage_layers(layout, pp_rank: int, vp_stage: Optional[int] = None) -> range:
-    """Global indices of the decoder layers held by pipeline rank ``pp_rank`` (virtual chunk ``vp_stage``).
-
-    ``layout`` is a ``PipelineLayout`` or a megatron ``TransformerConfig``.
-    """
-    layers, pp = layout.num_layers, layout.pipeline_model_parallel_size
-    vpp = layout.virtual_pipeline_model_parallel_size
-    sizes = stage_sizes(layers, pp, vpp, layout.num_layers_in_first_pipeline_stage,
-                        layout.num_layers_in_last_pipeline_stage)
-    if vpp:
-        # Virtual chunk v of every stage comes after chunk v-1 of all stages (interleaved schedule).
-        offset = (vp_stage or 0) * (layers // vpp) + pp_rank * sizes[0]
-        return range(offset, offset + sizes[0])
-    offset = sum(sizes[:pp_rank])
-    return range(offset, offset + sizes[pp_rank])
+from megatron_patch.models.mapping import EXPERT, FIRST, GLOBAL, Mapping
+from megatron_patch.parallel import LayoutError, ParallelLayout, stage_layers
 
 
 # ----------------------------------------------------------------------------- tensor parallel
@@ -142,7 +77,7 @@ class RankFile:
     etp_rank: int
 
 
-def torch_rank_files(tp: int, pp: int, ep: int = 1, etp: Optional[int] = None) -> list[RankFile]:
+def torch_rank_files(layout: ParallelLayout) -> list[RankFile]:
     """The rank files Megatron-LM writes for a TP x PP x EP (expert-TP ``etp``) layout.
 
     Each file is written by a rank whose expert-data-parallel rank is 0, and named by its (TP, PP, EP)
@@ -153,9 +88,9 @@ def torch_rank_files(tp: int, pp: int, ep: int = 1, etp: Optional[int] = None) -
     with ETP < TP some combinations do not exist. ETP > TP cannot be written in this format (two ranks would
     write one file) and is refused.
     """
-    etp = tp if etp is None else etp
+    tp, pp, ep, etp = layout.tp, layout.pp, layout.ep, layout.expert_tp
     if etp > tp:
-        raise ValueError(f"expert tensor parallel size {etp} > tensor parallel size {tp} cannot be stored in the "
+        raise LayoutError(f"expert tensor parallel size {etp} > tensor parallel size {tp} cannot be stored in the "
                          "torch format (ranks would share a file); use --ckpt-format torch_dist")
     per_stage = math.lcm(tp, etp * ep)
     files = {}
@@ -168,7 +103,7 @@ def torch_rank_files(tp: int, pp: int, ep: int = 1, etp: Optional[int] = None) -
 
 # ----------------------------------------------------------------------------- what a chunk holds
 
-def rank_entries(weights: list[Mapping], args: ModelArgs, layout, pp_rank: int, vp_stage: Optional[int], te: bool,
+def rank_entries(weights: list[Mapping], args: ModelArgs, pipeline, pp_rank: int, vp_stage: Optional[int], te: bool,
                  pre: bool, post: bool, ep: int = 1,
                  ep_rank: int = 0) -> Iterator[tuple[str, Mapping, Optional[int], Optional[int]]]:
     """(state-dict key, mapping, global layer, global expert) of every tensor a model chunk holds.
@@ -180,7 +115,7 @@ def rank_entries(weights: list[Mapping], args: ModelArgs, layout, pp_rank: int, 
         if m.scope == GLOBAL and m.stage == FIRST and pre:
             yield m.key(te), m, None, None
     per_layer = [m for m in weights if m.scope != GLOBAL]
-    for local, layer in enumerate(stage_layers(layout, pp_rank, vp_stage)):
+    for local, layer in enumerate(stage_layers(pipeline, pp_rank, vp_stage)):
         for m in per_layer:
             if not m.applies(args, layer):
                 continue

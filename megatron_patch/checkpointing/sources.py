@@ -4,8 +4,11 @@ the one loader that fills a model chunk from any of them.
 A ``TensorSource`` answers ``parts(mapping, layer, expert)``: the whole (unsharded) Megatron tensor of one
 mapping as its parts (``mapping.n_parts``), vocab padding stripped, whatever TP/PP/EP layout the source was
 written at. ``load_into_model`` then pads the vocab to the model's, cuts this rank's TP slice and copies it
-in; the converter streams the same ``parts`` into rank files or safetensors. Sources read lazily: only the
-tensors asked for, and ``release()`` drops what was read (so a caller holds about one tensor at a time).
+in; the converter streams the same ``parts`` into rank files or safetensors. Where a source can do better it
+says so through the same protocol, never through its type: ``rank_slice`` (one TP rank's slice read alone),
+``stored_shards`` (a tensor as the source stores it sharded), ``stage_of`` (which pipeline stage's files hold
+it). Sources read lazily: only the tensors asked for, and ``release()`` drops what was read (so a caller holds
+about one tensor at a time).
 
 - ``HFSource`` (``hf.py``): a HF model directory.
 - ``TorchSource`` (``megatron_format.py``): ``mp_rank_*`` rank files of any TP/PP/EP.
@@ -16,33 +19,46 @@ tensors asked for, and ``release()`` drops what was read (so a caller holds abou
 from __future__ import annotations
 
 import os
-from typing import Optional, Protocol
+from typing import Iterator, Optional, Protocol
 
 import torch
 
-from megatron_patch.checkpointing import placement
-from megatron_patch.checkpointing.layout import CheckpointError
-from megatron_patch.checkpointing.mapping import Mapping, is_te_state
-from megatron_patch.checkpointing.transforms import check_shape, pad_vocab
+from megatron_patch.checkpointing import integrity, placement
+from megatron_patch.checkpointing.errors import CheckpointError
 from megatron_patch.lora.mapping import is_adapter_key
 from megatron_patch.models.config import ModelArgs
+from megatron_patch.models.mapping import Mapping, is_te_state
+from megatron_patch.models.transforms import check_shape, pad_vocab
 
 
 class TensorSource(Protocol):
+    """What every source answers (sinks call these and never ask which kind of source they hold)."""
+
     args: ModelArgs
     weights: list[Mapping]
+    finite: integrity.FiniteCheck  # what a NaN/Inf value read does: refuse (default) or report by name
 
     def parts(self, m: Mapping, layer: Optional[int] = None, expert: Optional[int] = None) -> list[torch.Tensor]:
         """The whole Megatron tensor of ``m`` (at global ``layer``/``expert``), as parts, vocab unpadded."""
+
+    def rank_slice(self, m: Mapping, layer: Optional[int], expert: Optional[int], tp: int, rank: int,
+                   padded_vocab: int) -> Optional[torch.Tensor]:
+        """TP (expert-TP) rank ``rank`` of ``tp``'s slice of the tensor, vocab padded to ``padded_vocab``, read
+        without the rest of it; None where this source cannot (the caller then cuts it from ``parts``)."""
+
+    def stored_shards(self, m: Mapping, layer: Optional[int],
+                      expert: Optional[int] = None) -> Optional[Iterator[tuple[int, torch.Tensor]]]:
+        """(shard index, shard) of a tensor as the source stores it sharded (vocab padding kept), one shard at a
+        time; None where the source stores it whole."""
+
+    def stage_of(self, m: Mapping, layer: Optional[int]) -> int:
+        """The pipeline stage whose files hold the tensor (0 where the source is not split by stage)."""
 
     def fork(self) -> "TensorSource":
         """An independent reader over the same checkpoint (one per worker thread)."""
 
     def release(self) -> None:
         """Drop what has been read or mapped so far."""
-
-    # Optional: ``rank_shard(m, layer, expert, tp, rank, padded_vocab)`` -> exactly TP rank ``rank``'s slice
-    # (vocab padded), read without the rest of the tensor, or None where that is not possible.
 
 
 def is_hf_dir(path: str) -> bool:
@@ -82,14 +98,13 @@ def load_into_model(model, source: TensorSource, vp_stage: Optional[int] = None,
     args = source.args
     filled = set()
     adapters = weights is not None
-    for key, m, layer, expert in placement.rank_entries(source.weights if weights is None else weights, args, model.config,
+    for key, m, layer, expert in placement.rank_entries(weights if adapters else source.weights, args, model.config,
                                                         ps.get_pipeline_model_parallel_rank(), vp_stage, te,
                                                         model.pre_process, model.post_process, ep, ep_rank):
         if key not in state:
             raise CheckpointError(f"model has no parameter {key}; does it match the checkpoint?")
         size, rank = (etp, etp_rank) if m.expert_tp else (tp, tp_rank)
-        value = source.rank_shard(m, layer, expert, size, rank, model.vocab_size) \
-            if hasattr(source, "rank_shard") else None
+        value = source.rank_slice(m, layer, expert, size, rank, model.vocab_size)
         if value is None:  # the source cannot read just this rank's slice: whole tensor, then cut
             parts = source.parts(m, layer, expert)
             if m.vocab:

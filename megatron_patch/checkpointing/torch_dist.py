@@ -15,7 +15,8 @@ loads whole tensors, and megatron-core 0.16 .. 0.18 cannot find a 0.19 checkpoin
 ``TorchDistSource`` reads the metadata through an allow-list of DCP's own classes (``read_metadata``) and
 then only the chunks that hold the requested layer, so converting from torch_dist streams like the torch
 format does. Every reader of torch_dist in this project (the converter, the trainer's ``--load``) validates
-``.metadata`` and the common state here first. Each chunk record read is CRC-checked (torch does not) and its values pass the source's ``FiniteCheck`` (``integrity``).
+``.metadata`` and the common state here first. Each record read is CRC-checked (``read_record``; torch does
+not) and each tensor's values pass the source's ``FiniteCheck`` (``integrity``).
 
 What ``read_metadata`` checks before anyone reads a byte of data (``validate_metadata``): every data file it
 names is a regular file directly inside the folder (no FIFO, device or symlink out: opening one would hang or
@@ -25,12 +26,17 @@ duplicated chunk would otherwise leave part of a tensor as uninitialised memory 
 matched). A tensor's chunks then hold at most its records' bytes, so no declared size can make a reader
 allocate more than the files hold.
 
-Writing stays with megatron-core (``save``): its sharded state dict is the format's definition.
+The trainer's resume does use ``dist_checkpointing.load`` (its optimizer state is megatron's sharded
+definition): ``load`` runs it only after the allow-listed reads above, with the keyword arguments that let
+every supported megatron-core find either common-state layout (``load_kwargs``); ``verify_records`` checks the
+data records' CRCs first, through the same ``read_record`` as the converter's chunk reads. Writing stays with
+megatron-core (``save`` / ``save_state``): its sharded state dict is the format's definition.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import io
 import math
 import os
@@ -45,10 +51,10 @@ import numpy as np
 import torch
 
 from megatron_patch.checkpointing import integrity, layout
-from megatron_patch.checkpointing.layout import CheckpointError
-from megatron_patch.checkpointing.mapping import EXPERT, GLOBAL, Mapping
-from megatron_patch.checkpointing.transforms import strip_vocab
+from megatron_patch.checkpointing.errors import CheckpointError
 from megatron_patch.models.config import short_repr
+from megatron_patch.models.mapping import EXPERT, GLOBAL, Mapping
+from megatron_patch.models.transforms import strip_vocab
 
 METADATA = ".metadata"
 COMMON = "common.pt"  # megatron-core <= 0.18
@@ -206,9 +212,12 @@ def _check_tensors(md, where: str, records: dict) -> None:
                                       "damaged checkpoint")
 
 
-def read_record(iter_dir: str, relative_path: str, offset: int, length: int) -> bytes:
-    """The bytes of one record of a data file named by validated metadata. The file is opened without
-    blocking and must still be a regular file (it may have been swapped since ``validate_metadata``)."""
+def read_record(iter_dir: str, relative_path: str, offset: int, length: int, what: str = "record") -> bytes:
+    """The bytes of one record of a data file named by validated metadata, CRC-checked when it is a torch.save
+    zip (tensors and pickled objects; raw byte records carry no CRC; torch and megatron-core check none). The
+    one reader of data records: the converter's chunk reads and the trainer's CRC pass (``verify_records``).
+    The file is opened without blocking and must still be a regular file (it may have been swapped since
+    ``validate_metadata``)."""
     path = os.path.join(iter_dir, relative_path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
@@ -222,6 +231,8 @@ def read_record(iter_dir: str, relative_path: str, offset: int, length: int) -> 
         os.close(fd)
     if len(raw) != length:
         raise CheckpointError(f"{path} is truncated")
+    if raw[:4] == b"PK\x03\x04":
+        integrity.verify_zip_bytes(raw, f"{path} ({what} at byte {offset})")
     return raw
 
 
@@ -349,6 +360,55 @@ def _unpickling_reason(e: BaseException) -> str:
     return next((x.strip() for x in lines if "WeightsUnpickler error" in x), _first_line(e))
 
 
+def load_kwargs() -> dict:
+    """Extra keyword arguments for ``dist_checkpointing.load`` so that it reads torch_dist checkpoints of
+    every supported megatron-core.
+
+    megatron-core 0.16 .. 0.18 read the common state (``args``, ``iteration``, scheduler, ...) only from
+    ``common.pt``, which 0.19 no longer writes (it keeps that state as a ``common_state`` object inside the
+    DCP files): their ``load`` of a 0.19 checkpoint fails (0.16.1: ``AttributeError: 'str' object has no
+    attribute 'iterdir'`` while reporting the missing file; 0.17/0.18: "Common file ... does not exist").
+    Those versions take a ``common_strategy``; ours reads either place through ``torch_dist.read_common``
+    (``weights_only``). 0.19 reads both places itself and has no such parameter: nothing is passed there.
+    """
+    from megatron.core import dist_checkpointing
+
+    if "common_strategy" not in inspect.signature(dist_checkpointing.load).parameters:
+        return {}
+    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
+
+    class CommonLoadStrategy(TorchCommonLoadStrategy):
+        def load_common(self, checkpoint_dir):
+            return read_common(str(checkpoint_dir))
+
+    return {"common_strategy": CommonLoadStrategy()}
+
+
+def verify_records(iter_dir: str, md, rank: int = 0, world: int = 1) -> None:
+    """CRC-check the data records of a torch_dist checkpoint (``md``: its metadata) before megatron-core loads
+    them; ``rank`` of ``world`` checkers takes every ``world``-th record."""
+    records = sorted({(st.relative_path, st.offset, st.length): st for st in md.storage_data.values()}.items())
+    for _, st in records[rank::world]:
+        read_record(iter_dir, st.relative_path, st.offset, st.length)
+
+
+def load(sharded_state: dict, iter_dir: str, md=None) -> dict:
+    """megatron-core's ``dist_checkpointing.load`` of a torch_dist checkpoint, everything it unpickles checked
+    first: it reads ``.metadata`` with plain pickle and the checkpoint's objects (RNG states, from 0.19 on the
+    common state) with ``weights_only=False``, so the metadata goes through ``read_metadata``'s allow-list and
+    every object through ``read_objects`` (``weights_only``) before it runs; ``common.pt`` (<= 0.18: the args
+    Namespace, Megatron-LM's enums too), which megatron-core loads with torch's ``weights_only`` default, has its
+    globals allow-listed process-wide (torch's ``safe_globals`` context manager would, on exit, remove Namespace
+    for every later load in this process). Data records are CRC-checked by the caller (``verify_records``)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_patch.checkpointing.megatron_lm import allow_file
+
+    read_objects(iter_dir, md=md if md is not None else read_metadata(iter_dir))
+    allow_file(os.path.join(iter_dir, COMMON))
+    return dist_checkpointing.load(sharded_state, iter_dir, **load_kwargs())
+
+
 # megatron's local layer spec saves its separate norms under the names the TE spec fuses them into
 # (``sharded_state_dict_keys_map`` of ``get_gpt_layer_local_spec``), in MoE layers too.
 _LOCAL_KEYS_MAP = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
@@ -437,8 +497,7 @@ class TorchDistSource:
             raise CheckpointError(f"torch_dist metadata of {self.info.iter_dir} has no storage entry for {key}")
         path = os.path.join(self.info.iter_dir, st.relative_path)
         try:
-            raw = read_record(self.info.iter_dir, st.relative_path, st.offset, st.length)
-            integrity.verify_zip_bytes(raw, f"{path} (chunk of {key} at byte {st.offset})")
+            raw = read_record(self.info.iter_dir, st.relative_path, st.offset, st.length, f"chunk of {key}")
             t = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         except CheckpointError:
             raise
@@ -455,19 +514,29 @@ class TorchDistSource:
             parts = [strip_vocab(x, self.args.vocab_size) for x in parts]
         return parts
 
+    def rank_slice(self, m: Mapping, layer: Optional[int], expert: Optional[int], tp: int, rank: int,
+                   padded_vocab: int) -> None:
+        return None  # chunks follow the writer's layout, not the reader's: the whole tensor is read and cut
+
+    def stored_shards(self, m: Mapping, layer: Optional[int], expert: Optional[int] = None) -> None:
+        return None
+
     def stage_of(self, m: Mapping, layer: Optional[int]) -> int:
         return 0
 
 
 def save(chunks, iter_dir: str, args_ns: argparse.Namespace, iteration: Union[int, str] = 0, **extra) -> None:
     """``dist_checkpointing.save`` of model chunks (every rank calls it), with Megatron-LM's common entries."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_patch.checkpointing.megatron_format import checkpoint_entries
-
     chunks = chunks if isinstance(chunks, list) else [chunks]
-    state = dict(checkpoint_entries(args_ns, iteration), **extra)
+    state = dict(layout.checkpoint_entries(args_ns, iteration), **extra)
     for key, m in zip(layout.chunk_keys(len(chunks)), chunks):
         state[key] = m.sharded_state_dict()
     os.makedirs(iter_dir, exist_ok=True)
-    dist_checkpointing.save(state, iter_dir)
+    save_state(state, iter_dir)
+
+
+def save_state(sharded_state: dict, iter_dir: str) -> None:
+    """Write a sharded state dict (model chunks, optimizer, common entries) as torch_dist (every rank calls it)."""
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save(sharded_state, iter_dir)

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from typing import Callable, Optional
 
 import torch
+
+from megatron_patch.fusions import interpreting
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,6 @@ def _rope_utils():
         _ORIGINAL["bshd"] = rope_utils.fused_apply_rotary_pos_emb
         _ORIGINAL["thd"] = rope_utils.fused_apply_rotary_pos_emb_thd
     return rope_utils
-
-
-def interpreting() -> bool:
-    """Whether Triton's CPU interpreter is requested (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def unavailable_reason(backend: str) -> Optional[str]:

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from megatron_patch.fusions.rope import interpreting
+from megatron_patch.fusions import interpreting
 
 
 def _rope_kernel(x_ptr, f_ptr, out_ptr, B, H, D, HALF, f_stride,

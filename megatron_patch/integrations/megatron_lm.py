@@ -25,7 +25,7 @@ import functools
 import sys
 from typing import Optional
 
-from megatron_patch.checkpointing.megatron_lm import hf_dir_of
+from megatron_patch.checkpointing.megatron_lm import group_query_attention, hf_dir_of
 from megatron_patch.models.config import ModelArgs
 
 
@@ -49,22 +49,18 @@ def model_args(hf_config: str) -> ModelArgs:
 
 def megatron_lm_defaults(margs: ModelArgs) -> dict:
     """Megatron-LM's argument values (its dest names) that describe this model; the field table gives most."""
-    from megatron_patch.models.config import FIELDS
+    from megatron_patch.models.config import FIELDS, FIXED_ARCHITECTURE, moe_routing
 
     out = {f.mlm_arg: getattr(margs, f.name) for f in FIELDS if f.mlm_arg and (margs.is_moe or not f.moe)}
     theta = margs.rope.theta
     out.update(
-        group_query_attention=margs.num_query_groups != margs.num_attention_heads,
-        position_embedding_type="rope", rotary_base=int(theta) if float(theta).is_integer() else theta,
-        swiglu=True, normalization="RMSNorm", add_bias_linear=False,
+        FIXED_ARCHITECTURE,
+        group_query_attention=group_query_attention(margs),
+        rotary_base=int(theta) if float(theta).is_integer() else theta,
         attention_dropout=0.0, hidden_dropout=0.0,  # as HF trained these models (Megatron-LM's default is 0.1)
     )
     if margs.is_moe:
-        out.update(moe_router_pre_softmax=margs.moe_router_pre_softmax,
-                   moe_shared_expert_gate=margs.moe_shared_expert_gate,
-                   moe_layer_freq=list(margs.moe_layer_freq) if margs.moe_layer_freq is not None else 1,
-                   moe_router_score_function="softmax", moe_router_load_balancing_type="aux_loss",
-                   moe_router_dtype="fp32")
+        out.update(moe_routing(margs))
     return out
 
 
@@ -182,7 +178,7 @@ def _check_hf_paths(args) -> None:
     """``--init-from-hf`` needs weights in the --hf-config directory; ``--save-hf`` may not replace an input
     or a directory it did not write. One ``error:`` line (SystemExit) before any weight is read."""
     from megatron_patch.checkpointing.hf_export import check_output
-    from megatron_patch.checkpointing.layout import CheckpointError
+    from megatron_patch.checkpointing.errors import CheckpointError
 
     if args.init_from_hf:
         try:

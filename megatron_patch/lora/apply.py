@@ -23,7 +23,7 @@ from typing import Iterator, Optional
 import torch
 
 from megatron_patch.checkpointing import placement
-from megatron_patch.checkpointing.mapping import Mapping, is_te_state
+from megatron_patch.models.mapping import Mapping, is_te_state
 from megatron_patch.lora import layers
 from megatron_patch.lora.config import LoraConfig, LoraError
 from megatron_patch.lora.mapping import ADAPTER, adapter_weights, is_adapter_key, is_target, kind

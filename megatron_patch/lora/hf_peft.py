@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_patch.checkpointing.mapping import EXPERT, Mapping, iter_tensors
+from megatron_patch.models.mapping import EXPERT, Mapping, iter_tensors
 from megatron_patch.lora.config import TARGETS, LoraConfig, LoraError
 from megatron_patch.lora.mapping import adapter_weights, kind, peft_module, targets
 from megatron_patch.models.config import ModelArgs
@@ -254,6 +254,16 @@ class PeftSource:
 
     def fork(self) -> "PeftSource":
         return self
+
+    def rank_slice(self, m: Mapping, layer: Optional[int], expert: Optional[int], tp: int, rank: int,
+                   padded_vocab: int) -> None:
+        return None  # tensors held whole in memory: the caller cuts its slice from ``parts``
+
+    def stored_shards(self, m: Mapping, layer: Optional[int], expert: Optional[int] = None) -> None:
+        return None
+
+    def stage_of(self, m: Mapping, layer: Optional[int]) -> int:
+        return 0
 
     def release(self) -> None:
         pass

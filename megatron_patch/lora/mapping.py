@@ -1,6 +1,6 @@
 """Adapter tensors as weight mappings derived from the family's own table: one table, both directions.
 
-For every targeted linear weight of the family table (``checkpointing/mapping.py``), ``adapter_weights``
+For every targeted linear weight of the family table (``models/mapping.py``), ``adapter_weights``
 derives two mappings:
 
 - ``<linear>.adapter.lora_A``: the P per-HF-projection A matrices ``[r, in]`` stacked on rows, ``[P*r, in]``
@@ -30,7 +30,7 @@ from typing import ClassVar, Optional
 
 import torch
 
-from megatron_patch.checkpointing.mapping import GLOBAL, Mapping
+from megatron_patch.models.mapping import GLOBAL, Mapping
 from megatron_patch.lora.config import LoraConfig
 from megatron_patch.models.config import ModelArgs
 
@@ -136,8 +136,8 @@ class MergedSource:
     """A tensor source whose targeted base weights come back with their adapters merged in.
 
     ``parts`` of a target = base parts + ``scale * B @ A`` (computed in fp32, cast back to the base dtype);
-    everything else passes through. It offers no ``rank_shards`` / ``rank_shard``, so writers take the
-    whole-tensor path that goes through ``parts``.
+    everything else passes through. Its ``stored_shards`` / ``rank_slice`` answer None, so writers and
+    ``load_into_model`` take the whole-tensor path that goes through ``parts``.
     """
 
     def __init__(self, src, cfg: LoraConfig):
@@ -145,8 +145,19 @@ class MergedSource:
         self.args, self.weights = src.args, src.weights
         self._pairs = {id(m): adapter_pair(m, cfg.rank_alpha(kind(m))[0]) for m in targets(src.weights, cfg)}
 
+    @property
+    def finite(self):
+        return self.src.finite
+
     def stage_of(self, m: Mapping, layer: Optional[int]) -> int:
         return self.src.stage_of(m, layer)
+
+    def rank_slice(self, m: Mapping, layer: Optional[int], expert: Optional[int], tp: int, rank: int,
+                   padded_vocab: int) -> None:
+        return None  # a merged tensor exists only whole (``parts``)
+
+    def stored_shards(self, m: Mapping, layer: Optional[int], expert: Optional[int] = None) -> None:
+        return None
 
     def fork(self) -> "MergedSource":
         out = object.__new__(MergedSource)

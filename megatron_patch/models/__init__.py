@@ -1,1 +1,2 @@
-"""Model families (registry keyed by HF architectures), config translation and the GPTModel builder."""
+"""Model families (registry keyed by HF architectures), their weight mappings, config translation and the GPTModel
+builder."""

@@ -17,10 +17,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_patch.checkpointing.placement import stage_sizes
 from megatron_patch.models import context_parallel as cp_split
 from megatron_patch.models import rope as rope_math
-from megatron_patch.models.config import ModelArgs, transformer_config_fields
+from megatron_patch.models.config import FIXED_ARCHITECTURE, ModelArgs, moe_routing, transformer_config_fields
+from megatron_patch.parallel import ParallelLayout
 
 log = logging.getLogger(__name__)
 
@@ -57,53 +57,39 @@ def resolve_transformer_impl(impl: str) -> str:
 
 def transformer_config(
     args: ModelArgs,
-    tp: int = 1,
-    pp: int = 1,
-    vpp: Optional[int] = None,
+    layout: Optional[ParallelLayout] = None,
     params_dtype: torch.dtype = torch.float32,
-    sequence_parallel: bool = False,
-    first_stage_layers: Optional[int] = None,
-    last_stage_layers: Optional[int] = None,
-    ep: int = 1,
-    etp: Optional[int] = None,
     moe_token_dispatcher_type: str = "alltoall",
-    cp: int = 1,
     cp_comm_type: Optional[str] = None,
     seq_length: Optional[int] = None,
     moe_grouped_gemm: Optional[bool] = None,
     **overrides,
 ):
-    """A megatron-core ``TransformerConfig`` for Llama/Qwen-style decoders (dense or MoE).
+    """A megatron-core ``TransformerConfig`` for Llama/Qwen-style decoders (dense or MoE) split as ``layout``
+    (or as the ``ParallelLayout`` fields given among the keywords: ``tp=2, sequence_parallel=True``).
 
-    ``cp`` is the context parallel size; ``cp_comm_type`` Megatron-LM's ``--cp-comm-type`` (for Transformer
-    Engine's attention; the local spec always all-gathers K/V). ``seq_length``, when given, is checked
-    against the layout (a multiple of 2 x CP, x TP with sequence parallelism).
-    ``moe_grouped_gemm``: experts as grouped GEMMs (None: ``default_moe_grouped_gemm``). The Transformer Engine
-    spec always uses TE's grouped MLP (``build_model`` sets it).
+    The layout is checked against the model first (``ParallelLayout.check``; with ``seq_length`` also the
+    sequence-length rule of CP / sequence parallelism). ``cp_comm_type``: Megatron-LM's ``--cp-comm-type`` (for
+    Transformer Engine's attention; the local spec always all-gathers K/V). ``moe_grouped_gemm``: experts as
+    grouped GEMMs (None: ``default_moe_grouped_gemm``; the Transformer Engine spec always uses TE's grouped MLP,
+    ``build_model`` sets it). ``overrides``: any other ``TransformerConfig`` field (the trainer's dropouts,
+    recompute, fusion switches...).
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    check_parallel_layout(args, tp, pp, vpp, first_stage_layers, last_stage_layers, cp=cp, seq_length=seq_length,
-                          sequence_parallel=sequence_parallel)
+    layout = ParallelLayout.of(layout, **ParallelLayout.split_fields(overrides))
+    layout.check(args, seq_length=seq_length)
     on_gpu = torch.cuda.is_available()
     kw = dict(
         **transformer_config_fields(args),
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
+        normalization=FIXED_ARCHITECTURE["normalization"],
+        gated_linear_unit=FIXED_ARCHITECTURE["swiglu"],
+        activation_func=F.silu,  # SwiGLU's gate
+        add_bias_linear=FIXED_ARCHITECTURE["add_bias_linear"],
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        context_parallel_size=cp,
-        cp_comm_type=cp_split.resolve_cp_comm_type(cp_comm_type) if cp > 1 else None,
-        expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=tp if etp is None else etp,
-        virtual_pipeline_model_parallel_size=vpp,
-        num_layers_in_first_pipeline_stage=first_stage_layers,
-        num_layers_in_last_pipeline_stage=last_stage_layers,
-        sequence_parallel=sequence_parallel,
+        **layout.megatron_fields("config"),
+        cp_comm_type=cp_split.resolve_cp_comm_type(cp_comm_type) if layout.cp > 1 else None,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
@@ -135,14 +121,9 @@ def moe_config(args: ModelArgs, dispatcher: str) -> dict:
     if dispatcher == "flex" and not torch.cuda.is_available():
         raise ValueError("the 'flex' MoE token dispatcher needs DeepEP on CUDA GPUs; use alltoall or allgather here")
     return dict(
-        moe_router_score_function="softmax",
-        moe_router_pre_softmax=args.moe_router_pre_softmax,
-        moe_shared_expert_gate=args.moe_shared_expert_gate,
-        moe_layer_freq=list(args.moe_layer_freq) if args.moe_layer_freq is not None else 1,
-        moe_router_load_balancing_type="aux_loss",
+        **moe_routing(args),
         moe_expert_capacity_factor=None,  # no token dropping: every token reaches its top-k experts, as in HF
         moe_token_dispatcher_type=dispatcher,
-        moe_router_dtype="fp32",  # HF computes the routing softmax in fp32
     )
 
 
@@ -345,56 +326,3 @@ def install_rope_frequencies(model, args: ModelArgs) -> None:
         return
     freq = rope_math.inv_freq(args.rope, args.kv_channels)
     rot.inv_freq = freq.to(rot.inv_freq.device)
-
-
-def check_parallel_layout(
-    args: ModelArgs,
-    tp: int = 1,
-    pp: int = 1,
-    vpp: Optional[int] = None,
-    first_stage_layers: Optional[int] = None,
-    last_stage_layers: Optional[int] = None,
-    ep: int = 1,
-    etp: Optional[int] = None,
-    cp: int = 1,
-    seq_length: Optional[int] = None,
-    sequence_parallel: bool = False,
-) -> None:
-    """Reject a TP/PP/EP/CP layout the model cannot be split into, with a message naming the problem.
-
-    Called before any process group or tensor work, by the converter and the trainer alike. The sequence
-    length rule (2 x CP chunks, x TP under sequence parallelism) applies when ``seq_length`` is given.
-    """
-    heads, groups = args.num_attention_heads, args.num_query_groups
-    if tp < 1:
-        raise ValueError(f"tensor parallel size must be >= 1, got {tp}")
-    if cp < 1:
-        raise ValueError(f"context parallel size must be >= 1, got {cp}")
-    if seq_length is not None:
-        cp_split.check_cp_layout(seq_length, cp, tp, sequence_parallel)
-    if heads % tp:
-        raise ValueError(f"num_attention_heads {heads} is not divisible by tensor parallel size {tp}")
-    # megatron-core splits query groups across TP ranks; with TP > groups each group spans TP/groups ranks.
-    if (groups >= tp and groups % tp) or (groups < tp and tp % groups):
-        raise ValueError(
-            f"num_query_groups {groups} and tensor parallel size {tp} are incompatible: "
-            f"one must divide the other"
-        )
-    if args.ffn_hidden_size % tp:
-        raise ValueError(f"ffn_hidden_size {args.ffn_hidden_size} is not divisible by tensor parallel size {tp}")
-    stage_sizes(args.num_layers, pp, vpp, first_stage_layers, last_stage_layers)
-    etp = tp if etp is None else etp
-    if ep < 1 or etp < 1:
-        raise ValueError(f"expert parallel ({ep}) and expert tensor parallel ({etp}) sizes must be >= 1")
-    if not args.is_moe:
-        if ep > 1:
-            raise ValueError(f"expert parallel size {ep} needs a mixture-of-experts model; this one is dense")
-        return
-    if args.num_experts % ep:
-        raise ValueError(f"num_experts {args.num_experts} is not divisible by expert parallel size {ep}")
-    moe_ffn = args.moe_ffn_hidden_size or args.ffn_hidden_size
-    if moe_ffn % etp:
-        raise ValueError(f"moe_ffn_hidden_size {moe_ffn} is not divisible by expert tensor parallel size {etp}")
-    shared = args.moe_shared_expert_intermediate_size
-    if shared and shared % tp:
-        raise ValueError(f"shared_expert_intermediate_size {shared} is not divisible by tensor parallel size {tp}")

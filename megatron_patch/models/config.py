@@ -104,7 +104,7 @@ class ModelArgs:
     moe_router_topk: Optional[int] = None
     moe_aux_loss_coeff: float = 0.0
     moe_shared_expert_intermediate_size: Optional[int] = None
-    # Routing and layer pattern (family-derived, no single HF key): see models/qwen_moe.py, mixtral.py.
+    # Routing and layer pattern (family-derived, no single HF key): see models/families/qwen_moe.py, mixtral.py.
     moe_router_pre_softmax: bool = False
     moe_shared_expert_gate: bool = False
     moe_layer_freq: Optional[tuple[int, ...]] = None  # 1 = MoE layer, 0 = dense; None = every layer MoE
@@ -161,6 +161,11 @@ class ModelArgs:
     def is_moe_layer(self, layer: int) -> bool:
         return self.is_moe and (self.moe_layer_freq is None or bool(self.moe_layer_freq[layer]))
 
+    @property
+    def moe_layer_pattern(self) -> list[int]:
+        """1 per MoE layer, 0 per dense layer."""
+        return [int(self.is_moe_layer(i)) for i in range(self.num_layers)]
+
     def padded_vocab_size(self, divisible_by: int, tp: int) -> int:
         """Megatron pads the vocab to a multiple of ``divisible_by * tp`` so each TP shard is even."""
         for name, value in (("--make-vocab-size-divisible-by", divisible_by), ("tensor-parallel size", tp)):
@@ -195,6 +200,42 @@ class ModelArgs:
         if missing:
             raise ModelConfigError(f"missing model argument(s) {', '.join(missing)}")
         return cls(**d)
+
+
+# What every supported family is, under Megatron-LM's argument names (its flags and its saved ``args``): the
+# builder's TransformerConfig, the args written for Megatron-LM, the trainer's architecture-flag check and the
+# check of Megatron-LM's own checkpoints all read this one table.
+FIXED_ARCHITECTURE = {
+    "swiglu": True, "normalization": "RMSNorm", "position_embedding_type": "rope", "add_bias_linear": False,
+    "apply_layernorm_1p": False, "squared_relu": False, "rotary_interleaved": False, "rotary_percent": 1.0,
+    "multi_latent_attention": False,
+}
+
+
+def moe_routing(args: ModelArgs) -> dict:
+    """How megatron must route tokens to route as the HF model does, under the names ``TransformerConfig`` and
+    Megatron-LM's flags and args share (the builder, the args written for Megatron-LM and its model provider's
+    defaults all take them from here)."""
+    return dict(
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=args.moe_router_pre_softmax,
+        moe_shared_expert_gate=args.moe_shared_expert_gate,
+        moe_layer_freq=list(args.moe_layer_freq) if args.moe_layer_freq is not None else 1,
+        moe_router_load_balancing_type="aux_loss",
+        moe_router_dtype="fp32",  # HF computes the routing softmax in fp32
+    )
+
+
+def layer_pattern(freq, num_layers: int) -> Optional[list[int]]:
+    """Megatron-LM's ``moe_layer_freq`` (N: every N-th layer, or a 0/1 list) as one 0/1 entry per layer; a value
+    that is neither comes back as it is, so a comparison names it rather than failing on it."""
+    if freq is None:
+        return None
+    if type(freq) is int and freq >= 1:
+        return [int(i % freq == 0) for i in range(num_layers)]
+    if isinstance(freq, (list, tuple)) and all(type(x) is int for x in freq):
+        return list(freq)
+    return freq
 
 
 def short_repr(value: Any, limit: int = 60) -> str:

@@ -2,7 +2,7 @@
 
 A family is one module in ``megatron_patch/models/families/`` that calls ``register(Family(...))``: the HF
 architecture names it serves, its HF ``model_type``, the ``ModelArgs`` values the architecture implies
-(e.g. Qwen2's QKV bias), any config it must refuse, and its weight mappings (``checkpointing/mapping.py``).
+(e.g. Qwen2's QKV bias), any config it must refuse, and its weight mappings (``models/mapping.py``).
 Every module in that package is imported when the registry is first used, so adding a family is adding
 one file; a package outside this project can register more through the ``megatron_patch.families``
 entry-point group, and a test can call ``register`` itself.
@@ -29,7 +29,7 @@ class Family:
     name: str
     architectures: tuple[str, ...]
     model_type: str  # HF ``model_type`` written into exported configs
-    weights: Callable[[ModelArgs], list]  # the weight mappings of a model (checkpointing.mapping.Mapping)
+    weights: Callable[[ModelArgs], list]  # the weight mappings of a model (models.mapping.Mapping)
     fixed: dict = field(default_factory=dict)  # ModelArgs values the architecture implies
     # ModelArgs values derived from the raw HF config beyond the shared field table (e.g. MoE layer pattern).
     translate: Optional[Callable[[dict], dict]] = None

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_patch.parallel import ParallelLayout
 from megatron_patch.runtime import compat, cpu
 
 __all__ = ["initialize", "teardown", "device", "on_gpu"]
@@ -49,21 +50,19 @@ def set_seed(seed: int) -> None:
 
 
 def initialize(
-    tp: int = 1,
-    pp: int = 1,
-    vpp: Optional[int] = None,
-    cp: int = 1,
-    ep: int = 1,
-    etp: Optional[int] = None,
+    layout: Optional[ParallelLayout] = None,
     seed: int = 1234,
     timeout_minutes: int = 30,
     hierarchical_cp_sizes: Optional[list[int]] = None,
+    **sizes,
 ) -> None:
-    """Initialize torch.distributed from torchrun's environment and megatron's parallel state.
+    """Initialize torch.distributed from torchrun's environment and megatron's parallel state as ``layout``
+    (or as the ``ParallelLayout`` fields given as keywords: ``initialize(tp=2, cp=2)``).
 
-    A single process without torchrun variables is treated as world size 1 (rank 0 on localhost).
-    ``hierarchical_cp_sizes`` (Megatron-LM's ``--hierarchical-context-parallel-sizes``, product = ``cp``)
-    creates the inner/outer CP groups Transformer Engine's ``a2a+p2p`` attention needs.
+    A single process without torchrun variables is treated as world size 1 (rank 0 on localhost). The layout is
+    checked against the world size (``ParallelLayout.check``) before any group is made.
+    ``hierarchical_cp_sizes`` (Megatron-LM's ``--hierarchical-context-parallel-sizes``, product = CP) creates the
+    inner/outer CP groups Transformer Engine's ``a2a+p2p`` attention needs.
     """
     from megatron.core import parallel_state
 
@@ -85,18 +84,11 @@ def initialize(
             world_size=world,
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
-    world = dist.get_world_size()
-    if world % (tp * pp * cp) != 0:
-        raise ValueError(
-            f"world size {world} is not divisible by tensor ({tp}) x pipeline ({pp}) x context ({cp}) parallel sizes"
-        )
-    if hierarchical_cp_sizes is not None and int(np.prod(hierarchical_cp_sizes)) != cp:
+    layout = ParallelLayout.of(layout, **sizes).replace(world=dist.get_world_size())
+    layout.check()
+    if hierarchical_cp_sizes is not None and int(np.prod(hierarchical_cp_sizes)) != layout.cp:
         raise ValueError(f"hierarchical context parallel sizes {list(hierarchical_cp_sizes)} must multiply to the "
-                         f"context parallel size {cp}")
-    etp = tp if etp is None else etp
-    if world % (etp * ep * pp) != 0:
-        raise ValueError(f"world size {world} is not divisible by expert tensor ({etp}) x expert ({ep}) x "
-                         f"pipeline ({pp}) parallel sizes")
+                         f"context parallel size {layout.cp}")
     _destroy_model_parallel()
     created = []
     new_group = dist.new_group
@@ -110,13 +102,13 @@ def initialize(
     dist.new_group = recording_new_group
     try:
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp,
-            pipeline_model_parallel_size=pp,
-            virtual_pipeline_model_parallel_size=vpp,
-            context_parallel_size=cp,
+            tensor_model_parallel_size=layout.tp,
+            pipeline_model_parallel_size=layout.pp,
+            virtual_pipeline_model_parallel_size=layout.vpp,
+            context_parallel_size=layout.cp,
             hierarchical_context_parallel_sizes=hierarchical_cp_sizes,
-            expert_model_parallel_size=ep,
-            expert_tensor_parallel_size=etp,
+            expert_model_parallel_size=layout.ep,
+            expert_tensor_parallel_size=layout.expert_tp,
         )
     finally:
         dist.new_group = new_group

@@ -72,29 +72,3 @@ def aux_loss_coeff_scale(tp: int, cp: int = 1) -> int:
 
     source = inspect.getsource(TopKRouter.attach_and_log_load_balancing_loss)
     return 1 if "tp_cp_group.size()" in source else tp * cp
-
-
-def torch_dist_load_kwargs() -> dict:
-    """Extra keyword arguments for ``dist_checkpointing.load`` so that it reads torch_dist checkpoints of
-    every supported megatron-core.
-
-    megatron-core 0.16 .. 0.18 read the common state (``args``, ``iteration``, scheduler, ...) only from
-    ``common.pt``, which 0.19 no longer writes (it keeps that state as a ``common_state`` object inside the
-    DCP files): their ``load`` of a 0.19 checkpoint fails (0.16.1: ``AttributeError: 'str' object has no
-    attribute 'iterdir'`` while reporting the missing file; 0.17/0.18: "Common file ... does not exist").
-    Those versions take a ``common_strategy``; ours reads either place through ``torch_dist.read_common``
-    (``weights_only``). 0.19 reads both places itself and has no such parameter: nothing is passed there.
-    """
-    from megatron.core import dist_checkpointing
-
-    if "common_strategy" not in inspect.signature(dist_checkpointing.load).parameters:
-        return {}
-    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
-
-    from megatron_patch.checkpointing.torch_dist import read_common
-
-    class CommonLoadStrategy(TorchCommonLoadStrategy):
-        def load_common(self, checkpoint_dir):
-            return read_common(str(checkpoint_dir))
-
-    return {"common_strategy": CommonLoadStrategy()}

@@ -149,7 +149,8 @@ def _wrap_new_group(fn):
     def new_group(*args, **kwargs):
         group = fn(*args, **kwargs)
         backend = kwargs.get("backend", args[2] if len(args) > 2 else None)
-        if group is not None and str(backend).lower() == "gloo":
+        # A rank outside the group gets torch's NON_GROUP_MEMBER marker (an int), not a group.
+        if isinstance(group, torch.distributed.ProcessGroup) and str(backend).lower() == "gloo":
             _HOST_GROUPS.add(group)
         return group
 

@@ -9,32 +9,36 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 
-from megatron_patch.checkpointing import layout, placement
+from megatron_patch.checkpointing import layout as ckpt_layout
+from megatron_patch.checkpointing import placement
 from megatron_patch.checkpointing.megatron_args import to_namespace
-from megatron_patch.checkpointing.megatron_format import checkpoint_entries, save_torch_rank
+from megatron_patch.checkpointing.megatron_format import save_torch_rank
 from megatron_patch.models.config import ModelArgs
+from megatron_patch.parallel import ParallelLayout
 
 
-def save_rank_files(chunks: list, ckpt_dir: str, args: ModelArgs, tp: int, pp: int, ep: int = 1,
-                    etp: Optional[int] = None, vpp: Optional[int] = None, **extra) -> None:
-    """Call on every rank of the group; returns when the checkpoint (tracker included) is complete."""
+def save_rank_files(chunks: list, ckpt_dir: str, args: ModelArgs, layout: Optional[ParallelLayout] = None,
+                    **extra) -> None:
+    """Call on every rank of the group laid out as ``layout`` (or as its fields given among the keywords:
+    ``tp=2, vpp=2``); returns when the checkpoint (tracker included) is complete."""
     from megatron.core import parallel_state as ps
 
+    layout = ParallelLayout.of(layout, **ParallelLayout.split_fields(extra))
     coords = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
               ps.get_expert_model_parallel_rank(), ps.get_expert_tensor_parallel_rank())
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, coords)
-    if placement.RankFile(*coords) in placement.torch_rank_files(tp, pp, ep, etp) and \
+    if placement.RankFile(*coords) in placement.torch_rank_files(layout) and \
             everyone.index(coords) == dist.get_rank():
-        ns = to_namespace(args, tp, pp, "fp32", "local", ep=ep, etp=etp, virtual_pipeline_model_parallel_size=vpp,
-                          **extra)
+        ns = to_namespace(args, layout, torch.float32, "local", **extra)
         state = {key: {k: v for k, v in chunk.state_dict().items() if not k.endswith("_extra_state")}
-                 for key, chunk in zip(layout.chunk_keys(len(chunks)), chunks)}
-        save_torch_rank(ckpt_dir, "release", coords[0], coords[1], pp, {**state, **checkpoint_entries(ns, "release")},
-                        coords[2], ep)
+                 for key, chunk in zip(ckpt_layout.chunk_keys(len(chunks)), chunks)}
+        save_torch_rank(ckpt_dir, "release", coords[0], coords[1], layout.pp,
+                        {**state, **ckpt_layout.checkpoint_entries(ns, "release")}, coords[2], layout.ep)
     dist.barrier()
     if dist.get_rank() == 0:
-        layout.write_tracker(ckpt_dir, "release")
+        ckpt_layout.write_tracker(ckpt_dir, "release")
     dist.barrier()

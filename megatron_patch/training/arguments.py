@@ -1,9 +1,12 @@
-"""Command-line arguments of ``python -m megatron_patch.pretrain``: one parser, grouped by concern.
+"""Command-line arguments of ``python -m megatron_patch.pretrain``: one parser, grouped by concern, and the one
+translation of the parsed flags into the typed run configuration (``training/config.py``).
 
-Flag names follow Megatron-LM so existing launch scripts read the same. ``parse_args`` also checks
-the combinations that would otherwise fail deep inside a collective (batch sizes that do not divide,
-sequence parallel without TP, ...) and raises ``ArgumentError`` with one clear line before any
-process group exists. World size comes from torchrun's ``WORLD_SIZE`` (1 when run directly).
+Flag names follow Megatron-LM so existing launch scripts read the same (its other flags: ``megatron_lm_flags``).
+``parse_args`` checks what needs no model (batch sizes that do not divide, the parallel layout against the
+world size, ...) and raises ``ArgumentError`` with one clear line before any process group exists;
+``run_config`` then checks what depends on the model (its layout rules, architecture flags, the padded vocab)
+and builds the frozen ``RunConfig`` everything below the command line reads. World size comes from torchrun's
+``WORLD_SIZE`` (1 when run directly). The parallel-layout rules themselves are ``ParallelLayout.check``'s.
 """
 
 from __future__ import annotations
@@ -12,12 +15,16 @@ import argparse
 import os
 from typing import Optional, Sequence
 
-from megatron_patch import data_checks
+from megatron_patch import data_checks, dtypes
 from megatron_patch.checkpointing.layout import CKPT_FORMATS
 from megatron_patch.fusions.rope import ROPE_IMPLS
 from megatron_patch.models.builder import (ATTENTION_IMPLS, MOE_DISPATCHERS, TRANSFORMER_IMPLS,
                                            resolve_transformer_impl)
+from megatron_patch.models.config import ModelArgs, layer_pattern
+from megatron_patch.parallel import LayoutError, ParallelLayout, check_virtual_stages
 from megatron_patch.training import megatron_lm_flags
+from megatron_patch.training.config import (BatchSettings, CheckpointSettings, DataSettings, LoggingSettings,
+                                            ModelBuild, OptimizerSettings, RunConfig, ScheduleSettings)
 
 
 class ArgumentError(ValueError):
@@ -56,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="pipeline-parallel size (PP)")
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
                    help="layers per virtual stage: enables the interleaved 1F1B schedule (needs PP > 1)")
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
+                   help="layers on the first pipeline stage (uneven split; the other stages share the rest evenly)")
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
+                   help="layers on the last pipeline stage (uneven split)")
     g.add_argument("--sequence-parallel", action="store_true", help="sequence parallelism (needs TP > 1)")
     g.add_argument("--context-parallel-size", type=int, default=1,
                    help="context-parallel size; only 1 is supported by this trainer")
@@ -89,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seq-length", type=int, default=1024, help="tokens per sample")
 
     g = p.add_argument_group("optimizer and schedule")
+    g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"],
+                   help="adam (AdamW: decoupled weight decay) or sgd with momentum (megatron-core's optimizers)")
+    g.add_argument("--sgd-momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
     g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of decay")
     g.add_argument("--lr-decay-style", default="cosine", choices=["cosine", "linear", "constant", "WSD"],
@@ -175,37 +189,44 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def layout_of(a: argparse.Namespace, vpp: Optional[int] = None) -> ParallelLayout:
+    """The parallel layout the flags give (``vpp``: the number of virtual stages, known once the model is)."""
+    return ParallelLayout(tp=a.tensor_model_parallel_size, pp=a.pipeline_model_parallel_size, vpp=vpp,
+                          cp=a.context_parallel_size, ep=a.expert_model_parallel_size,
+                          etp=a.expert_tensor_parallel_size,
+                          first_stage_layers=a.decoder_first_pipeline_num_layers,
+                          last_stage_layers=a.decoder_last_pipeline_num_layers,
+                          sequence_parallel=a.sequence_parallel, world=a.world_size)
+
+
 def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
-    """Check combinations and fill derived fields (``data_parallel_size``, ``global_batch_size``...)."""
+    """Check what needs no model and fill derived fields (``world_size``, ``global_batch_size``...)."""
     problem = megatron_lm_flags.validate(a, torch_cuda())
     if problem:
         raise ArgumentError(problem)
     megatron_lm_flags.normalize(a)
-    world = world_size or _world_size()
-    tp, pp, cp = a.tensor_model_parallel_size, a.pipeline_model_parallel_size, a.context_parallel_size
-    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size", "seq_length",
-                 "train_iters", "log_interval", "make_vocab_size_divisible_by"):
+    a.world_size = world_size or _world_size()
+    for name in ("micro_batch_size", "seq_length", "train_iters", "log_interval", "make_vocab_size_divisible_by"):
         if getattr(a, name) < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    if cp != 1:
+    if a.context_parallel_size != 1:
         raise ArgumentError("--context-parallel-size > 1 is not supported by this trainer")
-    ep, etp = a.expert_model_parallel_size, a.expert_tensor_parallel_size
-    if ep < 1 or (etp is not None and etp < 1):
-        raise ArgumentError("--expert-model-parallel-size and --expert-tensor-parallel-size must be >= 1")
-    if world % ((etp or tp) * ep * pp):
-        raise ArgumentError(f"world size {world} is not divisible by expert TP ({etp or tp}) x EP ({ep}) x PP ({pp})")
-    if world % (tp * pp * cp):
-        raise ArgumentError(f"world size {world} is not divisible by TP ({tp}) x PP ({pp}) x CP ({cp})")
-    a.data_parallel_size = world // (tp * pp * cp)
-    dp, mbs = a.data_parallel_size, a.micro_batch_size
+    per = a.num_layers_per_virtual_pipeline_stage
+    try:
+        check_virtual_stages(a.pipeline_model_parallel_size, per is not None)
+        layout = layout_of(a)
+        layout.check()
+    except LayoutError as e:
+        raise ArgumentError(str(e)) from None
+    if per is not None and per < 1:
+        raise ArgumentError("--num-layers-per-virtual-pipeline-stage must be >= 1")
+    dp, mbs = layout.dp, a.micro_batch_size
     if a.global_batch_size is None:
         a.global_batch_size = mbs * dp
     if a.global_batch_size % (mbs * dp):
         raise ArgumentError(f"--global-batch-size {a.global_batch_size} is not divisible by micro-batch size "
                             f"({mbs}) x data-parallel size ({dp})")
     a.num_microbatches = a.global_batch_size // (mbs * dp)
-    if a.sequence_parallel and tp == 1:
-        raise ArgumentError("--sequence-parallel needs --tensor-model-parallel-size > 1")
     try:
         impl = resolve_transformer_impl(a.transformer_impl)
     except ValueError as e:
@@ -226,11 +247,9 @@ def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> argpars
         a.moe_layer_freq = parse_layer_freq(a.moe_layer_freq)
     if a.bf16 and a.fp16:
         raise ArgumentError("--bf16 and --fp16 are mutually exclusive")
-    if a.num_layers_per_virtual_pipeline_stage is not None:
-        if pp == 1:
-            raise ArgumentError("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
-        if a.num_layers_per_virtual_pipeline_stage < 1:
-            raise ArgumentError("--num-layers-per-virtual-pipeline-stage must be >= 1")
+    if a.optimizer == "sgd" and a.use_distributed_optimizer:
+        raise ArgumentError("--optimizer sgd cannot be used with --use-distributed-optimizer: megatron-core's "
+                            "distributed optimizer shards Adam only")
     if a.recompute_granularity == "full" and a.recompute_method is None:
         raise ArgumentError("--recompute-granularity full needs --recompute-method uniform|block")
     if a.recompute_method and a.recompute_granularity != "full":
@@ -239,7 +258,7 @@ def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> argpars
         a.recompute_num_layers = 1
     if a.lr < 0 or a.min_lr < 0 or a.min_lr > a.lr:
         raise ArgumentError(f"need 0 <= --min-lr ({a.min_lr}) <= --lr ({a.lr})")
-    decay = a.lr_decay_iters or a.train_iters  # as loop.scheduler_settings; megatron-core asserts warmup < decay
+    decay = a.lr_decay_iters or a.train_iters  # as state.scheduler_settings; megatron-core asserts warmup < decay
     if a.lr_warmup_iters < 0 or decay < 1 or a.lr_warmup_iters >= decay:
         raise ArgumentError(f"--lr-warmup-iters {a.lr_warmup_iters} must lie in [0, {decay}) and the decay "
                             f"iterations ({decay}: --lr-decay-iters, default --train-iters) be >= 1")
@@ -276,7 +295,6 @@ def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> argpars
     if a.override_opt_param_scheduler and a.use_checkpoint_opt_param_scheduler:
         raise ArgumentError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are mutually "
                             "exclusive")
-    a.params_dtype = "bf16" if a.bf16 else "fp16" if a.fp16 else "fp32"
     return a
 
 
@@ -309,52 +327,101 @@ ARCHITECTURE_FLAGS = {
 }
 
 
-def _model_layer_freq(margs) -> list[int]:
-    if not margs.is_moe:
-        return [0] * margs.num_layers
-    return list(margs.moe_layer_freq) if margs.moe_layer_freq is not None else [1] * margs.num_layers
-
-
-def check_architecture_flags(a: argparse.Namespace, margs) -> None:
+def check_architecture_flags(a: argparse.Namespace, margs: ModelArgs) -> None:
     """One error listing every architecture flag that disagrees with the model (checkpoint or config)."""
     wrong = megatron_lm_flags.architecture_disagreements(a, margs)
     for flag, field in ARCHITECTURE_FLAGS.items():
-        given = getattr(a, flag, None)
+        given = getattr(a, flag)
         if given is not None and given != getattr(margs, field):
             wrong.append(f"--{flag.replace('_', '-')} {given} (model: {getattr(margs, field)})")
-    if a.moe_layer_freq is not None:
-        freq = a.moe_layer_freq
-        pattern = [int(i % freq == 0) for i in range(margs.num_layers)] if isinstance(freq, int) else freq
-        if pattern != _model_layer_freq(margs):
-            wrong.append(f"--moe-layer-freq {a.moe_layer_freq} (model: {_model_layer_freq(margs)})")
+    if a.moe_layer_freq is not None and layer_pattern(a.moe_layer_freq, margs.num_layers) != margs.moe_layer_pattern:
+        wrong.append(f"--moe-layer-freq {a.moe_layer_freq} (model: {margs.moe_layer_pattern})")
     if wrong:
         raise ArgumentError("architecture flags disagree with the model: " + "; ".join(wrong))
 
 
-def for_model(a: argparse.Namespace, margs) -> argparse.Namespace:
-    """The arguments with what depends on the model (``vpp``), checked against it; a new namespace.
+def run_config(a: argparse.Namespace, margs: ModelArgs, resume=None, hf_source=None,
+               hf_config: Optional[dict] = None) -> RunConfig:
+    """The run configuration of parsed arguments for the model ``margs``, with every check that needs the model.
 
-    The layout check is ``builder.check_parallel_layout``'s (the one statement of the rules).
+    ``resume`` / ``hf_source``: the opened ``--load`` (a Megatron checkpoint's ``CheckpointInfo``, a HF
+    directory's ``HFSource``); ``hf_config``: the run's HF config.json.
     """
-    from megatron_patch.models.builder import check_parallel_layout
-
-    pp, per = a.pipeline_model_parallel_size, a.num_layers_per_virtual_pipeline_stage
+    per = a.num_layers_per_virtual_pipeline_stage
     vpp = None
     if per is not None:
+        pp = a.pipeline_model_parallel_size
         if margs.num_layers % (per * pp):
             raise ArgumentError(f"{margs.num_layers} layers cannot be split into PP={pp} stages of virtual stages "
                                 f"with {per} layers each")
         vpp = margs.num_layers // (per * pp)
     check_architecture_flags(a, margs)
-    tp, ep = a.tensor_model_parallel_size, a.expert_model_parallel_size
+    layout = layout_of(a, vpp)
     try:
-        check_parallel_layout(margs, tp, pp, vpp, ep=ep, etp=a.expert_tensor_parallel_size)
-    except ValueError as e:
+        layout.check(margs, seq_length=a.seq_length, training=True)
+    except LayoutError as e:
         raise ArgumentError(str(e)) from None
-    if margs.is_moe and tp > 1 and not a.sequence_parallel:
-        raise ArgumentError("training a MoE model with --tensor-model-parallel-size > 1 needs --sequence-parallel "
-                            "(megatron-core's MoE layer requires it)")
-    return argparse.Namespace(**{**vars(a), "vpp": vpp})
+    padded = margs.padded_vocab_size(a.make_vocab_size_divisible_by, layout.tp)
+    if a.padded_vocab_size is not None and a.padded_vocab_size != padded:
+        raise ArgumentError(f"--padded-vocab-size {a.padded_vocab_size} is not the model's vocab ({margs.vocab_size}) "
+                            f"padded to a multiple of --make-vocab-size-divisible-by ({a.make_vocab_size_divisible_by})"
+                            f" x TP ({layout.tp}), which is {padded}")
+    return RunConfig(
+        model=margs, layout=layout,
+        params_dtype=dtypes.BY_NAME["bf16" if a.bf16 else "fp16" if a.fp16 else "fp32"],
+        build=ModelBuild(
+            transformer_impl=a.transformer_impl, rope_impl=a.rope_impl, attention_impl=a.attention_impl,
+            make_vocab_size_divisible_by=a.make_vocab_size_divisible_by, hidden_dropout=a.hidden_dropout,
+            attention_dropout=a.attention_dropout, moe_token_dispatcher_type=a.moe_token_dispatcher_type,
+            moe_aux_loss_coeff=a.moe_aux_loss_coeff, moe_router_load_balancing_type=a.moe_router_load_balancing_type,
+            moe_grouped_gemm=a.moe_grouped_gemm,
+            transformer_overrides=dict(
+                recompute_granularity=a.recompute_granularity, recompute_method=a.recompute_method,
+                recompute_num_layers=a.recompute_num_layers, **megatron_lm_flags.transformer_overrides(a))),
+        batch=BatchSettings(micro_batch_size=a.micro_batch_size, global_batch_size=a.global_batch_size,
+                            seq_length=a.seq_length, num_microbatches=a.num_microbatches),
+        optimizer=OptimizerSettings(
+            optimizer=a.optimizer, lr=a.lr, min_lr=a.min_lr, weight_decay=a.weight_decay, clip_grad=a.clip_grad,
+            adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2, adam_eps=a.adam_eps, sgd_momentum=a.sgd_momentum,
+            use_distributed_optimizer=a.use_distributed_optimizer,
+            ddp_overrides=megatron_lm_flags.ddp_overrides(a),
+            config_overrides=megatron_lm_flags.optimizer_overrides(a)),
+        schedule=ScheduleSettings(
+            train_iters=a.train_iters, lr_warmup_iters=a.lr_warmup_iters, lr_decay_iters=a.lr_decay_iters,
+            lr_decay_style=a.lr_decay_style, lr_wsd_decay_iters=a.lr_wsd_decay_iters,
+            lr_wsd_decay_style=a.lr_wsd_decay_style, override_opt_param_scheduler=a.override_opt_param_scheduler,
+            use_checkpoint_opt_param_scheduler=a.use_checkpoint_opt_param_scheduler, exit_interval=a.exit_interval,
+            eval_interval=a.eval_interval, eval_iters=a.eval_iters),
+        data=data_settings(a),
+        checkpoint=CheckpointSettings(
+            load=a.load, save=a.save, save_interval=a.save_interval, ckpt_format=a.ckpt_format, save_hf=a.save_hf,
+            save_hf_interval=a.save_hf_interval, finetune=a.finetune, no_load_optim=a.no_load_optim,
+            no_load_rng=a.no_load_rng, no_save_optim=a.no_save_optim, hf_config_path=a.hf_config),
+        logging=logging_settings(a),
+        seed=a.seed, check_for_nan_in_loss_and_grad=a.check_for_nan_in_loss_and_grad,
+        resume=resume, hf_source=hf_source, hf_config=hf_config,
+    )
+
+
+def data_settings(a: argparse.Namespace) -> DataSettings:
+    """The data flags (Megatron-LM's per-split paths, document-end resets, loader options included)."""
+    return DataSettings(
+        mock=a.mock_data, data_path=tuple(a.data_path or ()), split=a.split,
+        train_data_path=tuple(a.train_data_path or ()), valid_data_path=tuple(a.valid_data_path or ()),
+        tokenizer_model=a.tokenizer_model, data_cache_path=a.data_cache_path, sft=a.sft,
+        sft_pack_sequences=a.sft_pack_sequences, dataloader_type=a.dataloader_type, num_workers=a.num_workers,
+        reset_position_ids=a.reset_position_ids, reset_attention_mask=a.reset_attention_mask,
+        eod_mask_loss=a.eod_mask_loss)
+
+
+def logging_settings(a: argparse.Namespace) -> LoggingSettings:
+    """The logging flags (metrics file, TensorBoard and wandb, as in Megatron-LM)."""
+    return LoggingSettings(
+        log_interval=a.log_interval, metrics_file=a.metrics_file, tensorboard_dir=a.tensorboard_dir,
+        tensorboard_queue_size=a.tensorboard_queue_size, log_timers_to_tensorboard=a.log_timers_to_tensorboard,
+        log_validation_ppl_to_tensorboard=a.log_validation_ppl_to_tensorboard,
+        log_batch_size_to_tensorboard=a.log_batch_size_to_tensorboard, log_throughput=a.log_throughput,
+        wandb_project=a.wandb_project, wandb_exp_name=a.wandb_exp_name, wandb_save_dir=a.wandb_save_dir)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:

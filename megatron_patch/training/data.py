@@ -1,5 +1,5 @@
 """Training data: the tokenizer, megatron-core's GPTDataset (blends, splits, cached indices), and the
-order in which samples reach each data-parallel rank.
+order in which samples reach each data-parallel rank (``build_datasets``: what a run's ``DataSettings`` ask for).
 
 Sample order follows Megatron-LM's pretraining sampler: the global batch of iteration ``i`` holds
 samples ``[i*gbs, (i+1)*gbs)``; micro-batch ``k`` of data-parallel rank ``r`` is the slice
@@ -17,12 +17,10 @@ import os
 import torch
 
 from megatron_patch import data_checks
+from megatron_patch.training.config import DataSettings, RunConfig
+from megatron_patch.training.errors import DataError
 
 log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """Missing or unusable data (the message names the file)."""
 
 
 class DatasetTokenizer:
@@ -59,7 +57,31 @@ def load_tokenizer(path: str):
         raise DataError(f"cannot load a HF tokenizer from {path}: {str(e).splitlines()[0]}") from None
 
 
-def build_pretraining_datasets(args, tokenizer: DatasetTokenizer, sizes: list[int]):
+def build_datasets(config: RunConfig):
+    """(train, valid, test) datasets of a run (mock, indexed pretraining data or SFT JSONL); checked before any
+    heavy work. ``valid`` serves ``--eval-interval``; this trainer evaluates no test split."""
+    d, b, s = config.data, config.batch, config.schedule
+    n_train = s.train_iters * b.global_batch_size
+    n_eval = (s.train_iters // s.eval_interval + 1) * s.eval_iters * b.global_batch_size if s.eval_interval else 0
+    vocab = config.model.vocab_size
+    if d.mock:
+        return (for_training(MockDataset(vocab, b.seq_length, config.seed, n_train), d, config.seed),
+                MockDataset(vocab, b.seq_length, config.seed + 1, max(n_eval, 1)), None)
+    tok = load_tokenizer(d.tokenizer_model)
+    if len(tok) > vocab:
+        raise DataError(f"the tokenizer has {len(tok)} tokens but the model's vocab_size is {vocab}")
+    if d.sft:
+        from megatron_patch.training import sft
+
+        return sft.build_sft_datasets(d, b.seq_length, config.seed, tok)
+    train, valid, test = build_pretraining_datasets(d, b.seq_length, config.seed, DatasetTokenizer(tok),
+                                                    [n_train, n_eval, 0])
+    validate_sizes(train, n_train)
+    return for_training(train, d, config.seed), valid, test
+
+
+def build_pretraining_datasets(data: DataSettings, seq_length: int, seed: int, tokenizer: DatasetTokenizer,
+                               sizes: list[int]):
     """(train, valid, test) GPTDatasets via megatron-core's BlendedMegatronDatasetBuilder.
 
     Rank 0 builds the index caches first; the other ranks then read them (as Megatron-LM does), so
@@ -69,32 +91,32 @@ def build_pretraining_datasets(args, tokenizer: DatasetTokenizer, sizes: list[in
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    from megatron_patch.training.arguments import parse_blend
+    from megatron_patch.training.arguments import parse_blend  # Megatron-LM's 'W1 PREFIX1 W2 PREFIX2' spelling
 
     blend, split, per_split = None, None, None
     # Files and splits checked first: megatron-core would misread a damaged index, or loop forever on an empty split.
-    if getattr(args, "train_data_path", None):  # Megatron-LM's per-split paths: no --split
-        per_split = [parse_blend(p) if p else None for p in (args.train_data_path, args.valid_data_path, None)]
+    if data.train_data_path:  # Megatron-LM's per-split paths: no --split
+        per_split = [parse_blend(p) if p else None for p in (data.train_data_path, data.valid_data_path, None)]
         for b, name in zip(per_split, data_checks.SPLITS):
             if b:
                 data_checks.check_splits(b[0], None, names=(name,))
     else:
-        blend, split = parse_blend(args.data_path), args.split
+        blend, split = parse_blend(data.data_path), data.split
         data_checks.check_splits(blend[0], data_checks.parse_split(split), split)
-    reset_attention = getattr(args, "reset_attention_mask", False)
     config = GPTDatasetConfig(
-        random_seed=args.seed,
-        sequence_length=args.seq_length,
+        random_seed=seed,
+        sequence_length=seq_length,
         blend=blend,
         blend_per_split=per_split,
         split=split,
-        path_to_cache=args.data_cache_path,
+        path_to_cache=data.data_cache_path,
         tokenizer=tokenizer,
         # Megatron-LM's --reset-position-ids / --reset-attention-mask / --eod-mask-loss, done by GPTDataset.
-        reset_position_ids=getattr(args, "reset_position_ids", False),
-        reset_attention_mask=reset_attention,
-        eod_mask_loss=getattr(args, "eod_mask_loss", False),
-        create_attention_mask=reset_attention,  # otherwise the model's causal mask is the mask
+        reset_position_ids=data.reset_position_ids,
+        reset_attention_mask=data.reset_attention_mask,
+        eod_mask_loss=data.eod_mask_loss,
+        # Only then is a mask needed (document boundaries); otherwise the model's causal mask is the mask.
+        create_attention_mask=data.reset_attention_mask,
         mmap_bin_files=True,
     )
 
@@ -172,14 +194,14 @@ class ParallelReads(torch.utils.data.Dataset):
         return list(self.pool.map(self.dataset.__getitem__, indices))
 
 
-def for_training(dataset, args):
+def for_training(dataset, data: DataSettings, seed: int):
     """The training dataset in the order ``--dataloader-type`` asks for, read by ``--num-workers`` workers."""
     if dataset is None:
         return None
-    if getattr(args, "dataloader_type", "single") == "cyclic":
-        dataset = CyclicOrder(dataset, args.seed)
-    if getattr(args, "num_workers", 0) > 0:
-        dataset = ParallelReads(dataset, args.num_workers)
+    if data.dataloader_type == "cyclic":
+        dataset = CyclicOrder(dataset, seed)
+    if data.num_workers > 0:
+        dataset = ParallelReads(dataset, data.num_workers)
     return dataset
 
 

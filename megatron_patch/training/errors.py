@@ -9,6 +9,9 @@ same error (or a traceback) once per rank.
   all-reduce) or by some only (a rank's own file). The first rank to claim the run's slot in the process
   group's key-value store (``store.add`` is atomic) prints; ranks that fail afterwards only because a peer
   has gone (a broken collective) see the slot taken and exit quietly (``already_reported``).
+- A check shared out over the ranks (``first_failure_everywhere``) fails on every rank with one message.
+
+``DataError`` lives here so that the data modules (``data.py``, ``sft.py``) share it without importing each other.
 """
 
 from __future__ import annotations
@@ -16,6 +19,12 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+from typing import Callable
+
+
+class DataError(ValueError):
+    """Missing or unusable training data (the message names the file)."""
+
 
 _RUN = [0]  # runs started by this process (tests run several in one process group): one slot each
 _STORE_TIMEOUT = datetime.timedelta(seconds=10)
@@ -64,6 +73,23 @@ def report(message: str) -> None:
         first = True  # a second line beats none
     if first:
         print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def first_failure_everywhere(check: Callable[[], None], catch: tuple, error: type) -> None:
+    """Run ``check`` on every rank (a share of a job each, e.g. CRC checks); if it failed on any rank, raise
+    the failure of the lowest such rank, as ``error``, on every rank (an all-gather of the outcomes)."""
+    import torch.distributed as dist
+
+    mine = None
+    try:
+        check()
+    except catch as e:
+        mine = str(e)
+    outcomes = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, mine)
+    first = next((o for o in outcomes if o), None)
+    if first:
+        raise error(first)
 
 
 def already_reported() -> bool:

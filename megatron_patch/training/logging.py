@@ -2,9 +2,10 @@
 
 Only the last rank reports, as in Megatron-LM: it sits on the last pipeline stage, where the loss is
 computed, and the loss it holds is already reduced over data-parallel ranks. Megatron-LM's logging flags
-(``options``: ``--tensorboard-queue-size``, ``--log-timers-to-tensorboard``,
-``--log-validation-ppl-to-tensorboard``, ``--wandb-project/--wandb-exp-name/--wandb-save-dir``) do what they do
-there; wandb is optional and honours ``WANDB_MODE=offline`` (no network needed).
+(``LoggingSettings``: ``--tensorboard-queue-size``, ``--log-timers-to-tensorboard``,
+``--log-validation-ppl-to-tensorboard``, ``--log-batch-size-to-tensorboard``,
+``--wandb-project/--wandb-exp-name/--wandb-save-dir``) do what they do there; wandb is optional and honours
+``WANDB_MODE=offline`` (no network needed).
 """
 
 from __future__ import annotations
@@ -16,29 +17,30 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from megatron_patch.training.config import LoggingSettings
+
 
 class MetricsError(ValueError):
     pass
 
 
 class Metrics:
-    def __init__(self, metrics_file: Optional[str] = None, tensorboard_dir: Optional[str] = None,
-                 reporting: Optional[bool] = None, options=None):
+    """``settings``: the run's logging flags; ``run``: the run's settings as flat scalars (what wandb records)."""
+
+    def __init__(self, settings: LoggingSettings, reporting: Optional[bool] = None, run: Optional[dict] = None):
         if reporting is None:
             reporting = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
-        self.reporting = reporting
+        self.reporting, self.settings = reporting, settings
         self.window: list[dict] = []
-        self.metrics_file = metrics_file if reporting else None
+        self.metrics_file = settings.metrics_file if reporting else None
         self.tb = None
-        if tensorboard_dir and reporting:
+        if settings.tensorboard_dir and reporting:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise MetricsError("--tensorboard-dir needs the 'tensorboard' package (pip install tensorboard)")
-            self.tb = SummaryWriter(log_dir=tensorboard_dir, max_queue=getattr(options, "tensorboard_queue_size", 1000))
-        self.log_timers = bool(getattr(options, "log_timers_to_tensorboard", False))
-        self.log_ppl = bool(getattr(options, "log_validation_ppl_to_tensorboard", False))
-        self.wandb = _start_wandb(options) if reporting else None
+            self.tb = SummaryWriter(log_dir=settings.tensorboard_dir, max_queue=settings.tensorboard_queue_size)
+        self.wandb = _start_wandb(settings, run or {}) if reporting else None
         if self.metrics_file:
             os.makedirs(os.path.dirname(os.path.abspath(self.metrics_file)), exist_ok=True)
 
@@ -66,7 +68,7 @@ class Metrics:
 
     def log_window(self, iteration: int, train_iters: int, tokens_per_second: float,
                    tflops_per_gpu: Optional[float], memory_gb: Optional[float],
-                   iteration_time: Optional[float] = None) -> None:
+                   iteration_time: Optional[float] = None, batch_size: Optional[int] = None) -> None:
         if not self.reporting or not self.window:
             return
         n = len(self.window)
@@ -88,8 +90,10 @@ class Metrics:
             self.tb.add_scalar("tokens-per-second", tokens_per_second, iteration)
             if tflops_per_gpu is not None:
                 self.tb.add_scalar("tflops-per-gpu", tflops_per_gpu, iteration)
-            if self.log_timers and iteration_time is not None:
+            if self.settings.log_timers_to_tensorboard and iteration_time is not None:
                 self.tb.add_scalar("iteration-time", iteration_time, iteration)
+            if self.settings.log_batch_size_to_tensorboard and batch_size is not None:
+                self.tb.add_scalar("batch-size", batch_size, iteration)
         if self.wandb:
             row = {"tokens-per-second": tokens_per_second}
             if tflops_per_gpu is not None:
@@ -110,7 +114,7 @@ class Metrics:
                 f.write(json.dumps({"iteration": iteration, "valid_loss": loss}) + "\n")
         if self.tb:
             self.tb.add_scalar("validation loss", loss, iteration)
-            if self.log_ppl:
+            if self.settings.log_validation_ppl_to_tensorboard:
                 self.tb.add_scalar("validation ppl", math.exp(min(loss, 50)), iteration)
         if self.wandb:
             self.wandb.log({"validation loss": loss, "validation ppl": math.exp(min(loss, 50))}, step=iteration)
@@ -122,18 +126,15 @@ class Metrics:
             self.wandb.finish()
 
 
-def _start_wandb(options):
+def _start_wandb(settings: LoggingSettings, run: dict):
     """A wandb run when ``--wandb-project`` is given (its mode, e.g. offline, from the environment as usual)."""
-    project = getattr(options, "wandb_project", None)
-    if not project:
+    if not settings.wandb_project:
         return None
     try:
         import wandb
     except ImportError:
         raise MetricsError("--wandb-project needs the 'wandb' package (pip install wandb)") from None
-    save_dir = getattr(options, "wandb_save_dir", None)
-    if save_dir:
-        os.makedirs(save_dir, exist_ok=True)
-    wandb.init(project=project, name=getattr(options, "wandb_exp_name", None), dir=save_dir,
-               config={k: v for k, v in vars(options).items() if isinstance(v, (int, float, str, bool, type(None)))})
+    if settings.wandb_save_dir:
+        os.makedirs(settings.wandb_save_dir, exist_ok=True)
+    wandb.init(project=settings.wandb_project, name=settings.wandb_exp_name, dir=settings.wandb_save_dir, config=run)
     return wandb

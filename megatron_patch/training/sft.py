@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_patch import data_checks, jsonio
-from megatron_patch.training.data import DataError
+from megatron_patch.training.config import DataSettings
+from megatron_patch.training.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -167,11 +168,11 @@ def split_sizes(n: int, split: str) -> list[int]:
     return sizes
 
 
-def build_sft_datasets(args, tok):
+def build_sft_datasets(data: DataSettings, seq_length: int, seed: int, tok):
     """(train, valid, test) SFT datasets from the JSONL files in ``--data-path``."""
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     report = SFTReport()
-    convs = read_conversations(list(args.data_path), tok, args.seq_length, report)
+    convs = read_conversations(list(data.data_path), tok, seq_length, report)
     for msg in (report.malformed + report.too_long)[:20]:
         log.warning("skipped %s", msg)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -179,9 +180,9 @@ def build_sft_datasets(args, tok):
         for msg in (report.malformed + report.too_long)[:10]:
             print(f"  skipped {msg}", flush=True)
     if not convs:
-        raise DataError(f"no usable conversations in {', '.join(args.data_path)} ({report.summary()})")
-    random.Random(args.seed).shuffle(convs)
-    groups = pack(convs, args.seq_length) if args.sft_pack_sequences else [[c] for c in convs]
-    n_train, n_valid, _ = split_sizes(len(groups), args.split)
-    mk = lambda g: SFTDataset(g, args.seq_length, pad_id, args.sft_pack_sequences) if g else None  # noqa: E731
+        raise DataError(f"no usable conversations in {', '.join(data.data_path)} ({report.summary()})")
+    random.Random(seed).shuffle(convs)
+    groups = pack(convs, seq_length) if data.sft_pack_sequences else [[c] for c in convs]
+    n_train, n_valid, _ = split_sizes(len(groups), data.split)
+    mk = lambda g: SFTDataset(g, seq_length, pad_id, data.sft_pack_sequences) if g else None  # noqa: E731
     return mk(groups[:n_train]), mk(groups[n_train:n_train + n_valid]), mk(groups[n_train + n_valid:])

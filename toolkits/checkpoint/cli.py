@@ -17,6 +17,7 @@ from typing import Optional
 from megatron_patch import dtypes, safety
 from megatron_patch.checkpointing.layout import CKPT_FORMATS
 from megatron_patch.models.builder import TRANSFORMER_IMPLS
+from megatron_patch.parallel import ParallelLayout
 from toolkits.checkpoint import convert
 from toolkits.checkpoint.verify import DEFAULT_TOL
 
@@ -85,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _target(args: argparse.Namespace) -> ParallelLayout:
+    """The target layout flags as one ``ParallelLayout`` (checked against the model by the conversion)."""
+    return ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp,
+                          first_stage_layers=args.decoder_first_pipeline_num_layers,
+                          last_stage_layers=args.decoder_last_pipeline_num_layers)
+
+
 def _report(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -99,11 +107,10 @@ def run(args: argparse.Namespace) -> int:
     checks = dict(allow_non_finite=args.allow_non_finite, report=_report)
     try:
         if args.command == "hf2mcore":
-            out = convert.hf2mcore(args.load_dir, args.save_dir, args.tp, args.pp, args.ckpt_format,
-                                   args.transformer_impl, args.params_dtype,
-                                   128 if args.make_vocab_size_divisible_by is None else args.make_vocab_size_divisible_by,
-                                   args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers,
-                                   args.overwrite, args.workers, update, args.ep, args.etp,
+            divisible = args.make_vocab_size_divisible_by
+            out = convert.hf2mcore(args.load_dir, args.save_dir, _target(args), args.ckpt_format,
+                                   args.transformer_impl, args.params_dtype, 128 if divisible is None else divisible,
+                                   args.overwrite, args.workers, update,
                                    allow_extra_tensors=args.allow_extra_tensors, **checks)
         elif args.command == "mcore2hf":
             if args.adapter_only and args.verify:
@@ -111,11 +118,9 @@ def run(args: argparse.Namespace) -> int:
             out = convert.mcore2hf(args.load_dir, args.save_dir, args.params_dtype, args.overwrite, args.workers,
                                    update, hf_config=hf_config, adapter_only=args.adapter_only, **checks)
         else:
-            out = convert.mcore2mcore(args.load_dir, args.save_dir, args.tp, args.pp, args.ckpt_format,
+            out = convert.mcore2mcore(args.load_dir, args.save_dir, _target(args), args.ckpt_format,
                                       args.transformer_impl, args.params_dtype, args.make_vocab_size_divisible_by,
-                                      args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers,
-                                      args.overwrite, args.workers, update, args.ep, args.etp, hf_config=hf_config,
-                                      **checks)
+                                      args.overwrite, args.workers, update, hf_config=hf_config, **checks)
     finally:
         close()
     if not args.quiet:

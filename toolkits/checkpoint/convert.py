@@ -4,10 +4,11 @@ Each is a streaming transform over the family's weight mappings: a ``TensorSourc
 safetensors, torch rank files, torch_dist) yields the whole Megatron parts of one mapping, and a sink places
 them (``write_torch``: one slice per TP/EP rank into streamed rank files; ``write_hf``: HF tensors at
 precomputed offsets of safetensors shards). Resident memory per worker thread stays at about one TP shard of
-one tensor: column-parallel tensors (vocab, gated MLP) are read one TP rank's rows at a time
-(``HFSource.rank_rows``) or written one source shard's rows at a time (``TorchSource.rank_shards``), the rest
-is sharded one TP rank at a time, and freed memory is handed back to the OS after every tensor (the glibc
-heap would otherwise keep the freed buffers resident). Writing torch_dist goes through megatron-core in a
+one tensor: a TP rank's slice is read alone where the source can (``TensorSource.rank_slice``: HF rows of
+column-parallel tensors, rank files of the same TP size) and column-parallel tensors are written one source
+shard's rows at a time (``TensorSource.stored_shards``); the rest is sharded one TP rank at a time, and freed
+memory is handed back to the OS after every tensor (the glibc heap would otherwise keep the freed buffers
+resident). Writing torch_dist goes through megatron-core in a
 helper process (``dist.py``). Output is built in a temporary sibling of the destination and renamed into
 place only when complete; ``guard.conversion`` checks the output against the input and locks it first,
 and stops the writer threads early on failure or SIGTERM/SIGINT. Sources check what they read (CRCs of
@@ -29,18 +30,18 @@ from typing import Callable, Optional
 import torch
 
 from megatron_patch import dtypes, lora, safety
-from megatron_patch.checkpointing import integrity, layout, megatron_lm, placement
+from megatron_patch.checkpointing import hf_writer, integrity, layout, megatron_lm, placement
 from megatron_patch.checkpointing.hf import HFSource
 from megatron_patch.checkpointing.hf_export import copy_metadata
-from megatron_patch.checkpointing import hf_writer
 from megatron_patch.checkpointing.hf_writer import MAX_SHARD_BYTES, HFShardWriter
-from megatron_patch.checkpointing.mapping import EXPERT, exported, iter_tensors
 from megatron_patch.checkpointing.megatron_args import to_namespace
-from megatron_patch.checkpointing.megatron_format import RankFileWriter, checkpoint_entries, open_checkpoint
-from megatron_patch.checkpointing.transforms import pad_vocab
-from megatron_patch.models.builder import check_parallel_layout, resolve_transformer_impl
+from megatron_patch.checkpointing.megatron_format import RankFileWriter, open_checkpoint
+from megatron_patch.models.builder import resolve_transformer_impl
 from megatron_patch.models.config import ModelArgs
 from megatron_patch.models.family import hf_config_dict, read_hf_config
+from megatron_patch.models.mapping import EXPERT, exported, iter_tensors
+from megatron_patch.models.transforms import pad_vocab
+from megatron_patch.parallel import ParallelLayout
 from toolkits.checkpoint import guard
 
 # Transformer Engine modules keep FP8 metadata in ``_extra_state``; a fresh conversion has none, and TE's
@@ -82,44 +83,39 @@ except (OSError, AttributeError):  # not glibc
     _MALLOC_TRIM = None
 
 
-def _run_parallel(jobs: list[Callable[[], None]], workers: int) -> None:
-    guard.run_parallel(jobs, workers)
-
-
 def _finite(allow: bool, report: Report) -> integrity.FiniteCheck:
     return integrity.FiniteCheck(allow, report, hint="pass --allow-non-finite to convert it anyway")
 
 
-def write_torch(src, out_root: str, args: ModelArgs, ns, tp: int, pp: int, dtype: torch.dtype, te: bool,
-                padded_vocab: int, first: Optional[int] = None, last: Optional[int] = None, ep: int = 1,
-                etp: Optional[int] = None, workers: int = 1, progress: Progress = None) -> None:
-    """Stream a torch-format ``release`` checkpoint of layout TP x PP x EP from ``src`` into ``out_root``.
+def write_torch(src, out_root: str, args: ModelArgs, ns, target: ParallelLayout, dtype: torch.dtype, te: bool,
+                padded_vocab: int, workers: int = 1, progress: Progress = None) -> None:
+    """Stream a torch-format ``release`` checkpoint of layout ``target`` (TP x PP x EP) from ``src`` into
+    ``out_root``.
 
     The files are Megatron-LM's (``placement.torch_rank_files``): each holds the dense tensors of its TP
     rank and the experts of its EP rank, cut for its expert-TP rank.
     """
-    pipeline = placement.PipelineLayout(args.num_layers, pp, None, first, last)
-    entries = checkpoint_entries(ns, "release")
-    etp = tp if etp is None else etp
-    files = placement.torch_rank_files(tp, pp, ep, etp)
+    tp, pp, ep, etp = target.tp, target.pp, target.ep, target.expert_tp
+    pipeline = target.pipeline(args.num_layers)
+    entries = layout.checkpoint_entries(ns, "release")
+    files = placement.torch_rank_files(target)
     n_local = placement.local_experts(args.num_experts, ep) if args.is_moe else 0
 
     def emit(s, key: str, m, layer, expert, targets, size: int) -> None:
         """Write one tensor's ``size`` slices; ``targets`` = (slice index, writer) pairs."""
-        if m.row_blocks and m.tp_dim == 0 and isinstance(s, HFSource):
-            for r in range(size):  # one slice's rows at a time: the whole tensor is never resident
-                x = s.rank_rows(m, layer, expert, size, r, padded_vocab)
-                if x is None:
-                    break
-                x = x.to(dtype)
-                for k, w in targets:
-                    if k == r:
-                        w.add(key, x)
-                if progress:
-                    progress(x.numel())
-                del x
-            else:
-                return
+        for r in range(size):  # one slice at a time where the source reads it alone: never the whole tensor
+            x = s.rank_slice(m, layer, expert, size, r, padded_vocab)
+            if x is None:
+                break
+            x = x.to(dtype)
+            for k, w in targets:
+                if k == r:
+                    w.add(key, x)
+            if progress:
+                progress(x.numel())
+            del x
+        else:
+            return
         parts = [x.to(dtype) for x in s.parts(m, layer, expert)]
         if m.vocab:
             parts = [pad_vocab(x, padded_vocab) for x in parts]
@@ -159,7 +155,7 @@ def write_torch(src, out_root: str, args: ModelArgs, ns, tp: int, pp: int, dtype
         for w in writers.values():
             w.close(**entries)
 
-    _run_parallel([lambda p=p: stage(p) for p in range(pp)], min(workers, pp))
+    guard.run_parallel([lambda p=p: stage(p) for p in range(pp)], min(workers, pp))
     layout.write_tracker(out_root, "release")
 
 
@@ -181,9 +177,10 @@ def write_hf(src, out_dir: str, args: ModelArgs, dtype: torch.dtype, workers: in
                 s.release()
                 previous = layer
             names = m.hf_names(layer, expert)
-            if m.row_blocks and m.tp_dim == 0 and hasattr(s, "rank_shards"):
+            shards = s.stored_shards(m, layer, expert) if m.row_blocks and m.tp_dim == 0 else None
+            if shards is not None:
                 # Each source shard's rows go straight to their place in the HF tensors.
-                for t, shard in s.rank_shards(m, layer, expert):
+                for t, shard in shards:
                     for name, piece in zip(names, torch.chunk(shard, m.n_parts, dim=0)):
                         start = t * piece.shape[0]
                         if m.vocab:  # drop the Megatron vocab padding
@@ -206,7 +203,7 @@ def write_hf(src, out_dir: str, args: ModelArgs, dtype: torch.dtype, workers: in
         s.release()
 
     try:
-        _run_parallel([lambda r=r: stage(r) for r in by_stage.values()], min(workers, len(by_stage)))
+        guard.run_parallel([lambda r=r: stage(r) for r in by_stage.values()], min(workers, len(by_stage)))
         writer.finish()
     except BaseException:
         writer.abort()
@@ -215,10 +212,7 @@ def write_hf(src, out_dir: str, args: ModelArgs, dtype: torch.dtype, workers: in
 
 def output_config(args: ModelArgs, dtype: torch.dtype, template: Optional[dict]) -> dict:
     """The output ``config.json``: the source's own when kept, else rebuilt from ``ModelArgs``."""
-    cfg = dict(template) if template is not None else hf_config_dict(args)
-    key = "dtype" if "dtype" in cfg or "torch_dtype" not in cfg else "torch_dtype"
-    cfg[key] = dtypes.hf_name(dtype)
-    return cfg
+    return dtypes.with_hf_dtype(dict(template) if template is not None else hf_config_dict(args), dtype)
 
 
 def default_workers() -> int:
@@ -259,38 +253,39 @@ def _say(report: Report, line: str) -> None:
 
 
 @guard.conversion
-def hf2mcore(load_dir: str, save_dir: str, tp: int = 1, pp: int = 1, ckpt_format: str = "torch",
+def hf2mcore(load_dir: str, save_dir: str, target: ParallelLayout = ParallelLayout(), ckpt_format: str = "torch",
              transformer_impl: Optional[str] = None, params_dtype: Optional[str] = None,
-             make_vocab_size_divisible_by: int = 128, first_stage_layers: Optional[int] = None,
-             last_stage_layers: Optional[int] = None, overwrite: bool = False, workers: Optional[int] = None,
-             progress: Progress = None, ep: int = 1, etp: Optional[int] = None, allow_non_finite: bool = False,
-             allow_extra_tensors: bool = False, report: Report = None) -> str:
-    """Convert a HF directory into a Megatron ``release`` checkpoint of layout TP x PP (x EP); returns its path."""
+             make_vocab_size_divisible_by: int = 128, overwrite: bool = False, workers: Optional[int] = None,
+             progress: Progress = None, allow_non_finite: bool = False, allow_extra_tensors: bool = False,
+             report: Report = None) -> str:
+    """Convert a HF directory into a Megatron ``release`` checkpoint of layout ``target``; returns its path."""
     _check_load_dir(load_dir)
     cfg = read_hf_config(load_dir)
     src = HFSource(load_dir, finite=_finite(allow_non_finite, report))
-    dtype = _dtype(params_dtype, cfg.get("torch_dtype") or cfg.get("dtype") or "fp32")
+    dtype = _dtype(params_dtype, dtypes.hf_config_dtype(cfg) or "fp32")
     impl = transformer_impl or resolve_transformer_impl("auto")
-    _check_layout(src.args, tp, pp, first_stage_layers, last_stage_layers, ep, etp, ckpt_format)
+    _check_layout(src.args, target, ckpt_format)
     src.preflight(allow_extra_tensors)
     for name in src.skipped:
         _say(report, f"warning: skipping tensor {name}: the model has no place for it")
-    body = _megatron_body(load_dir, src, ckpt_format, dtype, impl, make_vocab_size_divisible_by, tp, pp,
-                          first_stage_layers, last_stage_layers, ep, etp, workers, progress)
+    body = _megatron_body(load_dir, src, target, ckpt_format, dtype, impl, make_vocab_size_divisible_by, workers,
+                          progress)
     return _with_output(save_dir, overwrite, body, report)
 
 
-def _check_layout(args: ModelArgs, tp: int, pp: int, first: Optional[int], last: Optional[int], ep: int,
-                  etp: Optional[int], ckpt_format: str) -> None:
+def _check_layout(args: ModelArgs, target: ParallelLayout, ckpt_format: str) -> None:
     """The target layout fits the model (and the format can store it), before anything is read."""
-    check_parallel_layout(args, tp, pp, None, first, last, ep, etp)
+    if target.vpp or target.cp > 1 or target.sequence_parallel:
+        raise ConversionError(f"{target.describe()}: virtual pipeline stages, context and sequence parallelism are "
+                              "training settings, not a checkpoint layout; convert to TP x PP (x EP) and pass them "
+                              "to the trainer")
+    target.check(args)
     if ckpt_format == "torch":
-        placement.torch_rank_files(tp, pp, ep, etp)  # ETP > TP cannot be named in this format
+        placement.torch_rank_files(target)  # ETP > TP cannot be named in this format
 
 
-def _megatron_body(load_dir: str, src, ckpt_format: str, dtype: torch.dtype, impl: str, divisible: int, tp: int,
-                   pp: int, first: Optional[int], last: Optional[int], ep: int, etp: Optional[int],
-                   workers: Optional[int], progress: Progress,
+def _megatron_body(load_dir: str, src, target: ParallelLayout, ckpt_format: str, dtype: torch.dtype, impl: str,
+                   divisible: int, workers: Optional[int], progress: Progress,
                    hf_meta: tuple[Optional[str], Optional[str]] = (None, None),
                    extra_args: Optional[dict] = None) -> Callable[[str], None]:
     """What hf2mcore and mcore2mcore write into the temporary output: metadata, then the weights as
@@ -298,10 +293,8 @@ def _megatron_body(load_dir: str, src, ckpt_format: str, dtype: torch.dtype, imp
     if ckpt_format not in ("torch", "torch_dist"):
         raise ConversionError(f"unknown --ckpt-format {ckpt_format!r}; use torch or torch_dist")
     args = src.args
-    padded = args.padded_vocab_size(divisible, tp)
-    ns = to_namespace(args, tp, pp, dtypes.NAME_OF[dtype], impl, divisible, first, last, ep=ep, etp=etp,
-                      bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, ckpt_format=ckpt_format,
-                      **(extra_args or {}))
+    padded = args.padded_vocab_size(divisible, target.tp)
+    ns = to_namespace(args, target, dtype, impl, divisible, ckpt_format=ckpt_format, **(extra_args or {}))
 
     metadata_dir, hf_config = hf_meta
 
@@ -310,8 +303,8 @@ def _megatron_body(load_dir: str, src, ckpt_format: str, dtype: torch.dtype, imp
             copy_metadata(metadata_dir, tmp)
         copy_metadata(load_dir, tmp)
         if ckpt_format == "torch":
-            write_torch(src, tmp, args, ns, tp, pp, dtype, impl == "transformer_engine", padded, first, last, ep,
-                        etp, workers or default_workers(), progress)
+            write_torch(src, tmp, args, ns, target, dtype, impl == "transformer_engine", padded,
+                        workers or default_workers(), progress)
         else:
             from toolkits.checkpoint import dist
 
@@ -356,8 +349,7 @@ def mcore2hf(load_dir: str, save_dir: str, params_dtype: Optional[str] = None, o
     if megatron_lm.is_megatron_lm_args(info.ns):  # its weights are in the dtype it trained in
         fallback = getattr(info.ns, "params_dtype", None) or "fp32"
     else:
-        fallback = (template or {}).get("torch_dtype") or (template or {}).get("dtype") or \
-            getattr(info.ns, "params_dtype", "fp32")
+        fallback = dtypes.hf_config_dtype(template or {}) or getattr(info.ns, "params_dtype", "fp32")
     dtype = _dtype(params_dtype, fallback)
 
     def body(tmp: str) -> None:
@@ -392,13 +384,12 @@ def _peft_body(info, cfg, params_dtype: Optional[str], allow_non_finite: bool, r
 
 
 @guard.conversion
-def mcore2mcore(load_dir: str, save_dir: str, tp: int = 1, pp: int = 1, ckpt_format: str = "torch",
+def mcore2mcore(load_dir: str, save_dir: str, target: ParallelLayout = ParallelLayout(), ckpt_format: str = "torch",
                 transformer_impl: Optional[str] = None, params_dtype: Optional[str] = None,
-                make_vocab_size_divisible_by: Optional[int] = None, first_stage_layers: Optional[int] = None,
-                last_stage_layers: Optional[int] = None, overwrite: bool = False, workers: Optional[int] = None,
-                progress: Progress = None, ep: int = 1, etp: Optional[int] = None, allow_non_finite: bool = False,
+                make_vocab_size_divisible_by: Optional[int] = None, overwrite: bool = False,
+                workers: Optional[int] = None, progress: Progress = None, allow_non_finite: bool = False,
                 report: Report = None, hf_config: Optional[str] = None) -> str:
-    """Re-slice a Megatron checkpoint to TP x PP (x EP) and/or switch torch <-> torch_dist. Model weights only.
+    """Re-slice a Megatron checkpoint to layout ``target`` and/or switch torch <-> torch_dist. Model weights only.
 
     A checkpoint written by Megatron-LM needs ``hf_config`` (or a config.json beside it); the output then
     carries this project's model args, the HF config and tokenizer files, so it needs nothing else.
@@ -410,7 +401,7 @@ def mcore2mcore(load_dir: str, save_dir: str, tp: int = 1, pp: int = 1, ckpt_for
     impl = transformer_impl or getattr(old, "transformer_impl", None) or resolve_transformer_impl("auto")
     divisible = make_vocab_size_divisible_by if make_vocab_size_divisible_by is not None else \
         getattr(old, "make_vocab_size_divisible_by", 128)
-    _check_layout(info.args, tp, pp, first_stage_layers, last_stage_layers, ep, etp, ckpt_format)
+    _check_layout(info.args, target, ckpt_format)
     src = info.source()
     src.finite = _finite(allow_non_finite, report)
     lora_cfg = lora.from_args(old)
@@ -421,9 +412,8 @@ def mcore2mcore(load_dir: str, save_dir: str, tp: int = 1, pp: int = 1, ckpt_for
         from megatron_patch.lora.mapping import adapter_weights
 
         src.weights = src.weights + adapter_weights(src.weights, lora_cfg)
-    body = _megatron_body(load_dir, src, ckpt_format, dtype, impl, divisible, tp, pp, first_stage_layers,
-                          last_stage_layers, ep, etp, workers, progress, _hf_metadata(info, load_dir, hf_config),
-                          lora_cfg.to_args() if lora_cfg is not None else {})
+    body = _megatron_body(load_dir, src, target, ckpt_format, dtype, impl, divisible, workers, progress,
+                          _hf_metadata(info, load_dir, hf_config), lora_cfg.to_args() if lora_cfg is not None else {})
     return _with_output(save_dir, overwrite, body, report)
 
 

@@ -36,14 +36,14 @@ def _save_worker(source_dir: str, iter_dir: str, args_dict: dict, ns, dtype, pad
     warnings.filterwarnings("ignore")
     from megatron_patch import runtime
     from megatron_patch.checkpointing import integrity, torch_dist
-    from megatron_patch.checkpointing.layout import CheckpointError
+    from megatron_patch.checkpointing.errors import CheckpointError
     from megatron_patch.checkpointing.sources import load_into_model, open_source
     from megatron_patch.models.builder import build_model, transformer_config
 
     notes: list[str] = []
     args = ModelArgs.from_dict(args_dict)
-    runtime.initialize(tp=1, pp=1, seed=0)
-    config = transformer_config(args, tp=1, pp=1, params_dtype=dtype)
+    runtime.initialize(seed=0)
+    config = transformer_config(args, params_dtype=dtype)
     model = build_model(args, config, transformer_impl="local", make_vocab_size_divisible_by=padded)
     source = open_source(source_dir, hf_config)
     source.finite = integrity.FiniteCheck(allow_non_finite, notes.append,
@@ -80,8 +80,8 @@ def save_from(source_dir: str, iter_dir: str, args: ModelArgs, ns: argparse.Name
     ``finite``: the caller's ``integrity.FiniteCheck`` (whether NaN/Inf are allowed; where warnings go);
     ``hf_config``: the HF config a Megatron-LM checkpoint needs.
     """
-    from megatron_patch.checkpointing.layout import CheckpointError
-    from megatron_patch.safety import OutputError
+    from megatron_patch.checkpointing.errors import CheckpointError
+    from megatron_patch.safety import OutputError, disk_full
 
     allow = bool(finite is not None and finite.allow)
     result = spawn.run(_save_worker, 1, source_dir, iter_dir, args.to_dict(), ns, dtype, padded_vocab, allow,
@@ -94,16 +94,8 @@ def save_from(source_dir: str, iter_dir: str, args: ModelArgs, ns: argparse.Name
     kind, code, message = result["failure"]
     if kind == "input":
         raise CheckpointError(message)
-    if code == errno.ENOSPC and not _full(iter_dir):
+    if code == errno.ENOSPC and not disk_full(iter_dir):
         code = 0  # an "unexpected pos" that was not a full disk
     if code:
         raise OutputError(code, os.strerror(code), iter_dir)
     raise OutputError(0, f"torch_dist save failed: {message}", iter_dir)
-
-
-def _full(path: str) -> bool:
-    try:
-        st = os.statvfs(path if os.path.isdir(path) else os.path.dirname(path))
-        return st.f_bavail * st.f_frsize < (1 << 20)
-    except OSError:
-        return False

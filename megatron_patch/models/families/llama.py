@@ -2,8 +2,8 @@
 tied embeddings for Llama 3.2 1B/3B, an optional QKV bias (``attention_bias``). Mistral shares the layout;
 its sliding window is refused because megatron-core's attention here is full causal."""
 
-from megatron_patch.checkpointing.mapping import dense_decoder
 from megatron_patch.models.family import Family, ModelConfigError, register
+from megatron_patch.models.mapping import dense_decoder
 
 
 def _no_sliding_window(cfg: dict) -> None:

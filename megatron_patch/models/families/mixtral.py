@@ -6,8 +6,8 @@ input jitter (``moe_input_jitter_eps``) multiplies the router input by noise in 
 applies it only in training, so the converted model would not compute what HF computes.
 """
 
-from megatron_patch.checkpointing.mapping import decoder, moe_mlp
 from megatron_patch.models.family import Family, ModelConfigError, register
+from megatron_patch.models.mapping import decoder, moe_mlp
 
 
 def validate(cfg: dict) -> None:

@@ -6,8 +6,8 @@ embeddings for the small sizes. Qwen3: per-head q/k RMSNorm (``q_norm``/``k_norm
 attention here is full causal, so a config that enables it would silently compute something else.
 """
 
-from megatron_patch.checkpointing.mapping import dense_decoder
 from megatron_patch.models.family import Family, ModelConfigError, register
+from megatron_patch.models.mapping import dense_decoder
 
 
 def no_sliding_window(cfg: dict) -> None:

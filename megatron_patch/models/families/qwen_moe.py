@@ -9,9 +9,9 @@ layers are MoE follows HF: layer i is sparse unless listed in ``mlp_only_layers`
 sigmoid(x . ``shared_expert_gate``), which is megatron's ``moe_shared_expert_gate``.
 """
 
-from megatron_patch.checkpointing.mapping import decoder, dense_mlp, moe_mlp
-from megatron_patch.models.family import Family, ModelConfigError, register
 from megatron_patch.models.families.qwen import no_sliding_window
+from megatron_patch.models.family import Family, ModelConfigError, register
+from megatron_patch.models.mapping import decoder, dense_mlp, moe_mlp
 
 
 def layer_pattern(cfg: dict) -> tuple[int, ...]:

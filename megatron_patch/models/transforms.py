@@ -1,9 +1,9 @@
 """Pure, two-way tensor transforms between HF and megatron-core layouts.
 
 None of these know about ranks: they work on whole (unsharded) tensors; placement on TP/PP/EP ranks is
-``placement.py``'s job. The mappings in ``mapping.py`` compose them (a mapping's ``to_megatron`` returns the
-*parts* of a Megatron tensor: the gated MLP's ``[gate; up]`` stays two parts because TP rank r holds
-``[gate_r; up_r]``, not rows r of ``[gate; up]``).
+``checkpointing/placement.py``'s job. The mappings in ``mapping.py`` compose them (a mapping's ``to_megatron``
+returns the *parts* of a Megatron tensor: the gated MLP's ``[gate; up]`` stays two parts because TP rank r
+holds ``[gate_r; up_r]``, not rows r of ``[gate; up]``).
 """
 
 from __future__ import annotations

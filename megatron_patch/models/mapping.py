@@ -13,7 +13,8 @@ in-memory loaders, the shape checks and ``--verify`` all walk that one list. A m
 Scopes: ``GLOBAL`` (embedding on the first stage, final norm and output layer on the last), ``LAYER``
 (once per decoder layer the mapping applies to) and ``EXPERT`` (once per expert of a MoE layer: the global
 expert index ``e`` lives on expert-parallel rank ``e // local`` as local index ``j = e % local``, see
-``placement.py``). Transforms work on whole (unsharded) tensors; where each piece goes is ``placement``'s job.
+``checkpointing/placement.py``). Transforms work on whole (unsharded) tensors; where each piece goes is
+``placement``'s job.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Callable, ClassVar, Iterable, Iterator, Optional
 
 import torch
 
-from megatron_patch.checkpointing import transforms as T
+from megatron_patch.models import transforms as T
 from megatron_patch.models.config import ModelArgs
 
 GLOBAL, LAYER, EXPERT = "global", "layer", "expert"
