@@ -74,7 +74,17 @@ SIZES = {
                 rope_theta=1000000.0, seq=4096, mbs=1),
 }
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
-VARIANTS = ("project", "mcore", "hf")
+# The project stack with one speed lever turned off (or swapped) each, by the trainer's own flags: each
+# lever's worth is measured on the shape, not assumed. Run them with --schedule sequential (process-wide kernel
+# choices - SwiGLU, RoPE, SDPA - follow the stack last built).
+ABLATIONS = {
+    "project-no-liger": ["--liger-kernels", "none"],  # megatron's SwiGLU and vocab-parallel cross entropy
+    "project-mcore-ce": ["--liger-kernels", "swiglu", "--cross-entropy-loss-fusion"],  # megatron's fused CE
+    "project-no-rope-fusion": ["--no-rope-fusion"],
+    "project-cudnn": ["--attention-backend", "fused"],  # SDPA's cuDNN kernel first (auto: torch's order)
+    "project-no-grouped-gemm": ["--no-moe-grouped-gemm"],  # MoE: megatron's SequentialMLP experts
+}
+VARIANTS = ("project", "mcore", "hf", *ABLATIONS)
 LR, BETAS, EPS, CLIP = 1e-4, (0.9, 0.95), 1e-8, 1.0
 # Dense bf16 tensor-core peak per device (vendor datasheets, without sparsity).
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
@@ -110,15 +120,16 @@ def sync() -> None:
 # Each builder returns step(batch) -> loss tensor. batch = {tokens, labels, loss_mask, position_ids} [b, s].
 
 
-def build_project(cfg_dir: str, seq: int, mbs: int, bf16: bool) -> Callable:
-    """(a) exactly what ``python -m megatron_patch.pretrain`` builds and runs per iteration."""
+def build_project(cfg_dir: str, seq: int, mbs: int, bf16: bool, extra: tuple = ()) -> Callable:
+    """(a) exactly what ``python -m megatron_patch.pretrain`` builds and runs per iteration (``extra``: more
+    trainer flags, the ablations)."""
     from megatron_patch import pretrain
     from megatron_patch.training.trainer import Trainer
 
     argv = ["--model-config", cfg_dir, "--mock-data", "--train-iters", "1000000", "--seq-length", str(seq),
             "--micro-batch-size", str(mbs), "--lr", str(LR), "--min-lr", str(LR), "--lr-decay-style", "constant",
             "--weight-decay", "0", "--clip-grad", str(CLIP), "--adam-beta1", str(BETAS[0]),
-            "--adam-beta2", str(BETAS[1]), "--adam-eps", str(EPS), "--rope-impl", "auto"] + (["--bf16"] if bf16 else [])
+            "--adam-beta2", str(BETAS[1]), "--adam-eps", str(EPS)] + (["--bf16"] if bf16 else []) + list(extra)
     trainer = Trainer(pretrain.prepare(argv, world_size=1))
 
     def step(batch: dict) -> torch.Tensor:
@@ -297,6 +308,8 @@ def run(size: str, variants: list[str], warmup: int, iters: int, seq: Optional[i
             builders = {"project": lambda: build_project(cfg_dir, seq, mbs, bf16),
                         "mcore": lambda: build_mcore(cfg, seq, mbs, bf16, padded),
                         "hf": lambda: build_hf(cfg, bf16)}
+            builders.update({name: (lambda flags=flags: build_project(cfg_dir, seq, mbs, bf16, tuple(flags)))
+                             for name, flags in ABLATIONS.items()})
             if interleave:
                 # All stacks built at once, steps taken round-robin: load on a shared machine hits each alike.
                 steps = {}
@@ -359,7 +372,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default=None,
                    help="model size (default: 1b on GPU, tiny on CPU)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default="project,mcore,hf", help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     p.add_argument("--iters", type=int, default=5, help="timed steps per variant (median reported)")
     p.add_argument("--seq-length", type=int, default=None, help="tokens per sample (default: per size)")
@@ -377,6 +390,10 @@ def main(argv=None) -> int:
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:
         p.error(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
+    interleaved = a.schedule == "interleaved" or (a.schedule == "auto" and not torch.cuda.is_available())
+    if interleaved and any(v in ABLATIONS for v in variants):
+        p.error("the project-* ablations need --schedule sequential: the kernels they switch are process-wide, "
+                "so built side by side every project stack would run the last one's")
     if a.warmup < 0 or a.iters < 1:
         p.error("--warmup must be >= 0 and --iters >= 1")
     warnings.filterwarnings("ignore")
@@ -421,12 +438,18 @@ def report(out: dict, out_dir: Optional[str]) -> None:
     ab, ac = ratio(res, "project", "mcore"), ratio(res, "project", "hf")
     print("ratios (tokens/s): project/mcore = " + (f"{ab:.3f}" if ab else "-")
           + ", project/hf = " + (f"{ac:.3f}" if ac else "-"))
+    levers = {name: ratio(res, "project", name) for name in ABLATIONS if name in res}
+    if levers:  # > 1: the lever the ablation turns off wins on this shape
+        print("levers (project tokens/s over the stack without it): "
+              + ", ".join(f"{name[len('project-'):]} {r:.3f}" if r else f"{name[len('project-'):]} -"
+                          for name, r in levers.items()))
     records = [dict(variant=name, size=out["size"], seq=out["seq"], mbs=out["mbs"], precision=out["precision"],
                     params=out["params"], flops_per_token=out["flops_per_token"], peak_tflops=out["peak_tflops"],
                     rope_backend=out["project_rope_backend"] if name == "project" else "torch", **r)
                for name, r in res.items()]
     records.append(dict(variant="summary", size=out["size"], ratio_project_over_mcore=ab,
-                        ratio_project_over_hf=ac, precision=out["precision"]))
+                        ratio_project_over_hf=ac, precision=out["precision"],
+                        **{f"ratio_project_over_{name}": r for name, r in levers.items()}))
     path = common.append_results("bench_train", records, out_dir)
     print(f"results appended to {path}")
 

@@ -12,6 +12,8 @@
 #   3. benchmarks/bench_rope.py; bench_train.py at three sizes, each with the project, plain megatron-core and
 #      HF transformers side by side: 1b (Llama-3.2-1B, seq 2048), 8b-w8 (Llama-3.1-8B width x 8 layers, seq
 #      4096), moe (Qwen3-30B-A3B width x 6 layers, seq 4096)
+#   3b. bench_train.py's lever ablations at 1b: the project stack with Liger's kernels, Liger's cross entropy
+#      (megatron's fused one instead), the fused RoPE, cuDNN attention first, each switched in turn
 #   4. the trainer's own CLI (torchrun -m megatron_patch.pretrain, mock data, bf16, seq 4096, distributed
 #      optimizer) on the dense 8b-w8 and the moe shapes: tokens/s, TFLOP/s/GPU, peak memory from its log
 #   5. bench_load.py (--size 1b)
@@ -37,12 +39,14 @@ if [ "${GPU_CHECK_DRY:-0}" = "1" ]; then
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
   ROPE_ARGS=(); LOAD_ARGS=(--size tiny --repeats 2)
   SIZES=(tiny tiny-moe); BENCH_ITERS=(--warmup 1 --iters 2); TRAINER_SIZES=(tiny tiny-moe); TRAINER_SEQ=128
-  T_TESTS=300; T_ROPE=120; T_TRAIN=300; T_TRAINER=300; T_LOAD=180
+  LEVER_SIZE=tiny; LEVERS=project,project-no-liger,project-no-rope-fusion  # the others are GPU-only flags
+  T_TESTS=300; T_ROPE=120; T_TRAIN=300; T_LEVERS=300; T_TRAINER=300; T_LOAD=180
 else
   PY="${PYTHON:-python3}"
   ROPE_ARGS=(); LOAD_ARGS=(--size 1b --repeats 2 --workdir /tmp)
   SIZES=(1b 8b-w8 moe); BENCH_ITERS=(--warmup 2 --iters 6); TRAINER_SIZES=(8b-w8 moe); TRAINER_SEQ=4096
-  T_TESTS=120; T_ROPE=45; T_TRAIN=100; T_TRAINER=75; T_LOAD=60
+  LEVER_SIZE=1b; LEVERS=project,project-no-liger,project-mcore-ce,project-no-rope-fusion,project-cudnn
+  T_TESTS=120; T_ROPE=45; T_TRAIN=100; T_LEVERS=90; T_TRAINER=75; T_LOAD=60
 fi
 
 echo "gpu_check $START (dry=${GPU_CHECK_DRY:-0}) -> $OUT_DIR" | tee "$LOG"
@@ -81,6 +85,9 @@ step bench_rope "$T_ROPE" "$PY" benchmarks/bench_rope.py --out "$OUT_DIR" "${ROP
 for size in "${SIZES[@]}"; do
   step "bench_train_$size" "$T_TRAIN" "$PY" benchmarks/bench_train.py --out "$OUT_DIR" --size "$size" "${BENCH_ITERS[@]}"
 done
+# Each speed lever off in turn (bench_train's project-* ablations) on the 1B shape, next to the project stack.
+step "bench_levers_$LEVER_SIZE" "$T_LEVERS" "$PY" benchmarks/bench_train.py --out "$OUT_DIR" --size "$LEVER_SIZE" \
+  --schedule sequential --variants "$LEVERS" --warmup 2 --iters 4
 # The trainer's CLI exactly as a user starts it, on the bench shapes (config.json written by bench_train).
 for size in "${TRAINER_SIZES[@]}"; do
   cfg="$(mktemp -d /tmp/gpu_check_cfg.XXXX)"
@@ -161,8 +168,11 @@ for size in dict.fromkeys(r["size"] for r in train):
                   f(100 * r["mfu"], ".1f") + "%" if r.get("mfu") else "-", f(r.get("peak_memory_gb"), ".1f")]
                  for r in stacks]))
     for s in (r for r in train if r["size"] == size and r.get("variant") == "summary"):
+        levers = ", ".join(f"{k[len('ratio_project_over_project-'):]} {f(v, '.3f')}" for k, v in s.items()
+                           if k.startswith("ratio_project_over_project-"))
         print(f"\nproject/mcore = {f(s.get('ratio_project_over_mcore'), '.3f')}, "
-              f"project/hf = {f(s.get('ratio_project_over_hf'), '.3f')} (tokens/s)")
+              f"project/hf = {f(s.get('ratio_project_over_hf'), '.3f')} (tokens/s)"
+              + (f"; project over the stack without each lever: {levers}" if levers else ""))
 rows = [r for r in (trainer_row("dense"), trainer_row("moe")) if r]
 if rows:
     print("\n## The trainer's CLI (torchrun -m megatron_patch.pretrain, last log window)\n")

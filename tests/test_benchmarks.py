@@ -20,6 +20,10 @@ import bench_train
 for size in ("tiny", "tiny-moe"):
     rc = bench_train.main(["--size", size, "--warmup", "0", "--iters", "2", "--out", sys.argv[1]])
     assert rc == 0, size
+# The lever ablations (GPU levers off; on CPU the same kernels, so the same model and losses) by trainer flags.
+rc = bench_train.main(["--size", "tiny-moe", "--warmup", "0", "--iters", "2", "--out", sys.argv[1], "--schedule",
+                       "sequential", "--variants", "project-no-liger,project-no-rope-fusion,project-no-grouped-gemm"])
+assert rc == 0, "ablations"
 """
 
 
@@ -30,7 +34,11 @@ def test_bench_train_stacks_run_and_agree(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "bench_train.jsonl")]
     for size in ("tiny", "tiny-moe"):
         stacks = {r["variant"]: r for r in rows if r["size"] == size}
-        assert set(stacks) == {"project", "mcore", "hf", "summary"}, stacks.keys()
+        ablations = {"project-no-liger", "project-no-rope-fusion", "project-no-grouped-gemm"}
+        assert set(stacks) == {"project", "mcore", "hf", "summary"} | (ablations if size == "tiny-moe" else set())
+        for name in ablations & set(stacks):
+            assert "error" not in stacks[name], stacks[name]
+            assert stacks[name]["loss_last"] == stacks["project"]["loss_last"], name
         for name in ("project", "mcore", "hf"):
             assert "error" not in stacks[name] and stacks[name]["tokens_per_s"] > 0, stacks[name]
         assert stacks["project"]["loss_first"] == stacks["mcore"]["loss_first"], size

@@ -99,3 +99,32 @@ def test_liger_loss_equals_hf(results, tiny_models):
         logits = hf(tokens).logits
     ref = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), reduction="none")
     assert (torch.tensor(results[0]["liger_loss"]).reshape(-1) - ref).abs().max().item() <= TOL
+
+
+def _fusions(*extra, **gpu_flags):
+    from megatron_patch.training.arguments import fusion_settings, parse_args
+
+    a = parse_args(["--model-config", "x", "--mock-data", "--train-iters", "2", *extra], world_size=1)
+    vars(a).update(gpu_flags)  # flags parse_args refuses on CPU, set as they would be on a GPU
+    return fusion_settings(a)
+
+
+def test_trainer_flags_pick_the_kernels(monkeypatch):
+    """``--liger-kernels`` / ``--attention-backend`` -> ``ModelBuild``: auto takes nothing without CUDA, a named
+    kernel that cannot run (no CUDA, no interpreter) or that a megatron fusion flag turns off is one error."""
+    from megatron_patch.training.arguments import ArgumentError
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert _fusions() == {"liger_kernels": frozenset(), "sdpa_backend": "auto"}
+    assert _fusions(attention_backend="local")["sdpa_backend"] == "unfused"
+    assert _fusions(attention_backend="fused")["sdpa_backend"] == "fused"
+    with pytest.raises(ArgumentError, match="--liger-kernels: Liger kernels swiglu requested but .*need CUDA"):
+        _fusions("--liger-kernels", "swiglu")
+    with pytest.raises(ArgumentError, match="comma list of swiglu, cross_entropy; got 'rmsnorm'"):
+        _fusions("--liger-kernels", "rmsnorm")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _fusions("--liger-kernels", "swiglu,cross_entropy")["liger_kernels"] == {"swiglu", "cross_entropy"}
+    with pytest.raises(ArgumentError, match="Liger's cross_entropy, which --cross-entropy-loss-fusion turns off"):
+        _fusions("--liger-kernels", "cross_entropy", cross_entropy_loss_fusion=True)
+    with pytest.raises(ArgumentError, match="Liger's swiglu, which --no-bias-swiglu-fusion turns off"):
+        _fusions("--liger-kernels", "swiglu,cross_entropy", no_bias_swiglu_fusion=True)

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RoPE kernel (auto picks the fastest available)")
     g.add_argument("--attention-impl", default="auto", choices=ATTENTION_IMPLS,
                    help="core attention of the local spec: torch SDPA (auto) or megatron's unfused DotProductAttention")
+    g.add_argument("--liger-kernels", default="auto", metavar="auto|none|KERNELS",
+                   help="Liger-Kernel's Triton kernels in the local spec (a comma list of swiglu, cross_entropy): "
+                        "auto uses both on CUDA GPUs where liger-kernel is installed, none never")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="pad the vocabulary to a multiple of this times TP")
     g.add_argument("--hidden-dropout", type=float, default=0.0,
@@ -241,6 +244,7 @@ def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> argpars
 
         a.moe_grouped_gemm = impl == "transformer_engine" or default_moe_grouped_gemm(
             torch.bfloat16 if a.bf16 else torch.float16 if a.fp16 else torch.float32)
+    fusion_settings(a)  # refuses Liger kernels that cannot run here or contradict megatron's fusion flags
     if a.moe_token_dispatcher_type == "flex" and not torch_cuda():
         raise ArgumentError("--moe-token-dispatcher-type flex needs DeepEP on CUDA GPUs; use alltoall or allgather")
     if a.moe_layer_freq is not None:
@@ -296,6 +300,34 @@ def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> argpars
         raise ArgumentError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are mutually "
                             "exclusive")
     return a
+
+
+def fusion_settings(a: argparse.Namespace) -> dict:
+    """``ModelBuild``'s Liger kernels and SDPA kernel preference from the flags.
+
+    ``--liger-kernels auto`` takes Liger's SwiGLU and cross entropy on the local spec on a GPU, except where
+    a Megatron-LM flag asks for megatron's own path (``--no-bias-swiglu-fusion``: unfused SwiGLU;
+    ``--cross-entropy-loss-fusion``: megatron's fused cross entropy); naming a kernel that such a flag
+    contradicts is an error. ``--attention-backend`` (Transformer Engine's choice on TE layers) picks SDPA's
+    kernel on the local spec: fused = cuDNN, flash = FlashAttention-2, unfused/local = the math kernel.
+    """
+    from megatron_patch.fusions import liger
+
+    try:
+        kernels = set(liger.resolve(a.liger_kernels))
+    except ValueError as e:
+        raise ArgumentError(f"--liger-kernels: {e}") from None
+    off = {"swiglu": "--no-bias-swiglu-fusion" if getattr(a, "no_bias_swiglu_fusion", False) else None,
+           "cross_entropy": "--cross-entropy-loss-fusion" if getattr(a, "cross_entropy_loss_fusion", False) else None}
+    if a.liger_kernels == "auto":
+        local = resolve_transformer_impl(a.transformer_impl) == "local"
+        kernels = {k for k in kernels if local and not off[k]}
+    for k in sorted(kernels):
+        if off[k]:
+            raise ArgumentError(f"--liger-kernels {a.liger_kernels} asks for Liger's {k}, which {off[k]} turns off; "
+                                "drop one of the two")
+    backend = a.attention_backend or "auto"
+    return dict(liger_kernels=frozenset(kernels), sdpa_backend="unfused" if backend == "local" else backend)
 
 
 def torch_cuda() -> bool:
@@ -374,7 +406,7 @@ def run_config(a: argparse.Namespace, margs: ModelArgs, resume=None, hf_source=N
             make_vocab_size_divisible_by=a.make_vocab_size_divisible_by, hidden_dropout=a.hidden_dropout,
             attention_dropout=a.attention_dropout, moe_token_dispatcher_type=a.moe_token_dispatcher_type,
             moe_aux_loss_coeff=a.moe_aux_loss_coeff, moe_router_load_balancing_type=a.moe_router_load_balancing_type,
-            moe_grouped_gemm=a.moe_grouped_gemm,
+            moe_grouped_gemm=a.moe_grouped_gemm, **fusion_settings(a),
             transformer_overrides=dict(
                 recompute_granularity=a.recompute_granularity, recompute_method=a.recompute_method,
                 recompute_num_layers=a.recompute_num_layers, **megatron_lm_flags.transformer_overrides(a))),

@@ -45,6 +45,8 @@ class ModelBuild:
     moe_aux_loss_coeff: Optional[float] = None  # None: the model's router_aux_loss_coef
     moe_router_load_balancing_type: str = "aux_loss"
     moe_grouped_gemm: bool = False
+    liger_kernels: frozenset = frozenset()  # fusions.liger.KERNELS in use (resolved by arguments.fusion_settings)
+    sdpa_backend: str = "auto"  # models.attention.SDPA_BACKENDS: SDPA's kernel on the local spec
     # Other ``TransformerConfig`` fields the flags set (recompute, init std, fusion switches, GPU-only features).
     transformer_overrides: dict = field(default_factory=dict)
 

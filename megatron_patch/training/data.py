@@ -231,7 +231,10 @@ def step_batches(dataset, consumed: int, mbs: int, dp: int, dp_rank: int, num_mi
         # happens for evaluation batches past the end of a small validation split.
         wrapped = [i % n for i in idx]
         batch = collate(dataset.get_many(wrapped) if hasattr(dataset, "get_many") else [dataset[i] for i in wrapped])
-        batches.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+        # Page-locked on a GPU so the copy is asynchronous (non_blocking from pageable memory still waits);
+        # torch's caching host allocator reuses the pinned blocks step after step.
+        pin = torch.device(device).type == "cuda"
+        batches.append({k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in batch.items()})
     return batches
 
 

@@ -69,15 +69,17 @@ class Trainer:
     def _build_chunks(self) -> list:
         """This rank's model chunks (one per virtual stage), on the device, not wrapped yet."""
         from megatron_patch import runtime
+        from megatron_patch.models.attention import set_sdpa_backend
         from megatron_patch.models.builder import build_model
 
         b, vpp = self.config.build, self.config.layout.vpp
+        set_sdpa_backend(b.sdpa_backend)  # process-wide, like the RoPE and SwiGLU kernels
         chunks = []
         for vp in range(self.config.layout.chunks):
             m = build_model(self.config.model, self.model_config, transformer_impl=b.transformer_impl,
                             rope_impl=b.rope_impl, attention_impl=b.attention_impl,
                             make_vocab_size_divisible_by=b.make_vocab_size_divisible_by,
-                            vp_stage=vp if vpp else None)
+                            liger_kernels=b.liger_kernels, vp_stage=vp if vpp else None)
             chunks.append(m.to(runtime.device()))
         return chunks
 
