@@ -13,6 +13,7 @@ bf16 tolerances are relative to what bf16 itself costs: megatron's bf16 logits m
 fp32 truth as HF's own bf16 logits are (within 2x), and within 2% of the logits' norm in any case.
 """
 
+import importlib.util
 import os
 
 import pytest
@@ -37,6 +38,7 @@ def _logits_check(models: dict) -> dict:
 
     from megatron_patch import runtime
     from megatron_patch.checkpointing.sources import load_into_model, open_source
+    from megatron_patch.fusions import liger
     from megatron_patch.fusions import rope as fused_rope
     from megatron_patch.models.builder import build_model, transformer_config
     from megatron_patch.models.family import args_from_hf, read_hf_config
@@ -54,13 +56,16 @@ def _logits_check(models: dict) -> dict:
             hf_bf16 = hf(tokens.to(dev)).logits.float().cpu()
         del ref_model, hf
         args = args_from_hf(read_hf_config(d))
+        # "auto": every fusion the trainer takes by default here (fused RoPE, Liger's SwiGLU on a GPU).
         for rope_impl in ("torch", "auto"):
+            kernels = liger.resolve("auto") if rope_impl == "auto" else frozenset()
             model = build_model(args, transformer_config(args, params_dtype=torch.bfloat16),
-                                transformer_impl="auto", rope_impl=rope_impl).to(dev)
+                                transformer_impl="auto", rope_impl=rope_impl, liger_kernels=kernels).to(dev)
             load_into_model(model, open_source(d))
             logits = forward_logits([model], tokens, args.vocab_size).cpu()
             out[(name, rope_impl)] = {"megatron": _rel(logits, ref), "hf": _rel(hf_bf16, ref),
-                                      "backend": fused_rope.active(), "dtype": str(next(model.parameters()).dtype)}
+                                      "backend": fused_rope.active(), "dtype": str(next(model.parameters()).dtype),
+                                      "liger": sorted(kernels)}
             del model
     return out
 
@@ -170,13 +175,16 @@ def test_gpu_checks_run_on_cpu(tiny_models):
 @needs_gpu
 def test_bf16_logits_match_hf_on_cuda(gpu_results, tiny_models):
     res = gpu_results["logits"]
-    print("\nfamily     rope   backend  megatron-bf16  hf-bf16 (rel. L2 error vs float64)")
+    print("\nfamily     rope   backend  megatron-bf16  hf-bf16 (rel. L2 error vs float64)  liger")
     for (name, impl), r in sorted(res.items()):
-        print(f"{name:10s} {impl:6s} {r['backend']:8s} {r['megatron']:.3e}      {r['hf']:.3e}")
+        print(f"{name:10s} {impl:6s} {r['backend']:8s} {r['megatron']:.3e}      {r['hf']:.3e}"
+              f"                         {','.join(r['liger']) or '-'}")
     assert {name for name, _ in res} == set(tiny_models)
     _check_logits(res)
     # "auto" picks a fused kernel on a GPU (TE or apex when installed, else this project's Triton kernel).
     assert all(r["backend"] != "torch" for (_, impl), r in res.items() if impl == "auto")
+    if importlib.util.find_spec("liger_kernel") is not None:  # the fused run had Liger's SwiGLU in its layers
+        assert all(r["liger"] == ["cross_entropy", "swiglu"] for (_, impl), r in res.items() if impl == "auto")
 
 
 @needs_gpu
