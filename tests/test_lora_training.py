@@ -27,13 +27,14 @@ import pytest
 import torch
 
 from megatron_patch.runtime import spawn
+from tests.test_training_vs_hf import BETAS, adam_losses
 
 SEQ, GBS, ITERS, LR, SEED = 32, 4, 4, 1e-2, 11
 # Adam divides each gradient element by its own magnitude: with eps 1e-8 an element of ~1e-9 (adapters have
 # such elements: measured 1.5e-9 on lora_B) steps by ~lr/10 in a direction that fp32 summation order decides,
 # and the trajectories part by 1e-4 within 4 steps. eps 1e-4 keeps the update linear in such elements
 # (error amplification lr/eps = 100, not 1e6) while elements of 1e-3 and above still take Adam's normalized step.
-BETAS, EPS = (0.9, 0.95), 1e-4
+EPS = 1e-4
 RTOL = 1e-5
 N = 2  # steps before and after the resume
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,23 +123,13 @@ def trainer_batches():
 
 
 def peft_losses(base: str, adapter: str, batches, train: bool = True) -> list[float]:
-    """HF + peft: the adapter trained with torch Adam (wd 0), per-token mean cross entropy over the batch."""
+    """HF + peft: the adapter trained with torch Adam (wd 0, this file's eps), per-token mean cross entropy."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model = PeftModel.from_pretrained(model, adapter, is_trainable=True).train()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=LR, betas=BETAS, eps=EPS)
-    losses = []
-    for tokens, labels in batches:
-        opt.zero_grad()
-        logits = model(input_ids=tokens).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        if train:
-            loss.backward()
-            opt.step()
-        losses.append(loss.item())
-    return losses
+    return adam_losses(model, [p for p in model.parameters() if p.requires_grad], batches, LR, EPS, train)
 
 
 @pytest.fixture(scope="module")
