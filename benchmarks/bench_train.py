@@ -10,7 +10,12 @@ recipe (fp32 on CPU; on GPU bf16 compute with fp32 master weights):
   b  mcore     upstream megatron-core by hand: ``GPTModel`` with its default layer spec (TE when
                usable, else local) and its unfused RoPE, megatron DDP + optimizer, the pipeline schedule;
   c  hf        ``transformers.LlamaForCausalLM`` (sdpa attention) with ``torch.optim.AdamW``; on GPU
-               fp32 weights under bf16 autocast, which is what HF's Trainer does with ``bf16=True``.
+               fp32 weights under bf16 autocast, which is what HF's Trainer does with ``bf16=True``;
+  project-lora (on request) the project's trainer with LoRA adapters (``--lora-rank 16 --lora-alpha 32`` on
+               every linear) on a frozen base: beside ``project`` it shows what LoRA saves.
+
+For the project's stacks the training state is printed too: bytes of parameters, gradient buffers and
+optimizer state (Adam moments, fp32 main copies) as the trainer holds them after the steps.
 
 A step is forward + backward + optimizer on one micro-batch; tokens/s = micro-batch tokens / median
 step time after warm-up. On GPU, TFLOP/s and MFU use megatron's model-FLOPs count (the formula of
@@ -84,7 +89,9 @@ ABLATIONS = {
     "project-cudnn": ["--attention-backend", "fused"],  # SDPA's cuDNN kernel first (auto: torch's order)
     "project-no-grouped-gemm": ["--no-moe-grouped-gemm"],  # MoE: megatron's SequentialMLP experts
 }
-VARIANTS = ("project", "mcore", "hf", *ABLATIONS)
+VARIANTS = ("project", "mcore", "hf", "project-lora", *ABLATIONS)
+DEFAULT_VARIANTS = ("project", "mcore", "hf")
+LORA_FLAGS = ["--lora-rank", "16", "--lora-alpha", "32", "--lora-target-modules", "all"]
 LR, BETAS, EPS, CLIP = 1e-4, (0.9, 0.95), 1e-8, 1.0
 # Dense bf16 tensor-core peak per device (vendor datasheets, without sparsity).
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
@@ -136,7 +143,25 @@ def build_project(cfg_dir: str, seq: int, mbs: int, bf16: bool, extra: tuple = (
         total, _, _ = trainer.step([batch])
         return total[0] / total[1]
 
+    step.state_bytes = lambda: training_state_bytes(trainer)
     return step
+
+
+def training_state_bytes(trainer) -> dict:
+    """Bytes of a project trainer's parameters, gradient buffers (DDP's) and optimizer state (tensors of the
+    optimizer's per-parameter state, plus fp32 main copies of bf16 parameters)."""
+    from megatron_patch.training.state import optimizers
+
+    def nbytes(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+    params = nbytes(p for m in trainer.models for p in m.parameters())
+    grads = nbytes(b.grad_data for c in trainer.chunks for b in c.buffers + c.expert_parallel_buffers)
+    opt = 0
+    for o in optimizers(trainer.optimizer):
+        opt += nbytes(t for s in o.optimizer.state.values() for t in s.values())
+        opt += nbytes(p for g in getattr(o, "fp32_from_float16_groups", ()) for p in g)
+    return {"params": params, "grads": grads, "optimizer": opt, "total": params + grads + opt}
 
 
 def build_mcore(cfg: dict, seq: int, mbs: int, bf16: bool, padded_vocab: int) -> Callable:
@@ -306,6 +331,7 @@ def run(size: str, variants: list[str], warmup: int, iters: int, seq: Optional[i
             with open(os.path.join(cfg_dir, "config.json"), "w") as f:
                 json.dump(cfg, f)
             builders = {"project": lambda: build_project(cfg_dir, seq, mbs, bf16),
+                        "project-lora": lambda: build_project(cfg_dir, seq, mbs, bf16, tuple(LORA_FLAGS)),
                         "mcore": lambda: build_mcore(cfg, seq, mbs, bf16, padded),
                         "hf": lambda: build_hf(cfg, bf16)}
             builders.update({name: (lambda flags=flags: build_project(cfg_dir, seq, mbs, bf16, tuple(flags)))
@@ -325,6 +351,9 @@ def run(size: str, variants: list[str], warmup: int, iters: int, seq: Optional[i
                         log[name][0].append(dt)
                         log[name][1].append(loss)
                 results = {name: summarize(*log[name], warmup) for name in variants}
+                for name in variants:
+                    if hasattr(steps[name], "state_bytes"):
+                        results[name]["state_bytes"] = steps[name].state_bytes()
             else:
                 # One stack at a time (a 1B model's three copies and their optimizer states need not fit).
                 # A stack that fails (out of memory, say) is recorded and the others still run.
@@ -337,6 +366,8 @@ def run(size: str, variants: list[str], warmup: int, iters: int, seq: Optional[i
                         step = builders[name]()
                         times, losses = zip(*(timed_step(step, b) for b in batches))
                         results[name] = summarize(list(times), list(losses), warmup)
+                        if hasattr(step, "state_bytes"):
+                            results[name]["state_bytes"] = step.state_bytes()
                     except Exception as e:  # noqa: BLE001 - reported in the table and the JSON line
                         results[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
                     del step
@@ -372,7 +403,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default=None,
                    help="model size (default: 1b on GPU, tiny on CPU)")
-    p.add_argument("--variants", default="project,mcore,hf", help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma list of {', '.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     p.add_argument("--iters", type=int, default=5, help="timed steps per variant (median reported)")
     p.add_argument("--seq-length", type=int, default=None, help="tokens per sample (default: per size)")
@@ -443,6 +475,11 @@ def report(out: dict, out_dir: Optional[str]) -> None:
         print("levers (project tokens/s over the stack without it): "
               + ", ".join(f"{name[len('project-'):]} {r:.3f}" if r else f"{name[len('project-'):]} -"
                           for name, r in levers.items()))
+    for name in ("project", "project-lora"):
+        s = res.get(name, {}).get("state_bytes")
+        if s:
+            print(f"training state of {name}: params {s['params'] / 2**20:.1f} MiB + grads {s['grads'] / 2**20:.1f} MiB "
+                  f"+ optimizer {s['optimizer'] / 2**20:.1f} MiB = {s['total'] / 2**20:.1f} MiB")
     records = [dict(variant=name, size=out["size"], seq=out["seq"], mbs=out["mbs"], precision=out["precision"],
                     params=out["params"], flops_per_token=out["flops_per_token"], peak_tflops=out["peak_tflops"],
                     rope_backend=out["project_rope_backend"] if name == "project" else "torch", **r)

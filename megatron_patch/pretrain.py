@@ -64,6 +64,7 @@ def prepare(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = No
     from megatron_patch import safety
     from megatron_patch.checkpointing.megatron_format import open_checkpoint
     from megatron_patch.checkpointing.sources import is_hf_dir
+    from megatron_patch.training import lora
     from megatron_patch.training.arguments import parse_args, run_config
     from megatron_patch.training.resume import check_resume
 
@@ -85,6 +86,7 @@ def prepare(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = No
         hf_config = hf_config or _hf_config(args, opened=True)
         config = run_config(args, margs, resume=info, hf_source=hf_source, hf_config=hf_config)
         check_resume(config)
+        lora.check_resume(config)
         if args.save:
             safety.check_writable(args.save, "--save")
         if args.save_hf:

@@ -13,7 +13,8 @@
 #      HF transformers side by side: 1b (Llama-3.2-1B, seq 2048), 8b-w8 (Llama-3.1-8B width x 8 layers, seq
 #      4096), moe (Qwen3-30B-A3B width x 6 layers, seq 4096)
 #   3b. bench_train.py's lever ablations at 1b: the project stack with Liger's kernels, Liger's cross entropy
-#      (megatron's fused one instead), the fused RoPE, cuDNN attention first, each switched in turn
+#      (megatron's fused one instead), the fused RoPE, cuDNN attention first, each switched in turn; and LoRA
+#      (project-lora: rank 16 on every linear) for its tokens/s and training-state memory next to full training
 #   4. the trainer's own CLI (torchrun -m megatron_patch.pretrain, mock data, bf16, seq 4096, distributed
 #      optimizer) on the dense 8b-w8 and the moe shapes: tokens/s, TFLOP/s/GPU, peak memory from its log
 #   5. bench_load.py (--size 1b)
@@ -39,14 +40,14 @@ if [ "${GPU_CHECK_DRY:-0}" = "1" ]; then
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
   ROPE_ARGS=(); LOAD_ARGS=(--size tiny --repeats 2)
   SIZES=(tiny tiny-moe); BENCH_ITERS=(--warmup 1 --iters 2); TRAINER_SIZES=(tiny tiny-moe); TRAINER_SEQ=128
-  LEVER_SIZE=tiny; LEVERS=project,project-no-liger,project-no-rope-fusion  # the others are GPU-only flags
+  LEVER_SIZE=tiny; LEVERS=project,project-lora,project-no-liger,project-no-rope-fusion  # the rest: GPU-only flags
   T_TESTS=300; T_ROPE=120; T_TRAIN=300; T_LEVERS=300; T_TRAINER=300; T_LOAD=180
 else
   PY="${PYTHON:-python3}"
   ROPE_ARGS=(); LOAD_ARGS=(--size 1b --repeats 2 --workdir /tmp)
   SIZES=(1b 8b-w8 moe); BENCH_ITERS=(--warmup 2 --iters 6); TRAINER_SIZES=(8b-w8 moe); TRAINER_SEQ=4096
-  LEVER_SIZE=1b; LEVERS=project,project-no-liger,project-mcore-ce,project-no-rope-fusion,project-cudnn
-  T_TESTS=120; T_ROPE=45; T_TRAIN=100; T_LEVERS=90; T_TRAINER=75; T_LOAD=60
+  LEVER_SIZE=1b; LEVERS=project,project-lora,project-no-liger,project-mcore-ce,project-no-rope-fusion,project-cudnn
+  T_TESTS=120; T_ROPE=45; T_TRAIN=100; T_LEVERS=110; T_TRAINER=75; T_LOAD=60
 fi
 
 echo "gpu_check $START (dry=${GPU_CHECK_DRY:-0}) -> $OUT_DIR" | tee "$LOG"

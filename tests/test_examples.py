@@ -65,3 +65,22 @@ def test_family_defaults_are_applied_and_overridable(launch):
     assert flag(argv, "--seq-length") == "512" and "--sft" in argv
     r, _ = launch("pretrain.sh", DATA_PATH="books", FAMILY="gpt2")
     assert r.returncode == 2 and "FAMILY=gpt2" in r.stderr and "qwen3" in r.stderr
+
+
+def test_lora_launcher(launch, tmp_path):
+    (tmp_path / "chat.jsonl").write_text("")
+    r, _ = launch("lora.sh", DATA_PATH="chat.jsonl")
+    assert r.returncode == 2 and "LoRA needs LOAD" in r.stderr
+    base = tmp_path / "base"
+    base.mkdir()
+    r, argv = launch("lora.sh", DATA_PATH="chat.jsonl", LOAD=str(base), LORA_RANK="8", LORA_TARGETS="linear_qkv linear_fc1")
+    assert r.returncode == 0, r.stderr
+    assert flag(argv, "--lora-rank") == "8" and flag(argv, "--lora-alpha") == "32" and "--sft" in argv
+    i = argv.index("--lora-target-modules")
+    assert argv[i + 1:i + 3] == ["linear_qkv", "linear_fc1"] and "--lora-load" not in argv
+    assert flag(argv, "--lr") == "1e-4" and "--use-distributed-optimizer" not in argv
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "latest_checkpointed_iteration.txt").write_text("100")
+    r, argv = launch("lora.sh", DATA_PATH="chat.jsonl", LOAD=str(base), LORA_LOAD=str(base))
+    assert r.returncode == 0, r.stderr
+    assert flag(argv, "--lora-load") == str(tmp_path / "out") and "--finetune" not in argv  # resumes SAVE

@@ -88,14 +88,20 @@ def hf_losses(hf_dir: str, batches, lr: float = LR) -> list[float]:
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).train()
-    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=BETAS, eps=EPS, weight_decay=0.0)
+    return adam_losses(model, model.parameters(), batches, lr)
+
+
+def adam_losses(model, params, batches, lr: float, eps: float = EPS, train: bool = True) -> list[float]:
+    """The loss of each (tokens, labels) batch, each followed by a torch Adam step (wd 0) on ``params``."""
+    opt = torch.optim.Adam(params, lr=lr, betas=BETAS, eps=eps, weight_decay=0.0)
     losses = []
     for tokens, labels in batches:
         opt.zero_grad()
         logits = model(input_ids=tokens).logits.float()
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        loss.backward()
-        opt.step()
+        if train:
+            loss.backward()
+            opt.step()
         losses.append(loss.item())
     return losses
 

@@ -178,3 +178,53 @@ def load_adapters(model, source, cfg: LoraConfig, vp_stage: Optional[int] = None
 
 def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------- what checkpoints of an adapted model hold
+
+def has_adapters(model) -> bool:
+    return any(True for _ in adapted_modules(model))
+
+
+def state_for_save(model) -> dict:
+    """What a torch-format rank file holds of a chunk: its adapters alone when it has any (the base is frozen
+    and comes from the run's ``--load`` again), else the whole model."""
+    state = model.state_dict_for_save_checkpoint()
+    if not has_adapters(model):
+        return state
+    return {k: v for k, v in state.items() if is_adapter_key(k)}
+
+
+def sharded_state_for_save(model) -> dict:
+    """The torch_dist counterpart of ``state_for_save``."""
+    return adapter_sharded_state_dict(model) if has_adapters(model) else model.sharded_state_dict()
+
+
+def load_saved_state(model, state: dict) -> None:
+    """Load what ``state_for_save`` wrote (adapters only into an adapted chunk; a whole model strictly)."""
+    if has_adapters(model) and all(is_adapter_key(k) for k in state):
+        load_adapter_state_dict(model, state)
+    else:
+        model.load_state_dict(state, strict=True)
+
+
+class merged_weights:
+    """Within the block, every adapted linear's ``weight`` holds its merged value (``W + scale * B @ A``, this
+    rank's slice): what a merged export reads. The original tensors are put back afterwards, bit for bit (no
+    ``W - delta`` round off); the merged copies cost the adapted weights' memory meanwhile."""
+
+    def __init__(self, models: list):
+        self.models, self.saved = models, []
+
+    def __enter__(self):
+        for model in self.models:
+            for _, module in adapted_modules(model):
+                self.saved.append((module, module.weight.data))
+                module.weight.data = merged_weight(module)
+        return self
+
+    def __exit__(self, *exc):
+        for module, data in self.saved:
+            module.weight.data = data
+        self.saved = []
+        return False

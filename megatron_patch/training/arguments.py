@@ -22,7 +22,7 @@ from megatron_patch.models.builder import (ATTENTION_IMPLS, MOE_DISPATCHERS, TRA
                                            resolve_transformer_impl)
 from megatron_patch.models.config import ModelArgs, layer_pattern
 from megatron_patch.parallel import LayoutError, ParallelLayout, check_virtual_stages
-from megatron_patch.training import megatron_lm_flags
+from megatron_patch.training import lora, megatron_lm_flags
 from megatron_patch.training.config import (BatchSettings, CheckpointSettings, DataSettings, LoggingSettings,
                                             ModelBuild, OptimizerSettings, RunConfig, ScheduleSettings)
 
@@ -184,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234, help="random seed")
     g.add_argument("--check-for-nan-in-loss-and-grad", action=argparse.BooleanOptionalAction, default=True,
                    help="stop with an error (saving nothing) when the loss or a gradient is NaN/Inf (default on)")
+    lora.add_flags(p)
     megatron_lm_flags.add_flags(p)  # Megatron-LM's flags: checked, translated, or refused by name
     return p
 
@@ -299,6 +300,7 @@ def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> argpars
     if a.override_opt_param_scheduler and a.use_checkpoint_opt_param_scheduler:
         raise ArgumentError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are mutually "
                             "exclusive")
+    lora.validate(a)
     return a
 
 
@@ -431,7 +433,7 @@ def run_config(a: argparse.Namespace, margs: ModelArgs, resume=None, hf_source=N
             no_load_rng=a.no_load_rng, no_save_optim=a.no_save_optim, hf_config_path=a.hf_config),
         logging=logging_settings(a),
         seed=a.seed, check_for_nan_in_loss_and_grad=a.check_for_nan_in_loss_and_grad,
-        resume=resume, hf_source=hf_source, hf_config=hf_config,
+        resume=resume, hf_source=hf_source, hf_config=hf_config, lora=lora.settings(a, margs),
     )
 
 

@@ -38,6 +38,7 @@ from megatron_patch import safety
 from megatron_patch.checkpointing import layout, megatron_format, megatron_lm, torch_dist
 from megatron_patch.checkpointing.errors import CheckpointError
 from megatron_patch.checkpointing.megatron_args import to_namespace
+from megatron_patch.lora.apply import load_saved_state, sharded_state_for_save, state_for_save
 from megatron_patch.training import errors
 from megatron_patch.training.resume import ResumeError, resumes_state
 from megatron_patch.training.state import (TrainState, init_empty_adam_state, load_dp_zero, optimizers,
@@ -62,6 +63,7 @@ def checkpoint_args(trainer) -> argparse.Namespace:
         hidden_dropout=c.build.hidden_dropout, attention_dropout=c.build.attention_dropout,
         use_distributed_optimizer=c.optimizer.use_distributed_optimizer,
         **({"moe_experts_impl": c.build.experts_impl} if c.model.is_moe else {}),
+        **(c.lora.config.to_args() if c.lora is not None else {}),  # LoRA: the adapters the checkpoint holds
     )
 
 
@@ -142,7 +144,7 @@ def _save_torch(trainer, tmp: str) -> None:
     rank_dir = os.path.join(tmp, _rank_dir(trainer))
     os.makedirs(rank_dir, exist_ok=True)
     sd = _common(trainer)
-    sd.update({key: m.state_dict_for_save_checkpoint() for key, m in zip(_model_keys(trainer), trainer.models)})
+    sd.update({key: state_for_save(m) for key, m in zip(_model_keys(trainer), trainer.models)})  # LoRA: adapters
     if save_optim:  # --no-save-optim: weights, scheduler, RNG and progress only (resume with --no-load-optim)
         sd["optimizer"] = trainer.optimizer.state_dict()
     sd["rng_state"] = rngs
@@ -155,7 +157,7 @@ def _sharded_state(trainer, is_loading: bool) -> dict:
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    model_sd = {key: m.sharded_state_dict() for key, m in zip(_model_keys(trainer), trainer.models)}
+    model_sd = {key: sharded_state_for_save(m) for key, m in zip(_model_keys(trainer), trainer.models)}
     sd = dict(model_sd)
     sd.update(_common(trainer))
     # megatron-core's default distributed-optimizer layout ("fully_sharded_model_space") relies on flattened
@@ -231,7 +233,7 @@ def _load_torch(trainer) -> TrainState:
     sd = layout.load_rank_file(path)
     info.check_rank_file(name, sd)  # the file this rank restores belongs to the checkpoint opened at start-up
     for key, m in zip(_model_keys(trainer), trainer.models):
-        m.load_state_dict(sd[key], strict=True)
+        load_saved_state(m, sd[key])
     if not c.checkpoint.no_load_optim:
         if "optimizer" not in sd:
             raise ResumeError(f"{path} holds no optimizer state (pass --no-load-optim or --finetune)")
@@ -277,7 +279,7 @@ def _load_torch_dist(trainer) -> TrainState:
         sd.pop("rng_state")
     loaded = torch_dist.load(sd, info.iter_dir, info.dist_metadata)
     for key, m in zip(_model_keys(trainer), trainer.models):
-        m.load_state_dict(loaded[key], strict=True)
+        load_saved_state(m, loaded[key])
     if load_optim:
         with torch.no_grad():  # in fp32 the main parameters are views of the model's (leaf) parameters
             trainer.optimizer.load_state_dict(loaded["optimizer"])

@@ -27,6 +27,7 @@ import torch
 
 from megatron_patch.checkpointing.hf import HFSource
 from megatron_patch.checkpointing.megatron_format import CheckpointInfo
+from megatron_patch.lora.config import LoraConfig
 from megatron_patch.models.config import ModelArgs
 from megatron_patch.parallel import ParallelLayout
 
@@ -145,6 +146,16 @@ class CheckpointSettings:
 
 
 @dataclass(frozen=True)
+class LoraSettings:
+    """``--lora-*``: adapters trained on a frozen base (``training/lora.py`` applies, saves and loads them)."""
+
+    config: LoraConfig
+    load: Optional[str] = None  # --lora-load: a LoRA run's adapter-only checkpoint, or a HF PEFT adapter directory
+    resume: Optional[CheckpointInfo] = None  # --lora-load opened: a Megatron checkpoint
+    peft: Optional[object] = None  # --lora-load opened: a HF PEFT adapter (``lora.hf_peft.PeftSource``)
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     log_interval: int = 10
     metrics_file: Optional[str] = None
@@ -179,6 +190,7 @@ class RunConfig:
     resume: Optional[CheckpointInfo] = None
     hf_source: Optional[HFSource] = None
     hf_config: Optional[dict] = None  # the HF config.json of the run (what --save-hf writes), when there is one
+    lora: Optional[LoraSettings] = None  # --lora-rank: adapters on a frozen base
 
     @property
     def bf16(self) -> bool:
@@ -194,7 +206,7 @@ class RunConfig:
         out = {}
         for group in dataclasses.fields(self):
             value = getattr(self, group.name)
-            if group.name in ("resume", "hf_source"):
+            if group.name in ("resume", "hf_source", "lora"):
                 continue  # the opened --load: its path is in checkpoint.load
             if dataclasses.is_dataclass(value):
                 out.update({f"{group.name}.{f.name}": getattr(value, f.name) for f in dataclasses.fields(value)

@@ -24,6 +24,8 @@ class ResumeError(ValueError):
 def resumes_state(config: RunConfig) -> bool:
     """Whether ``--load`` restores training state (optimizer, scheduler, RNG, progress), not only weights."""
     info = config.resume
+    if config.lora is not None:  # the base: weights only (training/lora.py resumes --lora-load's adapters)
+        return False
     return info is not None and not config.checkpoint.finetune and info.iteration != "release"
 
 

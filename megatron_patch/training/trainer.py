@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from megatron_patch.training import checkpoint, loop
+from megatron_patch.training import checkpoint, lora, loop
 from megatron_patch.training.config import RunConfig
 from megatron_patch.training.state import TrainState, init_sgd_state, optimizers, scheduler_settings
 
@@ -81,7 +81,7 @@ class Trainer:
                             make_vocab_size_divisible_by=b.make_vocab_size_divisible_by,
                             liger_kernels=b.liger_kernels, vp_stage=vp if vpp else None)
             chunks.append(m.to(runtime.device()))
-        return chunks
+        return lora.apply(self.config, chunks)  # LoRA: adapters on, base frozen (before DDP makes grad buffers)
 
     def _wrap(self, chunks: list) -> list:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -177,8 +177,8 @@ class Trainer:
 
         c = self.config.checkpoint
         last_saved = -1
-        if c.load:
-            self.state = checkpoint.load(self)
+        if lora.loads(self.config):
+            self.state = lora.load(self)  # checkpoint.load, or with LoRA: the base, then --lora-load's adapters
             if dist.get_rank() == 0:
                 print(f"loaded {c.load} (iteration {self.state.iteration}, "
                       f"{self.state.consumed_train_samples} samples consumed)", flush=True)
@@ -198,7 +198,10 @@ class Trainer:
         return checkpoint.save(self)
 
     def save_hf(self) -> str:
-        return checkpoint.save_hf(self)
+        from megatron_patch.lora.apply import merged_weights
+
+        with merged_weights(self.models):  # LoRA: the merged model
+            return checkpoint.save_hf(self)
 
     def sync_params(self) -> None:
         """With the parameter gather overlapped, the last optimizer step's all-gather is still pending: finish
