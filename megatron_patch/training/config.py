@@ -45,6 +45,7 @@ class ModelBuild:
     moe_aux_loss_coeff: Optional[float] = None  # None: the model's router_aux_loss_coef
     moe_router_load_balancing_type: str = "aux_loss"
     moe_grouped_gemm: bool = False
+    cp_comm_type: Optional[str] = None  # Transformer Engine's CP attention (``training/context_parallel.py``)
     # Other ``TransformerConfig`` fields the flags set (recompute, init std, fusion switches, GPU-only features).
     transformer_overrides: dict = field(default_factory=dict)
 

@@ -44,10 +44,11 @@ def transformer_config(config: RunConfig):
     if model.is_moe:
         coeff = model.moe_aux_loss_coeff if b.moe_aux_loss_coeff is None else b.moe_aux_loss_coeff
         moe = dict(moe_router_load_balancing_type=b.moe_router_load_balancing_type,
-                   moe_aux_loss_coeff=coeff * aux_loss_coeff_scale(config.layout.tp),
+                   moe_aux_loss_coeff=coeff * aux_loss_coeff_scale(config.layout.tp, config.layout.cp),
                    moe_grouped_gemm=b.moe_grouped_gemm)  # resolved by arguments.validate
     return build(model, config.layout, params_dtype=config.params_dtype,
                  moe_token_dispatcher_type=b.moe_token_dispatcher_type, seq_length=config.batch.seq_length,
+                 cp_comm_type=b.cp_comm_type,
                  calculate_per_token_loss=True, **moe, **b.transformer_overrides)
 
 
