@@ -9,7 +9,8 @@ reduced right (over DP x CP). Compared with CP 1 within 1e-5:
   Qwen3 at CP2, CP4; Qwen3-MoE at CP2 x EP2 and CP4 x EP4 (losses and the logged load-balancing loss);
 - packed SFT (documents cut across CP chunks; the attention mask's rows split per rank) at CP2 vs CP1;
 - resume across CP sizes: N steps at CP2 saved, N more at CP1 from that checkpoint == 2N steps at CP1
-  (and CP1 -> CP2 == 2N at CP2), RNG state included (torch format, distributed optimizer).
+  (and CP1 -> CP2 == 2N at CP2), RNG state included (torch format, distributed optimizer); torch_dist CP2 -> CP1
+  with --no-load-rng (refused without it: its RNG states are per DP rank).
 In-process: bad CP inputs are refused with one line naming the fix, before any process group.
 """
 
@@ -21,6 +22,8 @@ import sys
 import pytest
 
 from megatron_patch.runtime import spawn
+from megatron_patch.testing.tiny_models import hf_config, save_tiny_model
+from tests.test_training import sft_data  # noqa: F401 - the chat data and tokenizer fixture, shared
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5
@@ -44,8 +47,10 @@ DENSE = {
 }
 REFERENCE = {"llama3.1": "llama_cp1", "qwen3": "qwen3_cp1", "qwen3-moe": "moe_cp1"}
 SFT = {"sft_cp1": [], "sft_cp2": ["--context-parallel-size", "2"]}
-# (saved at, resumed at, the uninterrupted run it must equal)
-RESUMES = [("llama_cp2", "llama_cp1", "llama_cp1"), ("llama_cp1", "llama_cp2", "llama_cp2")]
+# (saved at, resumed at, the uninterrupted run it must equal, checkpoint format, resume flags). torch_dist keeps RNG
+# states per DP rank in a (PP, TP, DP) grid: at another DP size (here CP2 x DP2 -> CP1 x DP4) only with --no-load-rng.
+RESUMES = [("llama_cp2", "llama_cp1", "llama_cp1", "torch", []), ("llama_cp1", "llama_cp2", "llama_cp2", "torch", []),
+           ("llama_cp2", "llama_cp1", "llama_cp1", "torch_dist", ["--no-load-rng"])]
 
 
 def _common(load: str) -> list[str]:
@@ -58,59 +63,48 @@ def _rows(path: str) -> list[dict]:
     return [json.loads(line) for line in open(path) if '"loss"' in line]
 
 
-def _jobs_worker(models: dict, tmp: str, sft: dict):
+def _jobs(models: dict, tmp: str, sft: dict) -> list[list[str]]:
+    """Every job's command line, in the order the launch runs them (a resume after its save)."""
+    out = [_common(models[model]) + extra + ["--metrics-file", f"{tmp}/{name}.jsonl"]
+           for name, (model, extra) in DENSE.items()]
+    for saved, resumed, _, fmt, flags in RESUMES:
+        d = f"{tmp}/{saved}-to-{resumed}-{fmt}"
+        out.append(_common(models["llama3.1"]) + DENSE[saved][1] + ["--ckpt-format", fmt, "--save", f"{d}/ckpt",
+                                                                    "--exit-interval", str(N), "--metrics-file",
+                                                                    f"{d}/first.jsonl"])
+        out.append(_resume_argv(d, resumed, fmt) + flags + ["--metrics-file", f"{d}/second.jsonl"])
+    cfg = os.path.join(tmp, "sft-config")
+    hf_config("llama3.1", vocab_size=sft["vocab"]).save_pretrained(cfg)
+    for name, extra in SFT.items():
+        out.append(["--model-config", cfg, "--sft", "--sft-pack-sequences", "--data-path", sft["data"],
+                    "--tokenizer-model", sft["tokenizer"], "--seq-length", "64", "--micro-batch-size", "1",
+                    "--global-batch-size", "4", "--train-iters", "3", "--lr", "1e-3", "--transformer-impl", "local",
+                    "--split", "100,0,0", "--seed", "3", "--log-interval", "100", "--metrics-file",
+                    f"{tmp}/{name}.jsonl"] + extra)
+    return out
+
+
+def _resume_argv(d: str, resumed: str, fmt: str) -> list[str]:
+    return _common(f"{d}/ckpt") + DENSE[resumed][1] + ["--ckpt-format", fmt]
+
+
+def _run_all(jobs: list[list[str]]) -> None:
     import torch.distributed as dist
 
     from megatron_patch import pretrain
 
-    def job(argv):
-        rc = pretrain.run(pretrain.prepare(argv), teardown=False)
-        assert rc == 0, f"job failed with {rc}: {argv}"
+    for argv in jobs:  # every rank runs every job; one failing fails the launch
+        status = pretrain.run(pretrain.prepare(argv), teardown=False)
         dist.barrier()
-
-    for name, (model, extra) in DENSE.items():
-        job(_common(models[model]) + extra + ["--metrics-file", f"{tmp}/{name}.jsonl"])
-    for saved, resumed, _ in RESUMES:
-        d = f"{tmp}/{saved}-to-{resumed}"
-        job(_common(models["llama3.1"]) + DENSE[saved][1] + ["--save", f"{d}/ckpt", "--exit-interval", str(N),
-                                                             "--metrics-file", f"{d}/first.jsonl"])
-        argv = _common(f"{d}/ckpt") + DENSE[resumed][1] + ["--metrics-file", f"{d}/second.jsonl"]
-        job(argv)
-    for name, extra in SFT.items():
-        job(["--model-config", sft["config"], "--sft", "--sft-pack-sequences", "--data-path", sft["data"],
-             "--tokenizer-model", sft["tokenizer"], "--seq-length", "64", "--micro-batch-size", "1",
-             "--global-batch-size", "4", "--train-iters", "3", "--lr", "1e-3", "--transformer-impl", "local",
-             "--split", "100,0,0", "--seed", "3", "--log-interval", "100", "--metrics-file", f"{tmp}/{name}.jsonl"]
-            + extra)
-    return True
-
-
-@pytest.fixture(scope="module")
-def sft_data(tmp_path_factory):
-    from megatron_patch.testing.tiny_models import hf_config
-    from toolkits.data.tokenizer import train_tokenizer
-
-    d = tmp_path_factory.mktemp("sft")
-    words = "the cat sat on a mat while dogs ran in the park and birds sang all day long".split()
-    texts = [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 4
-    tok = train_tokenizer(texts, str(d / "tok"), vocab_size=300)
-    with open(d / "chat.jsonl", "w") as f:
-        for i in range(24):  # short chats: several per packed sample, boundaries anywhere in the CP chunks
-            msgs = [{"role": "user", "content": " ".join(words[i % 9:i % 9 + 2])},
-                    {"role": "assistant", "content": " ".join(words[i % 7:i % 7 + 1 + i % 4])}]
-            f.write(json.dumps({"messages": msgs}) + "\n")
-    hf_config("llama3.1", vocab_size=len(tok)).save_pretrained(str(d / "cfg"))
-    return {"tokenizer": str(d / "tok"), "data": str(d / "chat.jsonl"), "config": str(d / "cfg")}
+        assert status == 0, (status, argv)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, sft_data):
-    from megatron_patch.testing.tiny_models import save_tiny_model
-
     root = tmp_path_factory.mktemp("hf")
     models = {m: save_tiny_model(m, str(root / m), seed=i) for i, m in enumerate(REFERENCE)}
     tmp = str(tmp_path_factory.mktemp("runs"))
-    spawn.run(_jobs_worker, 4, models, tmp, sft_data, timeout=1200)  # a hang guard only
+    spawn.run(_run_all, 4, _jobs(models, tmp, sft_data), timeout=1200)  # a hang guard only
     return tmp
 
 
@@ -142,9 +136,9 @@ def test_packed_sft_cp2_equals_cp1(runs):
     assert [r["tokens"] for r in cp2] == [r["tokens"] for r in cp1]
 
 
-@pytest.mark.parametrize("saved,resumed,full", RESUMES)
-def test_resume_across_cp_sizes(runs, saved, resumed, full):
-    d = f"{runs}/{saved}-to-{resumed}"
+@pytest.mark.parametrize("saved,resumed,full,fmt,flags", RESUMES)
+def test_resume_across_cp_sizes(runs, saved, resumed, full, fmt, flags):
+    d = f"{runs}/{saved}-to-{resumed}-{fmt}"
     first, second = _rows(f"{d}/first.jsonl"), _rows(f"{d}/second.jsonl")
     assert [r["iteration"] for r in first + second] == list(range(1, ITERS + 1))
     # The first half is the saved layout's own run, bit for bit (same layout, same steps).
@@ -153,6 +147,16 @@ def test_resume_across_cp_sizes(runs, saved, resumed, full):
     diff = _max_diff([r["loss"] for r in first + second], reference)
     print(f"{saved} -> {resumed}: max |loss diff| vs {full} uninterrupted {diff:.2e}")
     assert diff <= TOL
+
+
+def test_torch_dist_resume_at_another_dp_size_needs_no_load_rng(runs):
+    """Without --no-load-rng the torch_dist resume above is refused at start-up, with the flag named."""
+    from megatron_patch import pretrain
+
+    d = f"{runs}/llama_cp2-to-llama_cp1-torch_dist"
+    with pytest.raises(pretrain.StartupError) as e:
+        pretrain.prepare(_resume_argv(d, "llama_cp1", "torch_dist"), world_size=4)
+    assert "saved with 2 data-parallel ranks, this run has 4" in str(e.value) and "--no-load-rng" in str(e.value)
 
 
 BAD = [
@@ -190,8 +194,6 @@ def test_cp_settings_reach_the_config():
 
 
 def test_cli_one_error_line(tmp_path):
-    from megatron_patch.testing.tiny_models import hf_config
-
     hf_config("llama3.1").save_pretrained(str(tmp_path))
     env = dict(os.environ, PYTHONWARNINGS="ignore", WORLD_SIZE="2")
     r = subprocess.run([sys.executable, "-m", "megatron_patch.pretrain", "--model-config", str(tmp_path), "--mock-data",
