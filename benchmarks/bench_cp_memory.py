@@ -1,8 +1,10 @@
 """Activation memory per rank under context parallelism: does it fall as 1/CP on a long sequence?
 
-Builds the tiny Llama (``testing/tiny_models.py``, random weights, local spec with this project's CP
-attention) at CP = 1, 2, 4 (one process per CP rank, gloo on CPU, NCCL on GPU), splits one sequence with
-``split_for_cp`` and runs one forward + backward (after one untimed warm-up pass). Per rank it reports:
+Runs the trainer (``pretrain.prepare`` -> ``Trainer`` -> ``loop.step_batches`` -> ``Trainer.step``: the path of
+``python -m megatron_patch.pretrain --context-parallel-size CP``) on the tiny Llama (``testing/tiny_models.py``,
+random weights, mock data, local spec with this project's CP attention) at CP = 1, 2, 4 (one process per CP
+rank, gloo on CPU, NCCL on GPU), and measures one training step (forward, backward, optimizer) after one
+unmeasured step. Per rank it reports:
 
 - ``saved MiB``: the bytes autograd keeps for the backward pass (``saved_tensors_hooks``; unique storages,
   parameters excluded): the activation memory proper, exact and independent of the allocator;
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -74,34 +77,28 @@ def _cpu_mask_bytes(seq: int, cp: int, rank: int, layers: int, elem: int) -> int
     return layers * elem * sum(c * keys for keys in causal_key_prefixes(cp, rank, c) if keys > c)
 
 
-def _worker(family: str, seq: int, batch: int, cp: int, hidden: int | None) -> dict:
+def _worker(seq: int, batch: int, cp: int, cfg_dir: str) -> dict:
+    """One training step of ``python -m megatron_patch.pretrain --context-parallel-size CP`` (the trainer's own
+    RunConfig, Trainer, per-CP-rank batch and schedule), measured after one unmeasured step."""
     from megatron.core import parallel_state as ps
 
-    from megatron_patch import runtime
-    from megatron_patch.models.builder import build_model, transformer_config
-    from megatron_patch.models.context_parallel import split_for_cp
-    from megatron_patch.models.family import args_from_hf
-    from megatron_patch.parallel import ParallelLayout
-    from megatron_patch.testing.tiny_models import VOCAB, hf_config
+    from megatron_patch import pretrain, runtime
+    from megatron_patch.training import data, loop
+    from megatron_patch.training.trainer import Trainer
 
-    runtime.initialize(ParallelLayout(cp=cp), seed=1)
+    config = pretrain.prepare(["--model-config", cfg_dir, "--mock-data", "--seq-length", str(seq),
+                               "--micro-batch-size", str(batch), "--train-iters", "2", "--lr", "1e-4",
+                               "--transformer-impl", "local", "--rope-impl", "torch", "--context-parallel-size",
+                               str(cp), "--no-check-for-nan-in-loss-and-grad"])
+    runtime.initialize(config.layout, seed=config.seed)
     dev = runtime.device()
-    cfg = hf_config(family, max_position_embeddings=seq)
-    if hidden:  # same heads, wider heads and MLP
-        cfg = hf_config(family, max_position_embeddings=seq, hidden_size=hidden,
-                        head_dim=hidden // cfg.num_attention_heads,
-                        intermediate_size=cfg.intermediate_size * hidden // cfg.hidden_size)
-    args = args_from_hf(cfg.to_dict())
-    model = build_model(args, transformer_config(args, ParallelLayout(cp=cp), seq_length=seq), transformer_impl="local",
-                        rope_impl="torch").to(dev)
-    g = torch.Generator().manual_seed(0)
-    data = {"tokens": torch.randint(0, VOCAB, (batch, seq), generator=g),
-            "labels": torch.randint(0, VOCAB, (batch, seq), generator=g),
-            "position_ids": torch.arange(seq).expand(batch, seq)}
-    local = {k: v.to(dev) for k, v in split_for_cp(data, cp, ps.get_context_parallel_rank()).items()}
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    trainer = Trainer(config)
+    train = data.build_datasets(config)[0]
+    params = {p.untyped_storage().data_ptr() for m in trainer.models for p in m.parameters()}
 
-    def step(saved: dict | None = None):
+    def step(i: int, saved: dict | None = None):
+        batches = loop.step_batches(trainer, train, i * config.batch.global_batch_size)
+
         def pack(t):
             st = t.untyped_storage()
             if saved is not None and st.data_ptr() not in params:
@@ -109,27 +106,39 @@ def _worker(family: str, seq: int, batch: int, cp: int, hidden: int | None) -> d
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = model(local["tokens"], local["position_ids"], None, labels=local["labels"]).sum()
-        loss.backward()
-        model.zero_grad(set_to_none=True)
+            trainer.step(batches, i + 1)
+        return batches[0]["tokens"].numel()
 
-    step()  # warm-up: lazy buffers (RoPE table, allocator pools) are not activations
+    step(0)  # warm-up: lazy buffers (RoPE table, optimizer state, allocator pools) are not activations
     saved: dict = {}
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        step(saved)
+        tokens = step(1, saved)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
     else:
         _release_free_heap()
         rss = _status_kib("VmRSS") if _peak_rss_reset() else None
-        step(saved)
+        tokens = step(1, saved)
         peak = (_status_kib("VmHWM") - rss) * 1024 if rss is not None else float("nan")
-    masks = 0 if dev.type == "cuda" else _cpu_mask_bytes(seq, cp, ps.get_context_parallel_rank(), args.num_layers,
-                                                         next(model.parameters()).element_size())
-    return {"saved": sum(saved.values()), "masks": masks, "peak": peak, "tokens": local["tokens"].numel()}
+    masks = 0 if dev.type == "cuda" else _cpu_mask_bytes(seq, cp, ps.get_context_parallel_rank(),
+                                                         config.model.num_layers, config.params_dtype.itemsize)
+    return {"saved": sum(saved.values()), "masks": masks, "peak": peak, "tokens": tokens}
+
+
+def _model_config(family: str, seq: int, hidden: int | None, out: str) -> str:
+    """The tiny model's HF config (widened to ``hidden``: same heads, wider heads and MLP), saved in ``out``."""
+    from megatron_patch.testing.tiny_models import hf_config
+
+    cfg = hf_config(family, max_position_embeddings=seq)
+    if hidden:
+        cfg = hf_config(family, max_position_embeddings=seq, hidden_size=hidden,
+                        head_dim=hidden // cfg.num_attention_heads,
+                        intermediate_size=cfg.intermediate_size * hidden // cfg.hidden_size)
+    cfg.save_pretrained(out)
+    return out
 
 
 def main(argv=None) -> int:
@@ -152,8 +161,10 @@ def main(argv=None) -> int:
         return 2
 
     rows, records, base = [], [], None
-    for cp in cps:
-        per_rank = spawn.run(_worker, cp, a.family, a.seq, a.batch, cp, a.hidden, timeout=3600)
+    with tempfile.TemporaryDirectory(prefix="bench_cp_memory_") as tmp:
+        cfg_dir = _model_config(a.family, a.seq, a.hidden, tmp)
+        per_cp = [spawn.run(_worker, cp, a.seq, a.batch, cp, cfg_dir, timeout=3600) for cp in cps]
+    for cp, per_rank in zip(cps, per_cp):
         top = max(per_rank, key=lambda r: r["saved"])
         saved, masks = top["saved"] / MIB, top["masks"] / MIB
         peak = max(r["peak"] for r in per_rank) / MIB
@@ -165,7 +176,7 @@ def main(argv=None) -> int:
                         "per_rank_saved_mib": [r["saved"] / MIB for r in per_rank],
                         "per_rank_peak_mib": [r["peak"] / MIB for r in per_rank]})
     width = f", hidden {a.hidden}" if a.hidden else ""
-    print(f"{a.family} (tiny{width}), seq {a.seq}, batch {a.batch}, one forward + backward, largest rank, on "
+    print(f"{a.family} (tiny{width}), seq {a.seq}, batch {a.batch}, one training step, largest rank, on "
           f"{common.device_name()}")
     print(common.format_table(["CP", "tokens/rank", "saved MiB", "masks MiB", "saved - masks", "CP1 / this",
                                "peak MiB", "CP1 / this"], rows))

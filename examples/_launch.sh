@@ -3,6 +3,7 @@
 # Family:      FAMILY=llama3|qwen2.5|qwen3|... applies examples/$FAMILY/defaults.sh (only unset variables)
 # Model:       LOAD (Megatron checkpoint: converted or trained)  or  MODEL_CONFIG (HF config.json, from scratch)
 # Parallelism: TP=1 PP=1 VPP= (layers per virtual stage) SP=0|1 DISTRIBUTED_OPTIMIZER=1
+#              CP=1 (context parallel; SEQ_LEN a multiple of 2 x CP) CP_COMM_TYPE= (TE: p2p|a2a|allgather; local: allgather)
 # MoE:         EP=1 ETP= (expert TP, default TP) MOE_DISPATCHER=alltoall|allgather|flex MOE_AUX_LOSS_COEFF=
 # Batch:       MBS=1 GBS=8 SEQ_LEN=2048
 # Schedule:    LR=1e-5 MIN_LR=1e-6 DECAY=cosine TRAIN_ITERS=1000 WARMUP=10 WEIGHT_DECAY=0.1 CLIP_GRAD=1.0
@@ -68,6 +69,8 @@ ARGS=(
 [ -n "${MODEL_CONFIG:-}" ] && ARGS+=(--model-config "$MODEL_CONFIG")
 [ -n "${VPP:-}" ] && ARGS+=(--num-layers-per-virtual-pipeline-stage "$VPP")
 [ "${SP:-0}" = 1 ] && ARGS+=(--sequence-parallel)
+[ "${CP:-1}" != 1 ] && ARGS+=(--context-parallel-size "$CP")
+[ -n "${CP_COMM_TYPE:-}" ] && ARGS+=(--cp-comm-type "$CP_COMM_TYPE")
 [ "${EP:-1}" != 1 ] && ARGS+=(--expert-model-parallel-size "$EP")
 [ -n "${ETP:-}" ] && ARGS+=(--expert-tensor-parallel-size "$ETP")
 [ -n "${MOE_DISPATCHER:-}" ] && ARGS+=(--moe-token-dispatcher-type "$MOE_DISPATCHER")

@@ -166,7 +166,7 @@ BAD = [
     (["--recompute-granularity", "full"], "needs --recompute-method"),
     (["--min-lr", "1.0"], "--min-lr"),
     (["--save-interval", "5"], "--save-interval needs --save"),
-    (["--context-parallel-size", "2"], "not supported"),
+    (["--context-parallel-size", "2", "--seq-length", "30"], "is not divisible by 2 x CP"),
 ]
 
 

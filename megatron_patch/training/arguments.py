@@ -22,7 +22,7 @@ from megatron_patch.models.builder import (ATTENTION_IMPLS, MOE_DISPATCHERS, TRA
                                            resolve_transformer_impl)
 from megatron_patch.models.config import ModelArgs, layer_pattern
 from megatron_patch.parallel import LayoutError, ParallelLayout, check_virtual_stages
-from megatron_patch.training import lora, megatron_lm_flags
+from megatron_patch.training import context_parallel, lora, megatron_lm_flags
 from megatron_patch.training.config import (BatchSettings, CheckpointSettings, DataSettings, LoggingSettings,
                                             ModelBuild, OptimizerSettings, RunConfig, ScheduleSettings)
 
@@ -71,8 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
                    help="layers on the last pipeline stage (uneven split)")
     g.add_argument("--sequence-parallel", action="store_true", help="sequence parallelism (needs TP > 1)")
-    g.add_argument("--context-parallel-size", type=int, default=1,
-                   help="context-parallel size; only 1 is supported by this trainer")
+    context_parallel.add_flags(g)
     g.add_argument("--expert-model-parallel-size", type=int, default=1,
                    help="expert-parallel size (EP, MoE models): experts split over EP ranks, carved out of DP")
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
@@ -213,13 +212,11 @@ def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> argpars
     for name in ("micro_batch_size", "seq_length", "train_iters", "log_interval", "make_vocab_size_divisible_by"):
         if getattr(a, name) < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    if a.context_parallel_size != 1:
-        raise ArgumentError("--context-parallel-size > 1 is not supported by this trainer")
     per = a.num_layers_per_virtual_pipeline_stage
     try:
         check_virtual_stages(a.pipeline_model_parallel_size, per is not None)
         layout = layout_of(a)
-        layout.check()
+        layout.check(seq_length=a.seq_length)
     except LayoutError as e:
         raise ArgumentError(str(e)) from None
     if per is not None and per < 1:
@@ -235,6 +232,9 @@ def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> argpars
         impl = resolve_transformer_impl(a.transformer_impl)
     except ValueError as e:
         raise ArgumentError(str(e)) from None
+    problem = context_parallel.check(a, impl)
+    if problem:
+        raise ArgumentError(problem)
     if a.moe_grouped_gemm is False and impl == "transformer_engine":
         raise ArgumentError("--no-moe-grouped-gemm: Transformer Engine layers always run TE's grouped MLP "
                             "(use --transformer-impl local for megatron's SequentialMLP)")
@@ -408,7 +408,7 @@ def run_config(a: argparse.Namespace, margs: ModelArgs, resume=None, hf_source=N
             make_vocab_size_divisible_by=a.make_vocab_size_divisible_by, hidden_dropout=a.hidden_dropout,
             attention_dropout=a.attention_dropout, moe_token_dispatcher_type=a.moe_token_dispatcher_type,
             moe_aux_loss_coeff=a.moe_aux_loss_coeff, moe_router_load_balancing_type=a.moe_router_load_balancing_type,
-            moe_grouped_gemm=a.moe_grouped_gemm, **fusion_settings(a),
+            moe_grouped_gemm=a.moe_grouped_gemm, cp_comm_type=context_parallel.comm_type(a), **fusion_settings(a),
             transformer_overrides=dict(
                 recompute_granularity=a.recompute_granularity, recompute_method=a.recompute_method,
                 recompute_num_layers=a.recompute_num_layers, **megatron_lm_flags.transformer_overrides(a))),

@@ -42,8 +42,8 @@ from megatron_patch.lora.apply import load_saved_state, sharded_state_for_save, 
 from megatron_patch.training import errors
 from megatron_patch.training.resume import ResumeError, resumes_state
 from megatron_patch.training.state import (TrainState, init_empty_adam_state, load_dp_zero, optimizers,
-                                           override_group_lrs, rng_state, rng_states_over_dp, set_rng_state,
-                                           steps_from_param_groups)
+                                           override_group_lrs, rng_state, rng_states_for_dp, rng_states_over_dp,
+                                           set_rng_state, steps_from_param_groups)
 
 # Temporary iteration folders of any iteration (``.iter_0000100.tmp-HOST-PID-RANDOM``).
 _ITER_DIRS = r"iter_\d{7}"
@@ -170,7 +170,7 @@ def _sharded_state(trainer, is_loading: bool) -> dict:
     sd["rng_state"] = ShardedObject(
         "rng_state", rng_state(), (pp, tp, dp),
         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()),
-        replica_id=0)
+        replica_id=ps.get_context_parallel_rank())  # CP ranks share their DP rank's state: one writes it
     return sd
 
 
@@ -248,7 +248,7 @@ def _load_torch(trainer) -> TrainState:
         trainer.scheduler.load_state_dict(sd["opt_param_scheduler"])
     if not c.checkpoint.no_load_rng:
         dp = c.layout.dp
-        rngs = megatron_lm.rng_states_per_dp_rank(sd.get("rng_state"), sd["args"], dp)
+        rngs = rng_states_for_dp(megatron_lm.rng_states_per_dp_rank(sd.get("rng_state"), sd["args"], dp), dp)
         if not rngs or len(rngs) != dp:
             raise ResumeError(f"{path} has RNG states for {len(rngs or [])} data-parallel ranks, this run has "
                               f"{dp} (pass --no-load-rng)")

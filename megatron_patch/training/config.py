@@ -11,10 +11,11 @@ The groups follow the concerns of a run: the model and how it is split (``ModelA
 into megatron-core's configs are done at the edge and kept here as keyword dictionaries
 (``ModelBuild.transformer_overrides``, ``OptimizerSettings.config_overrides`` / ``ddp_overrides``).
 
-Capabilities still to come plug in as one more field each, read by one small module: LoRA adapters (a model
-transform the trainer applies between building and wrapping the chunks), context parallelism in the trainer
-(``layout.cp``: the batch split per CP rank and the loss reduction over DP x CP), grouped-GEMM experts
-(``ModelBuild.moe_grouped_gemm``).
+Capabilities plug in as one more field each, read by one small module: LoRA adapters (``RunConfig.lora``,
+``training/lora.py``: a model transform the trainer applies between building and wrapping the chunks), context
+parallelism (``layout.cp`` and ``ModelBuild.cp_comm_type``, ``training/context_parallel.py``: the batch cut per
+CP rank and the loss reduction over DP x CP), grouped-GEMM experts (``ModelBuild.moe_grouped_gemm``), the GPU
+speed levers (``ModelBuild.liger_kernels`` / ``sdpa_backend``, ``arguments.fusion_settings``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class ModelBuild:
     moe_grouped_gemm: bool = False
     liger_kernels: frozenset = frozenset()  # fusions.liger.KERNELS in use (resolved by arguments.fusion_settings)
     sdpa_backend: str = "auto"  # models.attention.SDPA_BACKENDS: SDPA's kernel on the local spec
+    cp_comm_type: Optional[str] = None  # Transformer Engine's CP attention (``training/context_parallel.py``)
     # Other ``TransformerConfig`` fields the flags set (recompute, init std, fusion switches, GPU-only features).
     transformer_overrides: dict = field(default_factory=dict)
 

@@ -222,8 +222,9 @@ def microbatch_indices(consumed: int, mbs: int, dp: int, dp_rank: int, num_micro
 
 
 def step_batches(dataset, consumed: int, mbs: int, dp: int, dp_rank: int, num_microbatches: int,
-                 device: torch.device) -> list[dict]:
-    """The micro-batches of one optimizer step, on ``device``."""
+                 device: torch.device, cut=None) -> list[dict]:
+    """The micro-batches of one optimizer step, on ``device``; ``cut`` (a collated batch -> this rank's part,
+    e.g. its context-parallel share) runs on the host, before the copy."""
     n = len(dataset)
     batches = []
     for idx in microbatch_indices(consumed, mbs, dp, dp_rank, num_microbatches):
@@ -231,6 +232,7 @@ def step_batches(dataset, consumed: int, mbs: int, dp: int, dp_rank: int, num_mi
         # happens for evaluation batches past the end of a small validation split.
         wrapped = [i % n for i in idx]
         batch = collate(dataset.get_many(wrapped) if hasattr(dataset, "get_many") else [dataset[i] for i in wrapped])
+        batch = cut(batch) if cut is not None else batch
         # Page-locked on a GPU so the copy is asynchronous (non_blocking from pageable memory still waits);
         # torch's caching host allocator reuses the pinned blocks step after step.
         pin = torch.device(device).type == "cuda"

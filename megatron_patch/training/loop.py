@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_patch.models.flops import flops_per_token
-from megatron_patch.training import data
+from megatron_patch.training import context_parallel, data
 from megatron_patch.training.state import TrainState
 
 
@@ -48,10 +48,8 @@ def forward_step(data_iterator, model):
 
 
 def run_schedule(trainer, batches: list[dict], forward_only: bool) -> Optional[torch.Tensor]:
-    """One pass over a step's micro-batches; returns [loss_sum, tokens] reduced over DP (last stage, else None).
-
-    Context parallelism (phase 2) reduces over DP x CP here (``get_data_parallel_group(with_context_parallel=True)``).
-    """
+    """One pass over a step's micro-batches; returns [loss_sum, tokens] reduced over DP x CP (the CP ranks hold
+    parts of the same samples; last stage, else None)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -67,7 +65,7 @@ def run_schedule(trainer, batches: list[dict], forward_only: bool) -> Optional[t
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
     total = torch.stack([d["lm loss"] for d in out]).sum(0)
-    dist.all_reduce(total, group=ps.get_data_parallel_group())
+    dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
     return total
 
 
@@ -115,17 +113,16 @@ def load_balancing_window(trainer):
 
 
 def step_batches(trainer, dataset, consumed: int) -> list[dict]:
-    """This rank's micro-batches of the step that starts after ``consumed`` samples, on the device.
-
-    Context parallelism (phase 2) cuts each of them for this CP rank here (``models.context_parallel.split_for_cp``).
-    """
+    """This rank's micro-batches of the step that starts after ``consumed`` samples, on the device (under context
+    parallelism this CP rank's part of each, cut on the host: ``context_parallel.cut_batch``)."""
     from megatron.core import parallel_state as ps
 
     from megatron_patch import runtime
 
     b = trainer.config.batch
+    cut = context_parallel.batch_cutter(ps.get_context_parallel_world_size(), ps.get_context_parallel_rank())
     return data.step_batches(dataset, consumed, b.micro_batch_size, trainer.config.layout.dp,
-                             ps.get_data_parallel_rank(), b.num_microbatches, runtime.device())
+                             ps.get_data_parallel_rank(), b.num_microbatches, runtime.device(), cut)
 
 
 def evaluate(trainer, dataset) -> Optional[float]:

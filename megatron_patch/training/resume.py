@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Optional
 
 from megatron_patch.checkpointing.megatron_args import experts_resume_problem
+from megatron_patch.checkpointing.megatron_lm import is_megatron_lm_args
 from megatron_patch.training.config import RunConfig
 from megatron_patch.training.state import scheduler_settings
 
@@ -41,6 +42,14 @@ def check_resume(config: RunConfig) -> None:
             f"{config.checkpoint.load} was saved at {info.parallel.describe()}, this run is "
             f"{config.layout.describe()}; resuming optimizer state needs the same layout (use --finetune to load the "
             "weights only, or convert the checkpoint with mcore2mcore first)")
+    saved_dp = getattr(info.ns, "data_parallel_size", None)
+    if (info.format == "torch_dist" and not config.checkpoint.no_load_rng and not is_megatron_lm_args(info.ns)
+            and saved_dp not in (None, config.layout.dp)):
+        # Its RNG states are a (PP, TP, DP) grid (Megatron-LM's: one per (PP, TP)): another DP size (e.g. another CP
+        # size on as many ranks) finds no shard.
+        raise ResumeError(f"{config.checkpoint.load} was saved with {saved_dp} data-parallel ranks, this run has "
+                          f"{config.layout.dp}; its torch_dist RNG states are per data-parallel rank: pass --no-load-rng "
+                          "(weights, optimizer and progress still resume)")
     if config.checkpoint.no_load_optim:
         return
     problem = experts_resume_problem(info.ns, config.build.experts_impl, info.format,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -71,12 +72,33 @@ def set_rng_state(state: dict) -> None:
 
 
 def rng_states_over_dp() -> list:
-    """Every data-parallel rank's RNG state, in DP-rank order (a collective of the DP group)."""
+    """Every data-parallel rank's RNG state, in DP-rank order (a collective of the DP group). The context-parallel
+    ranks of a DP rank are seeded alike and draw alike (same shapes), so its state stands for theirs: a checkpoint
+    does not depend on the CP size."""
     from megatron.core import parallel_state as ps
 
     out = [None] * ps.get_data_parallel_world_size()
-    dist.all_gather_object(out, rng_state(), group=ps.get_data_parallel_group(with_context_parallel=True))
+    dist.all_gather_object(out, rng_state(), group=ps.get_data_parallel_group())
     return out
+
+
+def rng_states_for_dp(rngs: Optional[list], dp: int) -> Optional[list]:
+    """Saved per-DP-rank RNG states for a run of ``dp`` DP ranks: as saved when the counts agree; at another DP
+    size (e.g. a resume at another CP size on as many ranks) the one state all saved ranks share, if they do
+    (their seeds do not depend on the DP position unless experts are parallel); else as saved (refused)."""
+    if not rngs or len(rngs) == dp or not all(_same(r, rngs[0]) for r in rngs[1:]):
+        return rngs
+    return [rngs[0]] * dp
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 # ---------------------------------------------------------------- optimizer

@@ -8,11 +8,11 @@ call back into. ``fit`` then loads ``--load``, trains (``loop.py``) and writes t
 ``step`` is one optimizer step on given micro-batches (benchmarks and tests drive it directly). Checkpoints
 are ``checkpoint.py``'s (``save``, ``load``, ``save_hf`` take the trainer).
 
-Where the capabilities still to come plug in: LoRA adapters transform the built chunks before they are
-wrapped (``_build_chunks``: the one place the modules exist unwrapped, before DDP allocates gradient buffers for
-what is trainable), and add their entries to the checkpoint; context parallelism splits each micro-batch per CP
-rank in ``loop.step_batches`` and reduces loss and tokens over DP x CP in ``loop.run_schedule``
-(``config.layout.cp``; ``runtime.initialize`` already makes the groups).
+Where capabilities plug in: LoRA adapters transform the built chunks before they are wrapped
+(``_build_chunks``: the one place the modules exist unwrapped, before DDP allocates gradient buffers for what is
+trainable; ``training/lora.py``) and checkpoints hold only them; context parallelism cuts each micro-batch per
+CP rank in ``loop.step_batches`` and reduces loss and tokens over DP x CP in ``loop.run_schedule``
+(``training/context_parallel.py``; ``runtime.initialize`` makes the groups).
 """
 
 from __future__ import annotations
@@ -44,10 +44,11 @@ def transformer_config(config: RunConfig):
     if model.is_moe:
         coeff = model.moe_aux_loss_coeff if b.moe_aux_loss_coeff is None else b.moe_aux_loss_coeff
         moe = dict(moe_router_load_balancing_type=b.moe_router_load_balancing_type,
-                   moe_aux_loss_coeff=coeff * aux_loss_coeff_scale(config.layout.tp),
+                   moe_aux_loss_coeff=coeff * aux_loss_coeff_scale(config.layout.tp, config.layout.cp),
                    moe_grouped_gemm=b.moe_grouped_gemm)  # resolved by arguments.validate
     return build(model, config.layout, params_dtype=config.params_dtype,
                  moe_token_dispatcher_type=b.moe_token_dispatcher_type, seq_length=config.batch.seq_length,
+                 cp_comm_type=b.cp_comm_type,
                  calculate_per_token_loss=True, **moe, **b.transformer_overrides)
 
 
