@@ -7,6 +7,7 @@ the global batch stays the same, so equal losses also say the batch, loss and to
 reduced right (over DP x CP). Compared with CP 1 within 1e-5:
 - Llama 3.1 (distributed optimizer) at CP2, CP4, TP2 x CP2 with sequence parallelism, PP2 x CP2;
   Qwen3 at CP2, CP4; Qwen3-MoE at CP2 x EP2 and CP4 x EP4 (losses and the logged load-balancing loss);
+- LoRA adapters (rank 4 on every linear, frozen base) at CP2 vs LoRA at CP1;
 - packed SFT (documents cut across CP chunks; the attention mask's rows split per rank) at CP2 vs CP1;
 - resume across CP sizes: N steps at CP2 saved, N more at CP1 from that checkpoint == 2N steps at CP1
   (and CP1 -> CP2 == 2N at CP2), RNG state included (torch format, distributed optimizer); torch_dist CP2 -> CP1
@@ -30,7 +31,8 @@ TOL = 1e-5
 N = 2  # steps before and after a save
 ITERS = 2 * N
 
-# name: (model, extra flags); every job's losses are compared with REFERENCE[model]'s.
+LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--lora-target-modules", "all"]
+# name: (model, extra flags); every job's losses are compared with REFERENCE[model]'s (or OWN_REFERENCE's job's).
 DENSE = {
     "llama_cp1": ("llama3.1", []),
     "llama_cp2": ("llama3.1", ["--context-parallel-size", "2"]),
@@ -44,8 +46,11 @@ DENSE = {
     "moe_cp1": ("qwen3-moe", []),
     "moe_cp2_ep2": ("qwen3-moe", ["--context-parallel-size", "2", "--expert-model-parallel-size", "2"]),
     "moe_cp4_ep4": ("qwen3-moe", ["--context-parallel-size", "4", "--expert-model-parallel-size", "4"]),
+    "lora_cp1": ("llama3.1", LORA),
+    "lora_cp2": ("llama3.1", LORA + ["--context-parallel-size", "2"]),
 }
 REFERENCE = {"llama3.1": "llama_cp1", "qwen3": "qwen3_cp1", "qwen3-moe": "moe_cp1"}
+OWN_REFERENCE = {"lora_cp2": "lora_cp1"}  # LoRA trains other parameters: compared with LoRA at CP 1
 SFT = {"sft_cp1": [], "sft_cp2": ["--context-parallel-size", "2"]}
 # (saved at, resumed at, the uninterrupted run it must equal, checkpoint format, resume flags). torch_dist keeps RNG
 # states per DP rank in a (PP, TP, DP) grid: at another DP size (here CP2 x DP2 -> CP1 x DP4) only with --no-load-rng.
@@ -113,9 +118,9 @@ def _max_diff(a: list, b: list) -> float:
     return max(abs(x - y) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("name", [n for n in DENSE if n not in REFERENCE.values()])
+@pytest.mark.parametrize("name", [n for n in DENSE if n not in {*REFERENCE.values(), *OWN_REFERENCE.values()}])
 def test_losses_equal_cp1(runs, name):
-    ref = _rows(f"{runs}/{REFERENCE[DENSE[name][0]]}.jsonl")
+    ref = _rows(f"{runs}/{OWN_REFERENCE.get(name, REFERENCE[DENSE[name][0]])}.jsonl")
     got = _rows(f"{runs}/{name}.jsonl")
     assert len(got) == len(ref) == ITERS
     diff = _max_diff([r["loss"] for r in got], [r["loss"] for r in ref])
@@ -203,3 +208,9 @@ def test_cli_one_error_line(tmp_path):
     lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
     assert lines == ["error: sequence length 30 is not divisible by 2 x CP (2) = 4; use a multiple of 4 (e.g. "
                      "--seq-length 32) or change the parallel sizes"], r.stderr[-2000:]
+
+
+def test_lora_jobs_trained_adapters(runs):
+    """The LoRA jobs are not the full-training ones: same start (B = 0), then other parameters move."""
+    lora, full = [r["loss"] for r in _rows(f"{runs}/lora_cp1.jsonl")], [r["loss"] for r in _rows(f"{runs}/llama_cp1.jsonl")]
+    assert lora[0] == full[0] and abs(lora[-1] - full[-1]) > 1e-4, (lora, full)
