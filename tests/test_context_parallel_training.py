@@ -212,5 +212,6 @@ def test_cli_one_error_line(tmp_path):
 
 def test_lora_jobs_trained_adapters(runs):
     """The LoRA jobs are not the full-training ones: same start (B = 0), then other parameters move."""
-    lora, full = [r["loss"] for r in _rows(f"{runs}/lora_cp1.jsonl")], [r["loss"] for r in _rows(f"{runs}/llama_cp1.jsonl")]
+    lora = [r["loss"] for r in _rows(f"{runs}/lora_cp1.jsonl")]
+    full = [r["loss"] for r in _rows(f"{runs}/llama_cp1.jsonl")]
     assert lora[0] == full[0] and abs(lora[-1] - full[-1]) > 1e-4, (lora, full)
