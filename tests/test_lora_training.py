@@ -143,15 +143,21 @@ def peft_losses(base: str, adapter: str, batches, train: bool = True) -> list[fl
     return adam_losses(model, [p for p in model.parameters() if p.requires_grad], batches, LR, EPS, train)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def tiny_base(tmp, family: str = "llama3.1", name: str = "") -> tuple[str, str]:
+    """(HF dir, its fp32 local-spec Megatron conversion) of a tiny model under ``tmp``."""
     from megatron_patch.testing.tiny_models import save_tiny_model
-    from tests.test_lora import make_peft_adapter
     from toolkits.checkpoint.convert import hf2mcore
 
+    hf = save_tiny_model(family, str(tmp / f"{name}hf"))
+    return hf, hf2mcore(hf, str(tmp / f"{name}mcore"), transformer_impl="local", params_dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from tests.test_lora import make_peft_adapter
+
     tmp = tmp_path_factory.mktemp("lora_training")
-    hf = save_tiny_model("llama3.1", str(tmp / "hf"))
-    base = hf2mcore(hf, str(tmp / "mcore"), transformer_impl="local", params_dtype="fp32")
+    hf, base = tiny_base(tmp)
     peft = make_peft_adapter(hf, str(tmp / "peft"), "all-linear", seed=3)
     results = spawn.run(_worker, 2, base, peft, str(tmp), timeout=900)
     return {"hf": hf, "base": base, "peft": peft, "tmp": tmp, "ranks": results}

@@ -64,16 +64,13 @@ def _worker(base: str, peft: str, moe: str, tmp: str) -> dict:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from megatron_patch.testing.tiny_models import save_tiny_model
     from tests.test_lora import make_peft_adapter
-    from toolkits.checkpoint.convert import hf2mcore
+    from tests.test_lora_training import tiny_base
 
     tmp = tmp_path_factory.mktemp("lora_layouts")
-    hf = save_tiny_model("llama3.1", str(tmp / "hf"))
-    base = hf2mcore(hf, str(tmp / "mcore"), transformer_impl="local", params_dtype="fp32")
+    hf, base = tiny_base(tmp)
     peft = make_peft_adapter(hf, str(tmp / "peft"), "all-linear", seed=3)
-    moe_hf = save_tiny_model("qwen3-moe", str(tmp / "moe_hf"))
-    moe = hf2mcore(moe_hf, str(tmp / "moe"), transformer_impl="local", params_dtype="fp32")
+    _, moe = tiny_base(tmp, "qwen3-moe", "moe_")
     ranks = spawn.run(_worker, 2, base, peft, moe, str(tmp), timeout=900)
     return {"hf": hf, "peft": peft, "tmp": tmp, "ranks": ranks}
 
