@@ -54,7 +54,8 @@ def _losses(path: str) -> list[float]:
 
 
 def _inspected_run(argv: list[str]) -> dict:
-    """Train through a ``Trainer`` built here, checking what it holds for the base before and after."""
+    """Train through a ``Trainer`` built here, checking what it holds for the base before and after (names of
+    parameters, so ranks can be compared; the distributed optimizer's shards are mapped to their parameters)."""
     from megatron_patch import pretrain, runtime
     from megatron_patch.lora.mapping import is_adapter_key
     from megatron_patch.training import lora
@@ -68,34 +69,44 @@ def _inspected_run(argv: list[str]) -> dict:
     metrics = Metrics(config.logging, run=config.scalars())
     trainer = Trainer(config, metrics)
     trainer.state = lora.load(trainer)  # fit loads the same again; the snapshot is of the loaded weights
-    named = [(n, p) for m in trainer.models for n, p in m.named_parameters()]
-    adapter = {id(p) for n, p in named if is_adapter_key(n)}
+    named = [(f"{i}.{n}", p) for i, m in enumerate(trainer.models) for n, p in m.named_parameters()]
+    name_of = {id(p): n for n, p in named}
+    adapter = {n for n, _ in named if is_adapter_key(n)}
     before = {n: p.detach().clone() for n, p in named}
-    buffered = {id(p) for c in trainer.chunks for b in c.buffers + c.expert_parallel_buffers for p in b.params}
-    in_optimizer = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    buffered = {name_of[id(p)] for c in trainer.chunks for b in c.buffers + c.expert_parallel_buffers for p in b.params}
+    opts = optimizers(trainer.optimizer)
+    for o in opts:  # the distributed optimizer updates fp32 shards (views) of this rank's model parameters
+        for model_group, shard_group in zip(getattr(o, "model_fp32_groups", []), getattr(o, "shard_fp32_groups", [])):
+            name_of.update({id(s): name_of[id(m)] for m, s in zip(model_group, shard_group)})
+    in_optimizer = {name_of[id(p)] for o in opts for g in o.optimizer.param_groups for p in g["params"]}
     trainer.fit(build_datasets(config))
     metrics.close()
-    with_state = {id(p) for o in optimizers(trainer.optimizer) for p, s in o.optimizer.state.items() if s}
+    with_state = {name_of[id(p)] for o in opts for p, s in o.optimizer.state.items() if s}
     return {
-        "adapters": len(adapter), "params": len(named),
-        "trainable_is_adapters": {id(p) for _, p in named if p.requires_grad} == adapter,
-        "buffers_are_adapters": buffered == adapter, "optimizer_is_adapters": in_optimizer == adapter,
-        "state_is_adapters": with_state == adapter,
-        "base_main_grad": [n for n, p in named if id(p) not in adapter and getattr(p, "main_grad", None) is not None],
-        "base_changed": [n for n, p in named if id(p) not in adapter and not torch.equal(p, before[n])],
-        "adapters_unchanged": [n for n, p in named if id(p) in adapter and torch.equal(p, before[n])],
+        "adapters": sorted(adapter), "params": len(named),
+        "trainable_is_adapters": {n for n, p in named if p.requires_grad} == adapter,
+        "buffers_are_adapters": buffered == adapter, "optimizer": sorted(in_optimizer),
+        "state_is_optimized": with_state == in_optimizer,
+        "base_main_grad": [n for n, p in named if n not in adapter and getattr(p, "main_grad", None) is not None],
+        "base_changed": [n for n, p in named if n not in adapter and not torch.equal(p, before[n])],
+        "adapters_unchanged": [n for n, p in named if n in adapter and torch.equal(p, before[n])],
     }
+
+
+def _job(argv: list[str]) -> None:
+    import torch.distributed as dist
+
+    from megatron_patch import pretrain
+
+    rc = pretrain.run(pretrain.prepare(argv), teardown=False)
+    assert rc == 0, f"job failed with {rc}: {argv}"
+    dist.barrier()
 
 
 def _worker(base: str, peft: str, tmp: str):
     import torch.distributed as dist
 
-    from megatron_patch import pretrain
-
-    def job(argv):
-        rc = pretrain.run(pretrain.prepare(argv), teardown=False)
-        assert rc == 0, f"job failed with {rc}: {argv}"
-        dist.barrier()
+    job = _job
 
     def path(*p):
         return os.path.join(tmp, *p)
@@ -132,15 +143,21 @@ def peft_losses(base: str, adapter: str, batches, train: bool = True) -> list[fl
     return adam_losses(model, [p for p in model.parameters() if p.requires_grad], batches, LR, EPS, train)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def tiny_base(tmp, family: str = "llama3.1", name: str = "") -> tuple[str, str]:
+    """(HF dir, its fp32 local-spec Megatron conversion) of a tiny model under ``tmp``."""
     from megatron_patch.testing.tiny_models import save_tiny_model
-    from tests.test_lora import make_peft_adapter
     from toolkits.checkpoint.convert import hf2mcore
 
+    hf = save_tiny_model(family, str(tmp / f"{name}hf"))
+    return hf, hf2mcore(hf, str(tmp / f"{name}mcore"), transformer_impl="local", params_dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from tests.test_lora import make_peft_adapter
+
     tmp = tmp_path_factory.mktemp("lora_training")
-    hf = save_tiny_model("llama3.1", str(tmp / "hf"))
-    base = hf2mcore(hf, str(tmp / "mcore"), transformer_impl="local", params_dtype="fp32")
+    hf, base = tiny_base(tmp)
     peft = make_peft_adapter(hf, str(tmp / "peft"), "all-linear", seed=3)
     results = spawn.run(_worker, 2, base, peft, str(tmp), timeout=900)
     return {"hf": hf, "base": base, "peft": peft, "tmp": tmp, "ranks": results}
@@ -160,14 +177,27 @@ def test_lora_training_matches_hf_peft(run, name):
     assert abs(want[-1] - want[0]) > 100 * RTOL * want[0]  # the adapters were trained: losses moved
 
 
-def test_lora_base_frozen(run):
-    for rank, r in enumerate(run["ranks"]):
-        got = r["inspected"]
-        assert 0 < got["adapters"] < got["params"], got
+def _check_frozen(ranks: list, key: str, distributed_optimizer: bool = False) -> None:
+    """Only adapters are trainable, in DDP's buffers, in the optimizer and its state; the base is bitwise unchanged
+    and every adapter moved. With the distributed optimizer each rank updates a share of the adapters: the
+    shares cover them all (the ranks of this check hold the same adapters: data-parallel replicas)."""
+    for rank, r in enumerate(ranks):
+        got = r[key]
+        assert 0 < len(got["adapters"]) < got["params"], got
         assert got["trainable_is_adapters"] and got["buffers_are_adapters"], (rank, got)
-        assert got["optimizer_is_adapters"] and got["state_is_adapters"], (rank, got)
+        assert set(got["optimizer"]) <= set(got["adapters"]) and got["state_is_optimized"], (rank, got)
+        if not distributed_optimizer:
+            assert got["optimizer"] == got["adapters"], (rank, got)
         assert got["base_main_grad"] == [] and got["base_changed"] == [], (rank, got)
         assert got["adapters_unchanged"] == [], (rank, got)
+    if distributed_optimizer:
+        assert all(r[key]["adapters"] == ranks[0][key]["adapters"] for r in ranks)
+        shares = [set(r[key]["optimizer"]) for r in ranks]
+        assert set().union(*shares) == set(ranks[0][key]["adapters"]), shares
+
+
+def test_lora_base_frozen(run):
+    _check_frozen(run["ranks"], "inspected")
 
 
 def test_lora_saves_adapters_only_and_merged_hf(run):

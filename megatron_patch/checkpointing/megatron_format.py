@@ -309,7 +309,7 @@ def open_checkpoint(ckpt_dir: str, hf_config: Optional[str] = None, all_rank_fil
             raise CheckpointError(f"{iter_dir}: {e}") from None
     try:
         args = from_namespace(ns, hf_config, ckpt_dir, tensors)
-        check_against_checkpoint(args, iter_dir, tensors, layers)
+        check_against_checkpoint(args, iter_dir, tensors, layers, experts=_holds_expert_tensors(ns))
     except CheckpointError:
         raise
     except (ValueError, TypeError, KeyError) as e:
@@ -319,6 +319,15 @@ def open_checkpoint(ckpt_dir: str, hf_config: Optional[str] = None, all_rank_fil
     _check_config_beside(ckpt_dir, args)
     return CheckpointInfo(ckpt_dir, iteration, iter_dir, fmt, ns, args, saved, common, metadata, rank0,
                           rank_files_checked=all_rank_files)
+
+
+def _holds_expert_tensors(ns: argparse.Namespace) -> bool:
+    """Whether a checkpoint has tensors of every expert: not so for a LoRA run's adapter-only save (its args record
+    the LoRA config) whose targets leave out the MLP linears, the only adapted linears inside experts."""
+    from megatron_patch.lora.config import from_args
+
+    lora = from_args(ns)
+    return lora is None or lora.adapts_mlp
 
 
 def _check_config_beside(ckpt_dir: str, args: ModelArgs) -> None:

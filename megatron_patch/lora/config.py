@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+MLP_TARGETS = ("linear_fc1", "linear_fc2")
 ALL = "all"
 
 
@@ -56,6 +57,11 @@ class LoraConfig:
     def scale(self, kind: str) -> float:
         r, a = self.rank_alpha(kind)
         return a / r
+
+    @property
+    def adapts_mlp(self) -> bool:
+        """Whether MLP linears (``linear_fc1`` / ``linear_fc2``: the only ones inside MoE experts) are adapted."""
+        return any(t in self.targets for t in MLP_TARGETS)
 
     def targets_module(self, name: str) -> bool:
         """Whether a linear module named ``name`` (its last path component) is adapted."""

@@ -321,17 +321,20 @@ def differences(a: ModelArgs, b: ModelArgs, a_name: str, b_name: str) -> list[st
     return out
 
 
-def check_against_checkpoint(args: ModelArgs, where: str, tensors: int, layers: Optional[int] = None) -> None:
+def check_against_checkpoint(args: ModelArgs, where: str, tensors: int, layers: Optional[int] = None,
+                             experts: bool = True) -> None:
     """Sizes that the tensors a checkpoint actually holds can back, checked before anything is planned or
     allocated per layer or expert (a config saying 10^9 layers would otherwise take minutes and gigabytes
     before any shape check). ``tensors``: how many tensors ``where`` holds (every layer, and every expert of
-    every MoE layer, has at least one); ``layers``: the layer count, where the checkpoint's own structure says it."""
+    every MoE layer, has at least one); ``layers``: the layer count, where the checkpoint's own structure says it.
+    ``experts=False``: the checkpoint holds no per-expert tensors by design (LoRA adapters of attention only),
+    so only the layer count is bounded."""
     if layers is not None and args.num_layers != layers:
         raise ModelConfigError(f"the model arguments say num_layers {args.num_layers}, but {where} holds "
                                f"{layers} layers")
     if args.num_layers > tensors:
         raise ModelConfigError(f"the model arguments say num_layers {args.num_layers}, but {where} holds only "
                                f"{tensors} tensors (at least one per layer)")
-    if args.is_moe and args.num_moe_layers * args.num_experts > tensors:
+    if experts and args.is_moe and args.num_moe_layers * args.num_experts > tensors:
         raise ModelConfigError(f"the model arguments say {args.num_experts} experts in each of {args.num_moe_layers} "
                                f"MoE layers, but {where} holds only {tensors} tensors (at least one per expert)")

@@ -74,8 +74,7 @@ def settings(a: argparse.Namespace, margs: ModelArgs) -> Optional[LoraSettings]:
     if a.lora_rank is None:
         return None
     cfg = _config(a)
-    experts = margs.is_moe and any(t in cfg.targets for t in ("linear_fc1", "linear_fc2"))
-    if experts and a.moe_grouped_gemm:
+    if margs.is_moe and cfg.adapts_mlp and a.moe_grouped_gemm:
         raise LoraError("LoRA on MoE experts needs megatron's SequentialMLP experts, not grouped-GEMM ones: pass "
                         "--transformer-impl local --no-moe-grouped-gemm (or leave linear_fc1/linear_fc2 out of "
                         "--lora-target-modules)")
