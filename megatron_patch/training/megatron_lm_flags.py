@@ -140,6 +140,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     add(g, "--overlap-grad-reduce", action="store_true", help="overlap the gradient reduction with the backward pass")
     add(g, "--overlap-param-gather", action="store_true",
         help="overlap the distributed optimizer's parameter all-gather with the forward pass")
+    add(g, "--no-overlap-p2p-communication", dest="overlap_p2p_comm", action="store_false",
+        help="with virtual pipeline stages: batched pipeline sends/receives instead of overlapped ones (needs "
+        "--pipeline-model-parallel-size > 2)")
     add(g, "--calculate-per-token-loss", action="store_true",
         help="per-token loss over the global batch (always the case in this trainer)")
     add(g, "--no-rope-fusion", action="store_true", help="unfused RoPE: the same as --rope-impl torch")
@@ -249,6 +252,11 @@ def validate(a: argparse.Namespace, on_gpu: bool) -> Optional[str]:
         return "--tp-comm-overlap needs --sequence-parallel"
     if a.overlap_param_gather and not (a.use_distributed_optimizer and a.overlap_grad_reduce):
         return "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce"
+    if a.num_layers_per_virtual_pipeline_stage is not None and not a.overlap_p2p_comm \
+            and a.pipeline_model_parallel_size == 2:
+        return ("--no-overlap-p2p-communication with virtual pipeline stages needs --pipeline-model-parallel-size > 2 "
+                "(at PP=2 a batched exchange holds two sends to the same rank, which pairs activations with "
+                "gradients); drop the flag")
     if a.recompute_activations and a.recompute_granularity not in (None, "selective"):
         return ("--recompute-activations is --recompute-granularity selective; it contradicts "
                 "--recompute-granularity full")
@@ -374,6 +382,7 @@ def architecture_disagreements(a: argparse.Namespace, margs) -> list[str]:
 def transformer_overrides(a: argparse.Namespace) -> dict[str, Any]:
     """``TransformerConfig`` keyword arguments from the flags (only those that were given or always apply)."""
     out: dict[str, Any] = {"hidden_dropout": a.hidden_dropout, "attention_dropout": a.attention_dropout}
+    out.update(pipeline_p2p(a.num_layers_per_virtual_pipeline_stage is not None, a.overlap_p2p_comm))
     if a.init_method_std is not None:
         out["init_method_std"] = a.init_method_std
     if a.no_bias_swiglu_fusion:
@@ -407,6 +416,22 @@ def transformer_overrides(a: argparse.Namespace) -> dict[str, Any]:
         out["cpu_offloading"] = True
         out["cpu_offloading_num_layers"] = a.cpu_offloading_num_layers or 0
     return out
+
+
+def pipeline_p2p(interleaved: bool, overlap: bool = True) -> dict[str, bool]:
+    """How the pipeline schedules exchange activations and gradients (``TransformerConfig`` fields), as
+    Megatron-LM sets them: with virtual stages overlapped (``--no-overlap-p2p-communication`` opts out), else batched.
+
+    Why it matters beyond speed: megatron-core's batched exchange (``batch_p2p_comm``) posts one
+    ``batch_isend_irecv`` of send-previous, receive-previous, send-next, receive-next. In the interleaved schedule's
+    steady state a rank sends an activation forward and a gradient backward in the same batch; at PP=2 both go to
+    the same rank, and point-to-point messages between two ranks are matched in the order they were posted, so
+    each lands in the other's buffer: wrong losses from the first step with more micro-batches than stages (shapes
+    agree, nothing fails). The overlapped exchange (``_p2p_ops``) posts each direction on its own process group
+    when PP=2, so they cannot cross.
+    """
+    overlapped = interleaved and overlap
+    return {"overlap_p2p_comm": overlapped, "batch_p2p_comm": not overlapped}
 
 
 def ddp_overrides(a: argparse.Namespace) -> dict[str, Any]:
