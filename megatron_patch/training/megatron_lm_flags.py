@@ -9,10 +9,10 @@ what they return goes into the typed ``RunConfig``):
   always are, ``FIXED_ARCHITECTURE``): the model comes from the checkpoint or ``--model-config``; given flags must
   agree with it, and one error lists every disagreement (``architecture_disagreements``, used by
   ``arguments.check_architecture_flags``).
-- training flags (dropouts, ``--init-method-std``, overlapped gradient reduce / parameter gather, fusion switches,
-  ``--apply-query-key-layer-scaling``, loss masking and position resets at document ends, per-split data paths,
-  ``--dataloader-type``, ``--num-workers``, ``--no-save-optim``, ``--recompute-activations``, logging and wandb
-  flags): translated into ``TransformerConfig`` / ``DistributedDataParallelConfig`` / ``OptimizerConfig`` keyword
+- training flags (dropouts, ``--init-method-std``, overlapped gradient reduce / parameter gather / pipeline
+  exchanges, fusion switches, ``--apply-query-key-layer-scaling``, loss masking and position resets at document
+  ends, per-split data paths, ``--dataloader-type``, ``--num-workers``, ``--no-save-optim``,
+  ``--recompute-activations``, logging and wandb flags): translated into ``TransformerConfig`` / ``DistributedDataParallelConfig`` / ``OptimizerConfig`` keyword
   arguments (``transformer_overrides``, ``ddp_overrides``, ``optimizer_overrides``) or into the data and logging
   settings.
 - GPU-only flags (FP8 and its amax history, TP communication overlap, attention backend, CUDA graphs and their
@@ -382,7 +382,15 @@ def architecture_disagreements(a: argparse.Namespace, margs) -> list[str]:
 def transformer_overrides(a: argparse.Namespace) -> dict[str, Any]:
     """``TransformerConfig`` keyword arguments from the flags (only those that were given or always apply)."""
     out: dict[str, Any] = {"hidden_dropout": a.hidden_dropout, "attention_dropout": a.attention_dropout}
-    out.update(pipeline_p2p(a.num_layers_per_virtual_pipeline_stage is not None, a.overlap_p2p_comm))
+    if a.num_layers_per_virtual_pipeline_stage is not None:
+        # The interleaved schedule's exchanges overlapped (Megatron-LM's default there), not only for speed:
+        # megatron-core's batched exchange posts send-prev, recv-prev, send-next, recv-next as one batch, and in the
+        # steady state a rank sends an activation forward and a gradient backward at once. At PP=2 both go to the
+        # same rank, where point-to-point messages match in the order posted, so each lands in the other's buffer
+        # (same shapes, no error: wrong losses from the first step with more micro-batches than stages). The
+        # overlapped exchange puts the two directions on separate process groups when PP=2.
+        out["overlap_p2p_comm"] = a.overlap_p2p_comm
+        out["batch_p2p_comm"] = not a.overlap_p2p_comm
     if a.init_method_std is not None:
         out["init_method_std"] = a.init_method_std
     if a.no_bias_swiglu_fusion:
@@ -416,22 +424,6 @@ def transformer_overrides(a: argparse.Namespace) -> dict[str, Any]:
         out["cpu_offloading"] = True
         out["cpu_offloading_num_layers"] = a.cpu_offloading_num_layers or 0
     return out
-
-
-def pipeline_p2p(interleaved: bool, overlap: bool = True) -> dict[str, bool]:
-    """How the pipeline schedules exchange activations and gradients (``TransformerConfig`` fields), as
-    Megatron-LM sets them: with virtual stages overlapped (``--no-overlap-p2p-communication`` opts out), else batched.
-
-    Why it matters beyond speed: megatron-core's batched exchange (``batch_p2p_comm``) posts one
-    ``batch_isend_irecv`` of send-previous, receive-previous, send-next, receive-next. In the interleaved schedule's
-    steady state a rank sends an activation forward and a gradient backward in the same batch; at PP=2 both go to
-    the same rank, and point-to-point messages between two ranks are matched in the order they were posted, so
-    each lands in the other's buffer: wrong losses from the first step with more micro-batches than stages (shapes
-    agree, nothing fails). The overlapped exchange (``_p2p_ops``) posts each direction on its own process group
-    when PP=2, so they cannot cross.
-    """
-    overlapped = interleaved and overlap
-    return {"overlap_p2p_comm": overlapped, "batch_p2p_comm": not overlapped}
 
 
 def ddp_overrides(a: argparse.Namespace) -> dict[str, Any]:
