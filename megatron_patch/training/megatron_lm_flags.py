@@ -12,9 +12,9 @@ what they return goes into the typed ``RunConfig``):
 - training flags (dropouts, ``--init-method-std``, overlapped gradient reduce / parameter gather / pipeline
   exchanges, fusion switches, ``--apply-query-key-layer-scaling``, loss masking and position resets at document
   ends, per-split data paths, ``--dataloader-type``, ``--num-workers``, ``--no-save-optim``,
-  ``--recompute-activations``, logging and wandb flags): translated into ``TransformerConfig`` / ``DistributedDataParallelConfig`` / ``OptimizerConfig`` keyword
-  arguments (``transformer_overrides``, ``ddp_overrides``, ``optimizer_overrides``) or into the data and logging
-  settings.
+  ``--recompute-activations``, logging and wandb flags): translated into ``TransformerConfig`` /
+  ``DistributedDataParallelConfig`` / ``OptimizerConfig`` keyword arguments (``transformer_overrides``,
+  ``ddp_overrides``, ``optimizer_overrides``) or into the data and logging settings.
 - GPU-only flags (FP8 and its amax history, TP communication overlap, attention backend, CUDA graphs and their
   scope, Transformer Engine's RNG tracker, fused cross entropy, activation and optimizer CPU offload): translated
   the same way on a GPU, refused on CPU with one error line; those megatron-core serves only with Transformer
