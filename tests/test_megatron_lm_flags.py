@@ -41,6 +41,12 @@ def test_flags_to_transformer_ddp_and_optimizer_configs():
     assert OptimizerConfig(**F.optimizer_overrides(a)).overlap_param_gather
     assert F.ddp_overrides(args()) == {"overlap_grad_reduce": False, "overlap_param_gather": False,
                                        "align_param_gather": False}
+    # Virtual stages: overlapped pipeline exchanges (Megatron-LM's default), batched with the flag.
+    vpp = ["--pipeline-model-parallel-size", "4", "--num-layers-per-virtual-pipeline-stage", "1"]
+    p2p = [(o["overlap_p2p_comm"], o["batch_p2p_comm"]) for o in
+           (F.transformer_overrides(args(*vpp, world=4)),
+            F.transformer_overrides(args(*vpp, "--no-overlap-p2p-communication", world=4)))]
+    assert p2p == [(True, False), (False, True)]
     # The trainer's TransformerConfig carries them.
     from megatron_patch.models.family import args_from_hf
     from megatron_patch.testing.tiny_models import hf_config

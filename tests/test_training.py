@@ -1,6 +1,7 @@
 """The trainer on real gloo processes: save/resume exactness (torch and torch_dist, distributed optimizer,
-interleaved pipeline), a 2-node x 2-process torchrun run matching 1 node x 4, SFT packing end to end,
-and bad arguments.
+interleaved pipeline), interleaved pipeline == plain pipeline == no pipeline (per-step losses, tied and untied
+embeddings, more micro-batches than stages), a 2-node x 2-process torchrun run matching 1 node x 4, SFT packing
+end to end, and bad arguments.
 
 One 4-process launch runs every in-process job back to back (``pretrain.run(..., teardown=False)``);
 each job's per-iteration losses come from its ``--metrics-file``.
@@ -35,11 +36,27 @@ LAYOUTS = {
 }
 
 
+# Interleaved pipeline parity: every layout starts from the same HF weights (``--load``), TP2 in each so that PP2
+# leaves DP1 and a global batch of G is G micro-batches per pipeline (more than the 2 stages: the schedule's steady
+# state, where a step sends activations and gradients at once). (model, global batch): llama3.2 ties embeddings.
+PIPELINES = {"pp1": [], "pp2": ["--pipeline-model-parallel-size", "2"],
+             "vpp": ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]}
+PIPELINE_CASES = [("llama3.2", 4), ("llama3.2", 6), ("llama3.1", 6)]
+PIPELINE_ITERS = 3
+
+
+def _pipeline_argv(hf: str, gbs: int, layout: str, metrics: str) -> list[str]:
+    return ["--load", hf, "--mock-data", "--seq-length", "16", "--micro-batch-size", "1", "--global-batch-size",
+            str(gbs), "--lr", "1e-2", "--lr-warmup-iters", "1", "--log-interval", "100", "--transformer-impl", "local",
+            "--rope-impl", "torch", "--seed", "7", "--train-iters", str(PIPELINE_ITERS),
+            "--tensor-model-parallel-size", "2", "--metrics-file", metrics] + PIPELINES[layout]
+
+
 def _losses(path: str) -> list[float]:
     return [json.loads(line)["loss"] for line in open(path) if '"loss"' in line]
 
 
-def _jobs_worker(cfg: str, tmp: str, sft: dict):
+def _jobs_worker(cfg: str, tmp: str, sft: dict, hf: dict):
     import torch.distributed as dist
 
     from megatron_patch import pretrain
@@ -55,6 +72,9 @@ def _jobs_worker(cfg: str, tmp: str, sft: dict):
         job(base + ["--metrics-file", f"{d}/full.jsonl"])
         job(base + ["--save", f"{d}/ckpt", "--exit-interval", str(N), "--metrics-file", f"{d}/first.jsonl"])
         job(base + ["--load", f"{d}/ckpt", "--save", f"{d}/ckpt", "--metrics-file", f"{d}/second.jsonl"])
+    for model, gbs in PIPELINE_CASES:
+        for layout in PIPELINES:
+            job(_pipeline_argv(hf[model], gbs, layout, f"{tmp}/{model}_g{gbs}_{layout}.jsonl"))
     # Sequence parallelism on the local spec (TP=2): the same trajectory as without it.
     for sp in (True, False):
         job(_common(cfg) + ["--tensor-model-parallel-size", "2", "--train-iters", "3", "--metrics-file",
@@ -96,9 +116,17 @@ def sft_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, model_config, sft_data):
+def hf_models(tmp_path_factory):
+    from megatron_patch.testing.tiny_models import save_tiny_model
+
+    d = tmp_path_factory.mktemp("hf")
+    return {m: save_tiny_model(m, str(d / m)) for m in sorted({m for m, _ in PIPELINE_CASES})}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, model_config, sft_data, hf_models):
     tmp = str(tmp_path_factory.mktemp("runs"))
-    spawn.run(_jobs_worker, 4, model_config, tmp, sft_data, timeout=900)
+    spawn.run(_jobs_worker, 4, model_config, tmp, sft_data, hf_models, timeout=900)
     return tmp
 
 
@@ -111,6 +139,17 @@ def test_resume_is_exact(runs, name):
     tracker = open(os.path.join(d, "ckpt", "latest_checkpointed_iteration.txt")).read().strip()
     assert tracker == str(2 * N)
     assert not [n for n in os.listdir(os.path.join(d, "ckpt")) if n.startswith(".")], "temporary folder left"
+
+
+@pytest.mark.parametrize("model,gbs", PIPELINE_CASES)
+def test_interleaved_pipeline_equals_plain_pipeline(runs, model, gbs):
+    """Per-step losses are a per-token mean over the global batch: how the layers are cut into (virtual) stages
+    must not change them beyond fp32 rounding."""
+    losses = {k: _losses(f"{runs}/{model}_g{gbs}_{k}.jsonl") for k in PIPELINES}
+    assert all(len(v) == PIPELINE_ITERS for v in losses.values()), losses
+    for layout in ("pp2", "vpp"):
+        diff = max(abs(a - b) / abs(b) for a, b in zip(losses[layout], losses["pp1"]))
+        assert diff <= 1e-5, (layout, losses)
 
 
 def test_sequence_parallel_equals_no_sequence_parallel(runs):
@@ -162,6 +201,8 @@ BAD = [
     (["--moe-layer-freq", "__import__('os')"], "neither an integer nor a list"),
     (["--tensor-model-parallel-size", "3"], "world size 4 is not divisible"),
     (["--num-layers-per-virtual-pipeline-stage", "1"], "needs --pipeline-model-parallel-size > 1"),
+    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
+      "--no-overlap-p2p-communication"], "needs --pipeline-model-parallel-size > 2"),
     (["--bf16", "--fp16"], "mutually exclusive"),
     (["--recompute-granularity", "full"], "needs --recompute-method"),
     (["--min-lr", "1.0"], "--min-lr"),

@@ -9,12 +9,12 @@ what they return goes into the typed ``RunConfig``):
   always are, ``FIXED_ARCHITECTURE``): the model comes from the checkpoint or ``--model-config``; given flags must
   agree with it, and one error lists every disagreement (``architecture_disagreements``, used by
   ``arguments.check_architecture_flags``).
-- training flags (dropouts, ``--init-method-std``, overlapped gradient reduce / parameter gather, fusion switches,
-  ``--apply-query-key-layer-scaling``, loss masking and position resets at document ends, per-split data paths,
-  ``--dataloader-type``, ``--num-workers``, ``--no-save-optim``, ``--recompute-activations``, logging and wandb
-  flags): translated into ``TransformerConfig`` / ``DistributedDataParallelConfig`` / ``OptimizerConfig`` keyword
-  arguments (``transformer_overrides``, ``ddp_overrides``, ``optimizer_overrides``) or into the data and logging
-  settings.
+- training flags (dropouts, ``--init-method-std``, overlapped gradient reduce / parameter gather / pipeline
+  exchanges, fusion switches, ``--apply-query-key-layer-scaling``, loss masking and position resets at document
+  ends, per-split data paths, ``--dataloader-type``, ``--num-workers``, ``--no-save-optim``,
+  ``--recompute-activations``, logging and wandb flags): translated into ``TransformerConfig`` /
+  ``DistributedDataParallelConfig`` / ``OptimizerConfig`` keyword arguments (``transformer_overrides``,
+  ``ddp_overrides``, ``optimizer_overrides``) or into the data and logging settings.
 - GPU-only flags (FP8 and its amax history, TP communication overlap, attention backend, CUDA graphs and their
   scope, Transformer Engine's RNG tracker, fused cross entropy, activation and optimizer CPU offload): translated
   the same way on a GPU, refused on CPU with one error line; those megatron-core serves only with Transformer
@@ -140,6 +140,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     add(g, "--overlap-grad-reduce", action="store_true", help="overlap the gradient reduction with the backward pass")
     add(g, "--overlap-param-gather", action="store_true",
         help="overlap the distributed optimizer's parameter all-gather with the forward pass")
+    add(g, "--no-overlap-p2p-communication", dest="overlap_p2p_comm", action="store_false",
+        help="with virtual pipeline stages: batched pipeline sends/receives instead of overlapped ones (needs "
+        "--pipeline-model-parallel-size > 2)")
     add(g, "--calculate-per-token-loss", action="store_true",
         help="per-token loss over the global batch (always the case in this trainer)")
     add(g, "--no-rope-fusion", action="store_true", help="unfused RoPE: the same as --rope-impl torch")
@@ -249,6 +252,11 @@ def validate(a: argparse.Namespace, on_gpu: bool) -> Optional[str]:
         return "--tp-comm-overlap needs --sequence-parallel"
     if a.overlap_param_gather and not (a.use_distributed_optimizer and a.overlap_grad_reduce):
         return "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce"
+    if a.num_layers_per_virtual_pipeline_stage is not None and not a.overlap_p2p_comm \
+            and a.pipeline_model_parallel_size == 2:
+        return ("--no-overlap-p2p-communication with virtual pipeline stages needs --pipeline-model-parallel-size > 2 "
+                "(at PP=2 a batched exchange holds two sends to the same rank, which pairs activations with "
+                "gradients); drop the flag")
     if a.recompute_activations and a.recompute_granularity not in (None, "selective"):
         return ("--recompute-activations is --recompute-granularity selective; it contradicts "
                 "--recompute-granularity full")
@@ -374,6 +382,15 @@ def architecture_disagreements(a: argparse.Namespace, margs) -> list[str]:
 def transformer_overrides(a: argparse.Namespace) -> dict[str, Any]:
     """``TransformerConfig`` keyword arguments from the flags (only those that were given or always apply)."""
     out: dict[str, Any] = {"hidden_dropout": a.hidden_dropout, "attention_dropout": a.attention_dropout}
+    if a.num_layers_per_virtual_pipeline_stage is not None:
+        # The interleaved schedule's exchanges overlapped (Megatron-LM's default there), not only for speed:
+        # megatron-core's batched exchange posts send-prev, recv-prev, send-next, recv-next as one batch, and in the
+        # steady state a rank sends an activation forward and a gradient backward at once. At PP=2 both go to the
+        # same rank, where point-to-point messages match in the order posted, so each lands in the other's buffer
+        # (same shapes, no error: wrong losses from the first step with more micro-batches than stages). The
+        # overlapped exchange puts the two directions on separate process groups when PP=2.
+        out["overlap_p2p_comm"] = a.overlap_p2p_comm
+        out["batch_p2p_comm"] = not a.overlap_p2p_comm
     if a.init_method_std is not None:
         out["init_method_std"] = a.init_method_std
     if a.no_bias_swiglu_fusion:
