@@ -46,14 +46,10 @@ def transformer_config(config: RunConfig):
         moe = dict(moe_router_load_balancing_type=b.moe_router_load_balancing_type,
                    moe_aux_loss_coeff=coeff * aux_loss_coeff_scale(config.layout.tp, config.layout.cp),
                    moe_grouped_gemm=b.moe_grouped_gemm)  # resolved by arguments.validate
-    # Interleaved schedule: unbatched p2p ops, as Megatron-LM sets it up for VPP (batch_p2p_comm = not
-    # overlap_p2p_comm). Batched, with PP 2 both directions go to one peer in one batch, and later micro-batches
-    # received other values than were sent (measured: forward losses of micro-batches 3 and 4 of 4 off by ~1e-3).
-    p2p = {"batch_p2p_comm": False} if config.layout.vpp else {}
     return build(model, config.layout, params_dtype=config.params_dtype,
                  moe_token_dispatcher_type=b.moe_token_dispatcher_type, seq_length=config.batch.seq_length,
                  cp_comm_type=b.cp_comm_type,
-                 calculate_per_token_loss=True, **moe, **p2p, **b.transformer_overrides)
+                 calculate_per_token_loss=True, **moe, **b.transformer_overrides)
 
 
 class Trainer:
