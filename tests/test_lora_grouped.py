@@ -2,7 +2,7 @@
 
 One 2-process gloo launch, tiny Qwen3-MoE in fp32:
 
-- Model level, at EP1 (experts whole on both ranks) and EP2: the same base with every linear adapted (experts
+- Model level, at EP1 (experts whole on both ranks), EP2 and TP2 + SP with expert TP2: the same base with every linear adapted (experts
   included), once with SequentialMLP experts, once with grouped ones. Adapters equal bit for bit at init (one
   seed); the same random non-zero adapters set in both (by name); then logits and every adapter gradient
   equal (<= 1e-6), adapter state dict keys and trainable parameter order equal, the torch_dist sharded entries
@@ -25,7 +25,9 @@ from tests.test_grouped_gemm import _sharded_layout, _tokens, _train_step
 from tests.test_lora_training import ITERS, N, _argv, _job, _losses, _rel
 
 SAME = 1e-6
-LAYOUTS = {"ep1": 1, "ep2": 2}
+# name: (TP, EP); TP2 runs with sequence parallelism (megatron's MoE rule) and expert TP 2: fc1 adapters' B and
+# fc2 adapters' A split over the two ranks, the whole factor's gradient all-reduced.
+LAYOUTS = {"ep1": (1, 1), "ep2": (1, 2), "tp2_etp2_sp": (2, 1)}
 
 
 def _set_adapters(model) -> None:
@@ -49,16 +51,16 @@ def _model_worker(base: str, tmp: str) -> dict:
     from megatron_patch.lora.mapping import is_adapter_key
     from megatron_patch.models.builder import build_model, transformer_config
     from megatron_patch.models.forward import forward_logits
-    from tests.test_lora import _torch_dist_round_trip
+    from tests.test_lora import _dropout_changes_output, _torch_dist_round_trip
 
     src = open_source(base)
     args, cfg, toks = src.args, LoraConfig(rank=4, alpha=8.0), _tokens(2, 24, 3)
     out = {}
-    for name, ep in LAYOUTS.items():
-        runtime.initialize(ep=ep, seed=5)
+    for name, (tp, ep) in LAYOUTS.items():
+        runtime.initialize(tp=tp, ep=ep, seed=5)
         built = {}
         for grouped in (False, True):
-            config = transformer_config(args, ep=ep, moe_grouped_gemm=grouped)
+            config = transformer_config(args, tp=tp, ep=ep, sequence_parallel=tp > 1, moe_grouped_gemm=grouped)
             model = build_model(args, config, transformer_impl="local", rope_impl="torch")
             load_into_model(model, src)
             apply_lora(model, cfg, args, seed=11)
@@ -67,6 +69,8 @@ def _model_worker(base: str, tmp: str) -> dict:
                  "trainable": [n for n, p in model.named_parameters() if p.requires_grad]}
             _set_adapters(model)
             r["logits"] = forward_logits([model], toks, args.vocab_size)
+            if grouped:  # dropout (train mode) runs in the grouped branch and changes the output
+                r["dropout"] = _dropout_changes_output(model, toks)
             grads = _train_step(model, _tokens(2, 24, 4), [])
             r["grads"] = {k: v for k, v in grads.items() if is_adapter_key(k)}
             model.zero_grad()
@@ -84,7 +88,7 @@ def _model_worker(base: str, tmp: str) -> dict:
             "expert_adapters": sum(".local_experts." in k for k in grp["init"]),
             "trainable_equal": seq["trainable"] == grp["trainable"],
             "logits": (grp["logits"] - seq["logits"]).abs().max().item(),
-            "adapters_matter": (grp["logits"] - forward_logits([_base_model(args, ep, src)], toks, args.vocab_size))
+            "adapters_matter": (grp["logits"] - forward_logits([_base_model(args, tp, ep, src)], toks, args.vocab_size))
             .abs().max().item(),
             "grad_keys_equal": sorted(seq["grads"]) == sorted(grp["grads"]),
             "grads": max((seq["grads"][k] - grp["grads"][k]).abs().max().item() for k in seq["grads"]),
@@ -92,7 +96,7 @@ def _model_worker(base: str, tmp: str) -> dict:
             "layout_equal": seq["layout"] == grp["layout"],
             "merged_equal": sorted(seq["merged"]) == sorted(grp["merged"])
             and all(torch.equal(seq["merged"][k], grp["merged"][k]) for k in seq["merged"]),
-            "restored": seq["restored"] and grp["restored"],
+            "restored": seq["restored"] and grp["restored"], "dropout": grp["dropout"],
         }
         # Adapter-only torch_dist: saved from grouped experts, loaded into SequentialMLP ones (zeroed first).
         with torch.no_grad():
@@ -111,12 +115,12 @@ def _model_worker(base: str, tmp: str) -> dict:
     return out
 
 
-def _base_model(args, ep: int, src):
+def _base_model(args, tp: int, ep: int, src):
     from megatron_patch.checkpointing.sources import load_into_model
     from megatron_patch.models.builder import build_model, transformer_config
 
-    model = build_model(args, transformer_config(args, ep=ep, moe_grouped_gemm=True), transformer_impl="local",
-                        rope_impl="torch")
+    config = transformer_config(args, tp=tp, ep=ep, sequence_parallel=tp > 1, moe_grouped_gemm=True)
+    model = build_model(args, config, transformer_impl="local", rope_impl="torch")
     load_into_model(model, src)
     return model
 
@@ -155,6 +159,7 @@ def _both(hf: str, base: str, tmp: str) -> dict:
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_grouped_expert_adapters_equal_sequential(run, layout):
+    assert any(rank[layout]["dropout"] for rank in run["ranks"])  # None: a rank that holds only vocab padding
     for rank in run["ranks"]:
         r = rank[layout]
         print(f"\n{layout}: {r}")
@@ -162,7 +167,7 @@ def test_grouped_expert_adapters_equal_sequential(run, layout):
         assert r["adapters_matter"] > 1e-2  # the adapters change the logits, so their equality means something
         assert r["logits"] <= SAME and r["grads"] <= SAME and r["grads_nonzero"] > r["expert_adapters"] // 2
         assert r["layout_equal"] and r["merged_equal"] and r["restored"] and r["torch_dist"]
-        assert r["merged_logits"] <= 1e-5
+        assert r["merged_logits"] <= 1e-5 and r["dropout"] is not False
 
 
 def test_grouped_lora_training_equals_sequential_and_resumes_across(run):

@@ -25,9 +25,9 @@ from typing import Optional
 
 import torch
 
+from megatron_patch.fusions import grouped_mm
 from megatron_patch.lora.layers import LoraAdapter, Traits, group_size_rank
 from megatron_patch.lora.mapping import ADAPTER
-from megatron_patch.fusions import grouped_mm
 from megatron_patch.models.experts import TorchGroupedMLP
 
 _STACKED = {"linear_fc1": "fc1_weight", "linear_fc2": "fc2_weight"}

@@ -19,6 +19,10 @@ and ``--save-hf`` see the local spec's existing layout and interchange with Sequ
 also loads its own stacked names. ``sharded_state_dict`` (torch_dist) gives the ShardedTensors SequentialMLP gives
 (global expert axis, gate/up halves as megatron's SwiGLU factory splits them) through one ``ShardedTensorFactory``
 per stacked parameter, so optimizer states, which megatron maps per parameter, go through it too.
+
+Extensions: ``projection_branches`` adds terms to a projection's output over the same token groups, and modules
+placed at SequentialMLP's ``local_experts.{j}.<projection>`` paths save, load and shard themselves under those
+names; LoRA uses both (``lora/grouped.py``), so its expert adapters look exactly like SequentialMLP's.
 """
 
 from __future__ import annotations
