@@ -59,21 +59,28 @@ def _model_worker(base: str, tmp: str) -> dict:
     for name, (tp, ep) in LAYOUTS.items():
         runtime.initialize(tp=tp, ep=ep, seed=5)
         built = {}
-        for grouped in (False, True):
-            config = transformer_config(args, tp=tp, ep=ep, sequence_parallel=tp > 1, moe_grouped_gemm=grouped)
+        # "recompute": grouped experts with the activation recomputed in backward (moe_act), at the first layout.
+        for grouped in (False, True) + (("recompute",) if name == "ep1" else ()):
+            extra = dict(recompute_granularity="selective", recompute_modules=["moe_act"]) \
+                if grouped == "recompute" else {}
+            config = transformer_config(args, tp=tp, ep=ep, sequence_parallel=tp > 1, moe_grouped_gemm=bool(grouped),
+                                        **extra)
             model = build_model(args, config, transformer_impl="local", rope_impl="torch")
             load_into_model(model, src)
             apply_lora(model, cfg, args, seed=11)
-            assert (type(model.decoder.layers[0].mlp.experts).__name__ == "TorchGroupedMLP") == grouped
+            assert (type(model.decoder.layers[0].mlp.experts).__name__ == "TorchGroupedMLP") == bool(grouped)
             r = {"model": model, "init": {k: v.clone() for k, v in adapter_state_dict(model).items()},
                  "trainable": [n for n, p in model.named_parameters() if p.requires_grad]}
             _set_adapters(model)
             r["logits"] = forward_logits([model], toks, args.vocab_size)
-            if grouped:  # dropout (train mode) runs in the grouped branch and changes the output
+            if grouped is True:  # dropout (train mode) runs in the grouped branch and changes the output
                 r["dropout"] = _dropout_changes_output(model, toks)
             grads = _train_step(model, _tokens(2, 24, 4), [])
             r["grads"] = {k: v for k, v in grads.items() if is_adapter_key(k)}
             model.zero_grad()
+            if grouped == "recompute":
+                built[grouped] = r
+                continue
             r["layout"] = _sharded_layout(model)
             before = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
             with merged_weights([model]):
@@ -82,6 +89,10 @@ def _model_worker(base: str, tmp: str) -> dict:
             r["restored"] = all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if torch.is_tensor(v))
             built[grouped] = r
         seq, grp = built[False], built[True]
+        rec = built.get("recompute")
+        if rec is not None:
+            out["recompute"] = ((rec["logits"] - seq["logits"]).abs().max().item(),
+                                max((seq["grads"][k] - rec["grads"][k]).abs().max().item() for k in seq["grads"]))
         res = {
             "init_equal": sorted(seq["init"]) == sorted(grp["init"]) and bool(seq["init"])
             and all(torch.equal(seq["init"][k], grp["init"][k]) for k in seq["init"]),
@@ -168,6 +179,12 @@ def test_grouped_expert_adapters_equal_sequential(run, layout):
         assert r["logits"] <= SAME and r["grads"] <= SAME and r["grads_nonzero"] > r["expert_adapters"] // 2
         assert r["layout_equal"] and r["merged_equal"] and r["restored"] and r["torch_dist"]
         assert r["merged_logits"] <= 1e-5 and r["dropout"] is not False
+
+
+def test_grouped_expert_adapters_with_activation_recompute(run):
+    for rank in run["ranks"]:
+        logits, grads = rank["recompute"]
+        assert logits <= SAME and grads <= SAME, (logits, grads)
 
 
 def test_grouped_lora_training_equals_sequential_and_resumes_across(run):
