@@ -141,9 +141,9 @@ def experts_resume_problem(ns: argparse.Namespace, run_impl: str, ckpt_format: s
     """
     if not getattr(ns, "num_experts", None):  # a dense model
         return None
-    if getattr(ns, "lora_rank", None) and "TEGroupedMLP" not in (run_impl, saved_experts_impl(ns)):
-        return None
     saved = saved_experts_impl(ns)
+    if getattr(ns, "lora_rank", None) and "TEGroupedMLP" not in (run_impl, saved):
+        return None
     if saved == run_impl or (ckpt_format == "torch_dist" and not distributed_optimizer):
         return None
     where = "the distributed optimizer's buffers" if distributed_optimizer else "torch's per-parameter-index state"
