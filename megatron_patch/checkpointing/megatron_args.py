@@ -136,10 +136,14 @@ def experts_resume_problem(ns: argparse.Namespace, run_impl: str, ckpt_format: s
     kept per parameter position does not: torch's Adam state by parameter index (torch format), and the
     distributed optimizer's flat buffers (both formats), where one stacked parameter and per-expert ones sit in
     a different order. Loading it would fail, or worse, silently give Adam moments to the wrong weights.
+    An adapter-only (LoRA) checkpoint carries over too: its optimizer state is the adapters', which are per-expert
+    parameters under the same names and in the same order in both local modules (``lora/grouped.py``).
     """
     if not getattr(ns, "num_experts", None):  # a dense model
         return None
     saved = saved_experts_impl(ns)
+    if getattr(ns, "lora_rank", None) and "TEGroupedMLP" not in (run_impl, saved):
+        return None
     if saved == run_impl or (ckpt_format == "torch_dist" and not distributed_optimizer):
         return None
     where = "the distributed optimizer's buffers" if distributed_optimizer else "torch's per-parameter-index state"

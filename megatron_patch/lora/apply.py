@@ -24,7 +24,7 @@ import torch
 
 from megatron_patch.checkpointing import placement
 from megatron_patch.models.mapping import Mapping, is_te_state
-from megatron_patch.lora import layers
+from megatron_patch.lora import grouped, layers
 from megatron_patch.lora.config import LoraConfig, LoraError
 from megatron_patch.lora.mapping import ADAPTER, adapter_weights, is_adapter_key, is_target, kind
 from megatron_patch.models.config import ModelArgs
@@ -78,11 +78,9 @@ def apply_lora(model, cfg: LoraConfig, args: ModelArgs, seed: int, vp_stage: Opt
         if not is_target(m, cfg):
             continue
         path, _, param = key.rpartition(".")
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:  # e.g. experts whose weights are stacked in one parameter (grouped GEMM)
-            raise LoraError(f"cannot adapt {key}: the model has no module {path} (LoRA on experts needs "
-                            "SequentialMLP experts, not stacked grouped-GEMM ones, for now)") from None
+        module = _target_module(model, path)
+        if module is None:
+            raise LoraError(f"cannot adapt {key}: the model has no module {path}")
         try:
             traits = layers.traits_of(module)
         except TypeError as e:
@@ -101,11 +99,26 @@ def apply_lora(model, cfg: LoraConfig, args: ModelArgs, seed: int, vp_stage: Opt
         if (out_local, a_local.shape[1]) != tuple(weight.shape):
             raise LoraError(f"{key} has shape {tuple(weight.shape)} but the weight table expects "
                             f"({out_local}, {a_local.shape[1]}) on this rank")
-        adapter = layers.LoraAdapter(traits, a_local, out_local, rank, alpha / rank, cfg.dropout, rows, weight)
+        adapter = layers.LoraAdapter(traits, a_local, out_local, rank, alpha / rank, cfg.dropout, rows,
+                                     _parameter(module))
         layers.attach(module, adapter, gated=m.n_parts == 2)
         count += 1
     freeze_base(model)
     return count
+
+
+def _target_module(model, path: str) -> Optional[torch.nn.Module]:
+    """The linear at ``path``, or the slot standing for it on grouped-GEMM experts (``lora/grouped.py``)."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:  # experts whose weights are stacked in one parameter
+        return grouped.slot_for(model, path)
+
+
+def _parameter(module) -> torch.nn.Parameter:
+    """The parameter holding an adapted module's weight: the weight itself, or the grouped experts' stack whose
+    slice it is (its attributes, e.g. ``allreduce``, are what the adapter copies)."""
+    return getattr(module, "stacked_weight", module.weight)
 
 
 def freeze_base(model) -> None:
@@ -219,12 +232,21 @@ class merged_weights:
     def __enter__(self):
         for model in self.models:
             for _, module in adapted_modules(model):
-                self.saved.append((module, module.weight.data))
-                module.weight.data = merged_weight(module)
+                merged, param = merged_weight(module), _parameter(module)
+                if param is module.weight:
+                    self.saved.append((param, param.data))
+                    param.data = merged
+                    continue
+                # A slice of grouped experts' stacked weight: the stack is swapped for a copy once, the slice merged.
+                if not any(p is param for p, _ in self.saved):
+                    self.saved.append((param, param.data))
+                    param.data = param.data.clone()
+                with torch.no_grad():
+                    module.weight.copy_(merged)
         return self
 
     def __exit__(self, *exc):
-        for module, data in self.saved:
-            module.weight.data = data
+        for param, data in self.saved:
+            param.data = data
         self.saved = []
         return False

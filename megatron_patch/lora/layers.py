@@ -57,7 +57,7 @@ class Traits:
     norm_fused: bool = False  # TE LayerNormLinear: the adapter reads the norm's output, which TE returns
 
 
-def _group_size_rank(group) -> tuple[int, int]:
+def group_size_rank(group) -> tuple[int, int]:
     import torch.distributed as dist
 
     if group is None or not dist.is_initialized():
@@ -66,11 +66,16 @@ def _group_size_rank(group) -> tuple[int, int]:
 
 
 def traits_of(module) -> Traits:
-    """The ``Traits`` of a megatron-core or Transformer Engine parallel linear; ``TypeError`` otherwise."""
+    """The ``Traits`` of a megatron-core or Transformer Engine parallel linear, or those a module states itself
+    (``lora_traits``: a grouped-GEMM expert's slot, ``lora/grouped.py``); ``TypeError`` otherwise."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
+    own = getattr(module, "lora_traits", None)
+    if isinstance(own, Traits):
+        return own
+
     if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-        size, rank = _group_size_rank(module.tp_group)
+        size, rank = group_size_rank(module.tp_group)
         column = isinstance(module, ColumnParallelLinear)
         expert_comm = bool(module.explicit_expert_comm)  # the base then skips its sequence-parallel comm too
         return Traits(column, module.tp_group, size, rank, bool(module.sequence_parallel) and not expert_comm,
@@ -92,8 +97,8 @@ def _te_traits(module) -> Optional[Traits]:
     grouped = tuple(getattr(mte, n) for n in ("TEColumnParallelGroupedLinear", "TERowParallelGroupedLinear")
                     if hasattr(mte, n))
     if grouped and isinstance(module, grouped):
-        raise TypeError("LoRA on grouped-GEMM experts (TE GroupedLinear) is not supported yet; build the model "
-                        "with the local spec (SequentialMLP experts)")
+        raise TypeError("LoRA on Transformer Engine's grouped-GEMM experts (TEGroupedMLP) is not supported; "
+                        "build the model with --transformer-impl local (SequentialMLP or torch grouped-GEMM experts)")
     norm = isinstance(module, mte.TELayerNormColumnParallelLinear)
     column = norm or isinstance(module, mte.TEColumnParallelLinear)
     if not (column or isinstance(module, mte.TERowParallelLinear)):
@@ -101,7 +106,7 @@ def _te_traits(module) -> Optional[Traits]:
     from megatron.core import parallel_state as ps
 
     group = getattr(module, "_tp_group", None)
-    size, rank = _group_size_rank(group)
+    size, rank = group_size_rank(group)
     # megatron gives TE no communication for experts (explicit_expert_comm); their group is the expert-TP one.
     expert = group is not None and group is ps.get_expert_tensor_parallel_group(check_initialized=False)
     expert_comm = expert and (size > 1 or ps.get_expert_model_parallel_world_size() > 1)

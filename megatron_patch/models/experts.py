@@ -19,6 +19,10 @@ and ``--save-hf`` see the local spec's existing layout and interchange with Sequ
 also loads its own stacked names. ``sharded_state_dict`` (torch_dist) gives the ShardedTensors SequentialMLP gives
 (global expert axis, gate/up halves as megatron's SwiGLU factory splits them) through one ``ShardedTensorFactory``
 per stacked parameter, so optimizer states, which megatron maps per parameter, go through it too.
+
+Extensions: ``projection_branches`` adds terms to a projection's output over the same token groups, and modules
+placed at SequentialMLP's ``local_experts.{j}.<projection>`` paths save, load and shard themselves under those
+names; LoRA uses both (``lora/grouped.py``), so its expert adapters look exactly like SequentialMLP's.
 """
 
 from __future__ import annotations
@@ -85,6 +89,10 @@ class TorchGroupedMLP(MegatronModule):
             self.register_parameter(attr, p)
         if config.perform_initialization:
             self._initialize(fc1_out, ffn, etp, etp_rank)
+        # Terms added to a projection's output over the same token groups, by projection name ("linear_fc1"...):
+        # callables (x, tokens_per_expert, offsets) -> [tokens, out] or None. LoRA puts its adapters here
+        # (lora/grouped.py), with their per-expert parameters under ``local_experts.{j}.<projection>``.
+        self.projection_branches: dict = {}
 
     @torch.no_grad()
     def _initialize(self, fc1_out: int, ffn: int, etp: int, etp_rank: int) -> None:
@@ -131,17 +139,25 @@ class TorchGroupedMLP(MegatronModule):
         offs = None
         if grouped_mm.kernel_usable(x, self.fc1_weight):  # one set of device offsets for both GEMMs
             offs = grouped_mm.offsets(tokens_per_expert, x.device)
-        fc1 = grouped_mm.grouped_linear(x, self.fc1_weight, tokens_per_expert, offs)
+        fc1 = self._project("fc1_weight", "linear_fc1", x, tokens_per_expert, offs)
         if self.activation_recompute:
             from megatron.core.tensor_parallel import CheckpointWithoutOutput
 
             ckpt = CheckpointWithoutOutput(fp8=None)  # None: no FP8 state to save (which would need TE)
             h = ckpt.checkpoint(self._activation, fc1, probs)
-            out = grouped_mm.grouped_linear(h, self.fc2_weight, tokens_per_expert, offs)
-            ckpt.discard_output_and_register_recompute(out)
+            out = self._project("fc2_weight", "linear_fc2", h, tokens_per_expert, offs)
+            ckpt.discard_output_and_register_recompute(out)  # on the sum: before any of h's users runs backward
         else:
-            out = grouped_mm.grouped_linear(self._activation(fc1, probs), self.fc2_weight, tokens_per_expert, offs)
+            out = self._project("fc2_weight", "linear_fc2", self._activation(fc1, probs), tokens_per_expert, offs)
         return out, None
+
+    def _project(self, attr: str, linear: str, x: torch.Tensor, tokens_per_expert: torch.Tensor,
+                 offs: Optional[torch.Tensor]) -> torch.Tensor:
+        """One grouped GEMM, plus the projection's branch (``projection_branches``) where one is set."""
+        out = grouped_mm.grouped_linear(x, getattr(self, attr), tokens_per_expert, offs)
+        branch = self.projection_branches.get(linear)
+        extra = None if branch is None else branch(x, tokens_per_expert, offs)
+        return out if extra is None else out + extra
 
     def backward_dw(self):
         """Weight gradients are computed in the backward pass itself (megatron's delayed-wgrad hook: nothing)."""
@@ -180,10 +196,19 @@ class TorchGroupedMLP(MegatronModule):
                 else:
                     missing_keys.append(key)
         for key in state_dict:
-            if key.startswith(prefix) and key not in used:
+            if key.startswith(prefix) and key not in used and not self._held_by_submodule(key[len(prefix):]):
                 if key.endswith("._extra_state") and key.startswith(prefix + "local_experts."):
                     continue
                 unexpected_keys.append(key)
+
+    def _held_by_submodule(self, name: str) -> bool:
+        """Whether ``name`` is a parameter or buffer of a submodule (e.g. a LoRA adapter's), which loads itself."""
+        path, _, leaf = name.rpartition(".")
+        try:
+            module = self.get_submodule(path) if path else None
+        except AttributeError:
+            return False
+        return module is not None and (leaf in module._parameters or leaf in module._buffers)
 
     # ------------------------------------------------------------------ torch_dist
 
@@ -208,6 +233,27 @@ class TorchGroupedMLP(MegatronModule):
                 out[f"{prefix}local_experts.{j}.{linear}._extra_state"] = make_sharded_object_for_checkpoint(
                     None, f"{prefix}experts.{linear}._extra_state", layout.expert_offsets(j),
                     (0, layout.etp_rank, layout.edp_rank))
+        out.update(self._submodule_sharded_state(prefix, layout, metadata))
+        return out
+
+    def _submodule_sharded_state(self, prefix: str, layout: "_ExpertLayout", metadata: Optional[dict]) -> dict:
+        """What modules placed at SequentialMLP's ``local_experts.{j}.<projection>`` (LoRA adapters) save, made as
+        SequentialMLP makes its experts' entries: the expert's offsets, ``local_experts.{j}.`` keys saved as
+        ``experts.``, the replica id's data-parallel part the expert-DP rank."""
+        from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+
+        slots = self._modules.get("local_experts")
+        out = {}
+        for j in range(self.num_local_experts if slots is not None else 0):
+            local = f"{prefix}local_experts.{j}."
+            entries = {}
+            for name, module in slots[j].named_children():
+                if hasattr(module, "sharded_state_dict"):
+                    entries.update(module.sharded_state_dict(f"{local}{name}.", layout.expert_offsets(j), metadata))
+            replace_prefix_for_sharding(entries, local, f"{prefix}experts.")
+            for entry in entries.values():
+                entry.replica_id = (*entry.replica_id[:2], layout.edp_rank)
+            out.update(entries)
         return out
 
 

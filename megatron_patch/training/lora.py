@@ -28,6 +28,7 @@ import os
 from typing import Optional
 
 from megatron_patch.lora.config import ALL, TARGETS, LoraConfig, LoraError
+from megatron_patch.models.builder import resolve_transformer_impl
 from megatron_patch.models.config import ModelArgs
 from megatron_patch.training.config import LoraSettings, RunConfig
 from megatron_patch.training.state import TrainState
@@ -74,10 +75,11 @@ def settings(a: argparse.Namespace, margs: ModelArgs) -> Optional[LoraSettings]:
     if a.lora_rank is None:
         return None
     cfg = _config(a)
-    if margs.is_moe and cfg.adapts_mlp and a.moe_grouped_gemm:
-        raise LoraError("LoRA on MoE experts needs megatron's SequentialMLP experts, not grouped-GEMM ones: pass "
-                        "--transformer-impl local --no-moe-grouped-gemm (or leave linear_fc1/linear_fc2 out of "
-                        "--lora-target-modules)")
+    if margs.is_moe and cfg.adapts_mlp and a.moe_grouped_gemm and \
+            resolve_transformer_impl(a.transformer_impl) == "transformer_engine":
+        raise LoraError("LoRA on MoE experts is not supported on Transformer Engine's grouped MLP: pass "
+                        "--transformer-impl local (grouped-GEMM or SequentialMLP experts), or leave "
+                        "linear_fc1/linear_fc2 out of --lora-target-modules")
     return open_adapters(LoraSettings(config=cfg, load=a.lora_load), margs)
 
 
