@@ -74,7 +74,7 @@ export TOKENIZERS_PARALLELISM=false
 OTHER_PYTHON="$MAIN_PY" "$VPY" -m pytest -q -p no:cacheprovider "$@" \
   tests/test_parity.py tests/test_convert.py tests/test_training.py tests/test_moe.py \
   tests/test_context_parallel.py tests/test_context_parallel_training.py tests/test_grouped_gemm.py tests/test_lora.py \
-  tests/test_lora_training.py tests/test_device_placement.py \
+  tests/test_lora_training.py tests/test_lora_grouped.py tests/test_device_placement.py \
   tests/test_torch_dist_compat.py tests/test_cross_version.py
 # The other direction: checkpoints the newest megatron-core wrote, read by the main venv's (exit status 5:
 # extra arguments such as -k selected none of these tests).
